@@ -1,0 +1,210 @@
+"""One typed, frozen settings tree, loaded once at start-up.
+
+Sources, later ones winning: the defaults below, the YAML file
+(``config/gateway.yaml`` by default), then environment variables
+``GATEWAY__<SECTION>__<KEY>`` (for example ``GATEWAY__MQTT__PORT=1884``).
+Any problem becomes one :class:`ConfigError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "GATEWAY__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    # A fixed id plus a persistent session lets the broker keep QoS 1
+    # messages for us while the gateway is down.
+    client_id: str = Field("fleet-gateway", min_length=1, max_length=64)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+    topic_prefix: str = Field("fleet", pattern=r"^[^#+/]+(/[^#+/]+)*$")
+    # With a group name, subscriptions go through `$share/<group>/...`, so
+    # several gateways split one fleet's traffic.
+    shared_group: str | None = Field(None, pattern=r"^[^#+/]+$")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    # How many unacknowledged QoS 1 messages the broker may have in flight to us.
+    receive_maximum: int = Field(20000, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Path | None = None
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class InfluxSettings(_Section):
+    url: str = Field("http://127.0.0.1:8086", pattern=r"^https?://")
+    api_version: Literal[1, 2] = 1
+    database: str = Field("fleet", min_length=1)
+    bucket: str = Field("fleet", min_length=1)
+    org: str = "fleet"
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout_s: float = Field(10.0, gt=0)
+    create_database: bool = True
+
+
+class IngestSettings(_Section):
+    max_payload_bytes: int = Field(16 * 1024, ge=64)
+    max_age_s: float = Field(7 * 24 * 3600, gt=0)
+    max_future_s: float = Field(300, ge=0)
+
+
+class JournalSettings(_Section):
+    # A batch is sealed (written to disk, acknowledged to the broker, queued
+    # for InfluxDB) when it holds this many points or is this old.
+    batch_size: int = Field(5000, ge=1)
+    flush_interval_s: float = Field(0.2, gt=0)
+    # The on-disk buffer that rides out InfluxDB outages. When it is full the
+    # gateway stops acknowledging, so the broker keeps the rest.
+    max_bytes: int = Field(1024 * 1024 * 1024, ge=1024 * 1024)
+    # Batches kept in memory for the writer; beyond this they are read back from disk.
+    memory_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    fsync: bool = True
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+
+
+class ApiSettings(_Section):
+    keys: tuple[SecretStr, ...] = ()
+    # Unlock/lock calls allowed per API key per minute.
+    rate_limit_per_min: int = Field(600, ge=1)
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(k.strip() for k in v.split(",") if k.strip())
+        return v
+
+
+class CommandsSettings(_Section):
+    master_key: SecretStr | None = None
+    ack_timeout_s: float = Field(10.0, gt=0, le=300)
+    early_grace_s: float = Field(15 * 60, ge=0)
+    qos: Literal[0, 1] = 1
+
+
+class StateSettings(_Section):
+    dir: Path = Path("state")
+
+
+class FleetSettings(_Section):
+    file: Path = Path("config/fleet.yaml")
+
+
+class Settings(_Section):
+    instance: str = Field("gw1", pattern=r"^[A-Za-z0-9_.-]+$")
+    # Development mode allows empty or example secrets; production refuses them.
+    dev_mode: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings = InfluxSettings()
+    ingest: IngestSettings = IngestSettings()
+    journal: JournalSettings = JournalSettings()
+    http: HttpSettings = HttpSettings()
+    api: ApiSettings = ApiSettings()
+    commands: CommandsSettings = CommandsSettings()
+    state: StateSettings = StateSettings()
+    fleet: FleetSettings = FleetSettings()
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``GATEWAY__MQTT__PORT=1884`` into ``{"mqtt": {"port": "1884"}}``."""
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(f"{name}: malformed variable name (use GATEWAY__SECTION__KEY)")
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    more = len(err.errors()) - 1
+    return f"{key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read YAML (if any) and environment overrides into a validated :class:`Settings`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: configuration file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = raw or {}
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+    check_secrets(settings)
+    return settings
+
+
+EXAMPLE_SECRETS = {"", "change-me", "changeme", "dev-master-key", "dev-api-key", "secret", "password"}
+
+
+def check_secrets(s: Settings) -> None:
+    """Outside development mode, refuse to run with missing or example secrets."""
+    if s.dev_mode:
+        return
+    master = s.commands.master_key.get_secret_value() if s.commands.master_key else ""
+    if master in EXAMPLE_SECRETS or len(master) < 16:
+        raise ConfigError(
+            "commands.master_key: missing, an example value or shorter than 16 characters "
+            "(set GATEWAY__COMMANDS__MASTER_KEY, or dev_mode: true for local runs)"
+        )
+    if not s.api.keys:
+        raise ConfigError("api.keys: no API key configured (set GATEWAY__API__KEYS)")
+    for k in s.api.keys:
+        if k.get_secret_value() in EXAMPLE_SECRETS or len(k.get_secret_value()) < 16:
+            raise ConfigError("api.keys: an API key is an example value or shorter than 16 characters")
