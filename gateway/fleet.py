@@ -111,7 +111,9 @@ def parse_fleet(doc: Any, source: str = "fleet") -> Fleet:
         if not isinstance(s, dict):
             raise ConfigError(f"{w}: must be a mapping")
         sid = str(_req(s, "id", w, str))
-        stations[sid] = Station(sid, str(s.get("town", sid)), float(_req(s, "lat", w, (int, float))), float(_req(s, "lon", w, (int, float))))
+        stations[sid] = Station(
+            sid, str(s.get("town", sid)), float(_req(s, "lat", w, (int, float))), float(_req(s, "lon", w, (int, float)))
+        )
     vehicles: dict[str, Vehicle] = {}
     for i, v in enumerate(doc.get("vehicles") or []):
         w = f"{source}: vehicles[{i}]"

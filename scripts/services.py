@@ -254,7 +254,6 @@ def influxql(influx_port: int, q: str, post: bool = False, db: str | None = None
         return bytes(r.read())
 
 
-
 def _up(args: argparse.Namespace) -> int:
     """Start the demo stack on fixed ports unless something already listens there."""
     base = Path(args.dir).resolve()
