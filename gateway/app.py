@@ -1,0 +1,154 @@
+"""The app factory: every resource opened in a cleanup context, closed in reverse order.
+
+Start-up order: journal and writer (so anything left from a crash is
+replayed first), then the MQTT link (messages start flowing into the
+journal), then the self-report. Shutdown runs the other way: stop taking
+messages, seal and acknowledge what is open, drain the journal to InfluxDB
+within a deadline, close the sink. What does not drain stays in the journal
+for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.api import auth_middleware, errors_middleware
+from gateway.commands import CommandDispatcher
+from gateway.fleet import Fleet
+from gateway.ingest import Ingest
+from gateway.journal import Journal
+from gateway.metrics import Snapshot, self_report_line
+from gateway.mqtt import MqttLink
+from gateway.settings import Settings
+from gateway.sinks import Sink, make_sink
+from gateway.state import FleetState
+from gateway.telemetry import Limits
+from gateway.writer import Writer
+
+log = logging.getLogger(__name__)
+
+SELF_REPORT_INTERVAL_S = 10.0
+DRAIN_DEADLINE_S = 10.0
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler may need, built once per app."""
+
+    settings: Settings
+    fleet: Fleet
+    state: FleetState
+    journal: Journal
+    writer: Writer
+    link: MqttLink
+    ingest: Ingest
+    commands: CommandDispatcher
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            ingest=self.ingest.stats,
+            writer=self.writer.stats,
+            journal=self.journal,
+            broker_connected=self.link.connected,
+            broker_connects=self.link.connects,
+            vehicles_reporting=self.state.reporting_count(),
+            vehicles_online=self.state.online_count(),
+            commands=dict(self.commands.results),
+        )
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def build_runtime(settings: Settings, fleet: Fleet, sink: Sink) -> Runtime:
+    j = settings.journal
+    journal = Journal(
+        settings.state.dir / "journal",
+        batch_size=j.batch_size,
+        flush_interval_s=j.flush_interval_s,
+        max_bytes=j.max_bytes,
+        memory_bytes=j.memory_bytes,
+        fsync=j.fsync,
+    )
+    writer = Writer(journal, sink)
+    state = FleetState(fleet)
+    prefix = settings.mqtt.topic_prefix
+    limits = Limits(
+        max_payload_bytes=settings.ingest.max_payload_bytes,
+        max_age_ms=int(settings.ingest.max_age_s * 1000),
+        max_future_ms=int(settings.ingest.max_future_s * 1000),
+    )
+    # The link needs ingest's callback and ingest needs the dispatcher, which needs the link.
+    holder: list[Ingest] = []
+    link = MqttLink(settings.mqtt, lambda msg, token: holder[0].handle(msg, token), [f"{prefix}/#"])
+    master = settings.commands.master_key.get_secret_value() if settings.commands.master_key else ""
+    commands = CommandDispatcher(link, journal, master, prefix, settings.commands.ack_timeout_s, settings.commands.qos)
+    ingest = Ingest(fleet, state, journal, prefix, limits, commands.on_ack)
+    holder.append(ingest)
+    journal.set_ack(link.ack)
+    return Runtime(settings, fleet, state, journal, writer, link, ingest, commands)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    writer_task = asyncio.create_task(rt.writer.run(), name="influx-writer")
+    sealer_task = asyncio.create_task(rt.journal.run_sealer(), name="journal-sealer")
+    yield
+    await _cancel(sealer_task)
+    await _cancel(writer_task)
+    left = await rt.writer.drain(DRAIN_DEADLINE_S)
+    if not left:
+        log.warning(
+            "shutdown: %d batch(es) not yet in InfluxDB stay in the journal for the next start",
+            len(rt.journal.segments),
+        )
+    await rt.writer.sink.close()
+
+
+async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    task = asyncio.create_task(rt.link.run(), name="mqtt-link")
+    yield
+    await _cancel(task)
+    # Seal and acknowledge what is open before saying goodbye to the broker.
+    rt.journal.seal()
+    await rt.link.close()
+
+
+async def self_report_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(SELF_REPORT_INTERVAL_S)
+            rt.journal.append(self_report_line(rt.snapshot(), rt.settings.instance, int(time.time() * 1000)))
+
+    task = asyncio.create_task(report(), name="self-report")
+    yield
+    await _cancel(task)
+
+
+def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.Application:
+    from gateway.routes import setup_routes
+
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware(tuple(k.get_secret_value() for k in settings.api.keys))],
+        client_max_size=settings.http.max_body_bytes,
+    )
+    app[RUNTIME] = build_runtime(settings, fleet, sink or make_sink(settings.influx))
+    app.cleanup_ctx.extend([storage_ctx, mqtt_ctx, self_report_ctx])
+    setup_routes(app)
+    return app

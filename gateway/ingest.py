@@ -1,0 +1,119 @@
+"""The per-message boundary: every car message is stored, rejected with a reason, or handed on.
+
+:meth:`Ingest.handle` is paho's message callback. It is the one place that
+catches broadly: whatever goes wrong with one message is counted and
+recorded in `rejected`, and the next message is handled as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.errors import PayloadError
+from gateway.fleet import Fleet
+from gateway.journal import Journal
+from gateway.lineproto import excerpt, line, reading_line
+from gateway.state import FleetState
+from gateway.telemetry import ACK, COMMANDS, KINDS, Limits, check_vehicle_id, decode_object, parse_topic, validate
+
+log = logging.getLogger(__name__)
+
+
+class Message(Protocol):
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes | bytearray: ...
+    @property
+    def qos(self) -> int: ...
+
+
+AckHandler = Callable[[str, dict[str, object], int], None]
+"""(vehicle_id, decoded ack, received_ms) -> None; raises PayloadError if the ack is invalid."""
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rejected_by: Counter[tuple[str, str]] = field(default_factory=Counter)  # (reason, kind)
+
+
+class Ingest:
+    def __init__(
+        self, fleet: Fleet, state: FleetState, journal: Journal, prefix: str, limits: Limits, on_ack: AckHandler
+    ) -> None:
+        self.fleet = fleet
+        self.state = state
+        self.journal = journal
+        self.prefix = prefix
+        self.limits = limits
+        self.on_ack = on_ack
+        self.stats = IngestStats()
+        self._models = {vid: v.model for vid, v in fleet.vehicles.items()}
+        self._last_rejected_ts: dict[tuple[str, str], int] = {}
+
+    def handle(self, msg: Message, token: int) -> None:
+        now_ms = int(time.time() * 1000)
+        topic = parse_topic(msg.topic, self.prefix)
+        if topic is not None and topic.kind == COMMANDS:
+            # Commands (ours or another instance's on a shared subscription) are not car data.
+            self.journal.add_mid(token)
+            return
+        self.stats.received += 1
+        kind = topic.kind if topic is not None and (topic.kind in KINDS or topic.kind == ACK) else "unknown"
+        vehicle_id = topic.vehicle_id if topic is not None else ""
+        try:
+            if kind == "unknown":
+                raise PayloadError("unknown_topic", f"{msg.topic[:100]!r} is not a car topic")
+            check_vehicle_id(vehicle_id)
+            model = self._models.get(vehicle_id)
+            if model is None:
+                raise PayloadError("unknown_vehicle", f"{vehicle_id} is not in the fleet registry")
+            doc = decode_object(msg.payload, self.limits)
+            if kind == ACK:
+                self.on_ack(vehicle_id, doc, now_ms)
+                self.stats.accepted += 1
+                self.journal.add_mid(token)
+                return
+            reading = validate(kind, vehicle_id, doc, now_ms, self.limits)
+        except PayloadError as e:
+            self._reject(e.reason, kind, vehicle_id, msg, now_ms, token, e.detail)
+            return
+        except Exception as e:  # the one broad catch: a bug must not stop ingest
+            log.exception("unexpected error handling a message on %s", msg.topic[:100])
+            self._reject("internal_error", kind, vehicle_id, msg, now_ms, token, repr(e))
+            return
+        self.stats.accepted += 1
+        self.state.update(reading, now_ms)
+        point = reading_line(reading, model)
+        if point is None:
+            self.journal.add_mid(token)
+        else:
+            self.journal.append(point, token, msg.qos)
+
+    def _reject(
+        self, reason: str, kind: str, vehicle_id: str, msg: Message, now_ms: int, token: int, detail: str
+    ) -> None:
+        self.stats.rejected += 1
+        self.stats.rejected_by[(reason, kind)] += 1
+        # Points with equal tags and time overwrite each other in InfluxDB; give
+        # every rejection its own millisecond so none is lost from the count.
+        key = (reason, kind)
+        ts = max(now_ms, self._last_rejected_ts.get(key, 0) + 1)
+        self._last_rejected_ts[key] = ts
+        values = {
+            "vehicle_id": vehicle_id[:64],
+            "topic": msg.topic[:200],
+            "excerpt": excerpt(msg.payload),
+            "detail": detail[:200],
+        }
+        self.journal.append(line("rejected", {"reason": reason, "kind": kind}, values, ts), token, msg.qos)
+        if self.stats.rejected_by[key] == 1 or log.isEnabledFor(logging.DEBUG):
+            log.info("rejected %s message on %s: %s (%s)", kind, msg.topic[:100], reason, detail[:200])
