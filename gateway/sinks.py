@@ -93,7 +93,10 @@ class InfluxV2Sink:
 
         try:
             await self._api.write(
-                bucket=self._s.bucket, org=self._s.org, record=batch, write_precision=WritePrecision.MS
+                bucket=self._s.bucket,
+                org=self._s.org,
+                record=batch,
+                write_precision=WritePrecision.MS,  # type: ignore[arg-type]  # generated enum holds plain strings
             )
         except ApiException as e:
             text = f"HTTP {e.status}: {str(e.body)[:500]}"
