@@ -257,6 +257,10 @@ class Car:
             await asyncio.sleep(max(0.001, self.clock.wall_delay(wake - self.clock.now())))
 
     # ---- commands ---------------------------------------------------------------------
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Handler for the car's own connection: the only subscription is its command topic."""
+        self.on_command(payload)
+
     def on_command(self, payload: bytes) -> None:
         self.stats.commands += 1
         if self.behaviour is Behaviour.NO_ACK:
@@ -272,7 +276,8 @@ class Car:
             self._ack(ack_payload(verdict.command_id, "rejected", self.ts(), reason=verdict.reason))
             return
         if self.behaviour is Behaviour.SLOW_ACK:
-            handle = asyncio.get_running_loop().call_later(self.slow_ack_s, self._execute, verdict.command_id, verdict.action)
+            loop = asyncio.get_running_loop()
+            handle = loop.call_later(self.slow_ack_s, self._execute, verdict.command_id, verdict.action)
             self._timers.add(handle)
             return
         self._execute(verdict.command_id, verdict.action)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from gateway.fleet import Fleet
@@ -12,7 +12,7 @@ from gateway.fleet import Fleet
 DEFAULT_FLEET = Path(__file__).resolve().parent.parent / "config" / "fleet.yaml"
 
 
-class Behaviour(str, Enum):
+class Behaviour(StrEnum):
     """How a car answers commands."""
 
     NORMAL = "normal"

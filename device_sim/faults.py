@@ -15,12 +15,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import orjson
 
 
-class Fault(str, Enum):
+class Fault(StrEnum):
     MALFORMED = "malformed"
     OUT_OF_RANGE = "out_of_range"
     DUPLICATE = "duplicate"

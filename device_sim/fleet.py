@@ -211,7 +211,7 @@ class SimFleet:
 
     def _backoff(self, attempt: int) -> float:
         c = self.config
-        return min(c.reconnect_max_s, c.reconnect_min_s * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)
+        return float(min(c.reconnect_max_s, c.reconnect_min_s * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0))
 
     async def _stay_offline(self, vid: str) -> bool:
         wait = self._offline_until.pop(vid, 0.0) - time.monotonic()
@@ -231,7 +231,7 @@ class SimFleet:
                 async with self._sem:
                     client = await MqttClient.connect(
                         c.host, c.port, client_id, will=will, keepalive=c.keepalive,
-                        on_message=lambda _t, p, car=car: car.on_command(p),
+                        on_message=car.on_message,
                     )  # fmt: skip
                     await client.subscribe([(f"{car.topic_base}/commands", 1)])
             except (MqttError, TimeoutError):

@@ -20,6 +20,7 @@ import asyncio
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["MqttClient", "MqttConnectError", "MqttError", "Will"]
 
@@ -171,7 +172,9 @@ class MqttClient(asyncio.Protocol):
         if self._ping is not None:
             self._ping.cancel()
         err = MqttError(f"connection lost: {exc}" if exc else "connection closed")
-        for fut in (self._connack, *self._pending_sub.values(), *(f for f in self._inflight.values() if f)):
+        futs: list[asyncio.Future[Any]] = [self._connack, *self._pending_sub.values()]
+        futs += [f for f in self._inflight.values() if f is not None]
+        for fut in futs:
             if not fut.done():
                 fut.set_exception(err)
                 fut.exception()  # mark retrieved: nobody may be waiting any more
@@ -228,7 +231,9 @@ class MqttClient(asyncio.Protocol):
     def is_connected(self) -> bool:
         return self.transport is not None and not self.closed.done()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, track: bool = False) -> asyncio.Future[None] | None:
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, track: bool = False
+    ) -> asyncio.Future[None] | None:
         """Send a PUBLISH. With ``track``, return a future resolved by the PUBACK (QoS 1) or at once (QoS 0)."""
         if not self.is_connected:
             raise MqttError("not connected")

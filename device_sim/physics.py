@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 from gateway.fleet import Model
 
@@ -22,7 +22,7 @@ AMBIENT_C = 12.0
 EARTH_RADIUS_KM = 6371.0
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     PARKED = "parked"
     DRIVING = "driving"
 
@@ -193,7 +193,7 @@ def advance(state: CarState, model: Model, dt_s: float, home: str | None = None)
 
 def rfc3339_ms(epoch_s: float) -> str:
     """``2026-11-26T09:00:00.123Z``."""
-    ms = int(round(epoch_s * 1000))
+    ms = round(epoch_s * 1000)
     t = time.gmtime(ms // 1000)
     return (
         f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{ms % 1000:03d}Z"

@@ -1,0 +1,189 @@
+"""``python -m device_sim``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from device_sim.commands import load_key_file
+from device_sim.config import DEFAULT_FLEET, Intervals, SimConfig
+from device_sim.faults import Fault
+from device_sim.fleet import SimFleet, sized_fleet
+from gateway.errors import ConfigError
+from gateway.fleet import load_fleet
+
+MASTER_KEY_ENV = "GATEWAY__COMMANDS__MASTER_KEY"
+
+EPILOG = """\
+examples:
+  python -m device_sim --host 127.0.0.1 --port 1883                  the 29 reference cars, real time
+  python -m device_sim --port 1883 --speed 720 --seed 7              a day in two minutes, repeatable
+  python -m device_sim --port 1883 --vehicles 10000                  10,000 cars, one connection each
+  python -m device_sim --port 1883 --vehicles 10000 --connections 8 --rate inf   pure throughput load
+  python -m device_sim --vehicles 300 --write-fleet /tmp/fleet-300.yaml          registry for the gateway
+  python -m device_sim --port 1883 --fault drop --fault malformed --fault-share 0.1 --fault-every 20
+
+Commands are verified with each car's own key: derived from the master key
+(--master-key or $GATEWAY__COMMANDS__MASTER_KEY, the gateway's variable) or
+read from --key-file. Without either, every command is rejected bad_signature.
+"""
+
+
+def _positive(v: str) -> float:
+    f = float(v)
+    if not f > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return f
+
+
+def _share(v: str) -> float:
+    f = float(v)
+    if not 0 <= f <= 1:
+        raise argparse.ArgumentTypeError("a share is between 0 and 1")
+    return f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m device_sim",
+        description="Simulated electric cars for the fleet gateway: telemetry over MQTT, signed commands, faults.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("broker and fleet")
+    g.add_argument("--host", default="127.0.0.1", help="MQTT broker host (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=1883, help="MQTT broker port (default 1883)")
+    g.add_argument("--prefix", default="fleet", help="topic prefix, as the gateway's (default fleet)")
+    g.add_argument("--fleet", type=Path, default=DEFAULT_FLEET, help="fleet registry YAML (default config/fleet.yaml)")
+    g.add_argument("--vehicles", type=int, help="number of cars: more than the registry adds generated SIM-nnnnn cars")
+    g.add_argument("--write-fleet", type=Path, metavar="PATH", help="write the (grown) fleet YAML to PATH and exit")
+    g.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS of the car's messages (default 1)")
+    g.add_argument("--client-id-prefix", default="sim", help="MQTT client ids are PREFIX-<topic prefix>-<vehicle id>")
+
+    g = p.add_argument_group("time")
+    g.add_argument("--speed", type=_positive, default=1.0, help="simulated time runs X times faster (default 1)")
+    g.add_argument("--duration", type=_positive, metavar="S", help="stop after S wall-clock seconds (default: run)")
+    g.add_argument("--seed", type=int, help="seed for a repeatable run (default: random, printed at start)")
+    g.add_argument("--start-hour", type=float, default=7.0, help="simulated time of day at start (default 7.0)")
+
+    g = p.add_argument_group("reporting intervals, in simulated seconds")
+    d = Intervals()
+    g.add_argument("--battery-parked", type=_positive, default=d.battery_parked_s, help="default %(default)s")
+    g.add_argument("--battery-driving", type=_positive, default=d.battery_driving_s, help="default %(default)s")
+    g.add_argument("--location-driving", type=_positive, default=d.location_driving_s, help="default %(default)s")
+    g.add_argument("--location-parked", type=_positive, default=d.location_parked_s, help="default %(default)s")
+    g.add_argument("--doors-every", type=_positive, default=d.doors_s, help="plus on every change; default %(default)s")
+
+    g = p.add_argument_group("commands")
+    g.add_argument("--master-key", help=f"the gateway's master key (default ${MASTER_KEY_ENV})")
+    g.add_argument("--key-file", type=Path, help="file of 'VEHICLE_ID HEXKEY' lines (or one hex key for every car)")
+    g.add_argument("--no-ack-share", type=_share, default=0.0, help="share of cars that never ack (out of coverage)")
+    g.add_argument("--fail-share", type=_share, default=0.0, help="share of cars answering failed/door_open")
+    g.add_argument("--slow-ack-share", type=_share, default=0.0, help="share of cars that ack late")
+    g.add_argument("--slow-ack", type=_positive, default=3.0, metavar="S", help="delay of a slow ack (default 3 s)")
+
+    g = p.add_argument_group("faults (see device_sim/faults.py)")
+    g.add_argument("--fault", action="append", default=[], choices=[f.value for f in Fault],
+                   help="inject this fault periodically (repeatable)")  # fmt: skip
+    g.add_argument("--fault-share", type=_share, default=0.05, help="share of cars hit each time (default 0.05)")
+    g.add_argument("--fault-every", type=_positive, default=30.0, metavar="S", help="wall seconds between (default 30)")
+    g.add_argument("--old-age", type=_positive, default=7200.0, metavar="S", help="age of old_ts reports (default 2 h)")
+    g.add_argument("--skew", type=float, default=600.0, metavar="S", help="clock_skew offset (default 600 s ahead)")
+    g.add_argument("--offline", type=_positive, default=5.0, metavar="S", help="offline time of drop/storm (default 5)")
+
+    g = p.add_argument_group("scale and output")
+    g.add_argument("--connections", type=int, default=0, metavar="K",
+                   help="multiplex the cars over K connections (no per-car will) instead of one each")  # fmt: skip
+    g.add_argument("--rate", type=float, default=0.0, metavar="R",
+                   help="extra battery reports per second over the fleet ('inf': as fast as possible)")  # fmt: skip
+    g.add_argument("--connect-concurrency", type=int, default=256, help="connection handshakes at once (default 256)")
+    g.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    g.add_argument("--progress-every", type=_positive, default=5.0, metavar="S", help="progress period (default 5)")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> SimConfig:
+    keys = {}
+    if a.key_file is not None:
+        try:
+            keys = load_key_file(a.key_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--key-file: {e}") from None
+    try:
+        return SimConfig(
+            host=a.host, port=a.port, prefix=a.prefix, fleet=load_fleet(a.fleet), fleet_path=a.fleet,
+            vehicles=a.vehicles, speed=a.speed, seed=a.seed, start_hour=a.start_hour,
+            master_key=a.master_key or os.environ.get(MASTER_KEY_ENV) or None, keys=keys, qos=a.qos,
+            intervals=Intervals(a.battery_parked, a.battery_driving, a.location_driving, a.location_parked,
+                                a.doors_every),
+            no_ack_share=a.no_ack_share, fail_share=a.fail_share, slow_ack_share=a.slow_ack_share,
+            slow_ack_s=a.slow_ack, connections=a.connections, connect_concurrency=a.connect_concurrency,
+            rate=a.rate, client_id_prefix=a.client_id_prefix, progress_s=a.progress_every, quiet=a.quiet,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+async def _probe(host: str, port: int) -> None:
+    try:
+        async with asyncio.timeout(5):
+            _, w = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as e:
+        raise ConfigError(f"--host/--port: cannot reach the broker at {host}:{port} ({e or 'timeout'})") from None
+    w.close()
+    with contextlib.suppress(OSError):
+        await w.wait_closed()
+
+
+async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
+    await _probe(cfg.host, cfg.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with SimFleet(cfg) as sim:
+        deadline = time.monotonic() + a.duration if a.duration else math.inf
+        next_fault = time.monotonic() + a.fault_every
+        while not stop.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, min(deadline, next_fault) - time.monotonic())):
+                    await stop.wait()
+            if a.fault and time.monotonic() >= next_fault:
+                next_fault += a.fault_every
+                for f in a.fault:
+                    ids = sim.pick(a.fault_share, None)
+                    await sim.inject(f, ids, old_age_s=a.old_age, skew_s=a.skew, offline_s=a.offline)
+                    if not a.quiet:
+                        print(f"device_sim: fault {f} on {len(ids)} cars", file=sys.stderr)
+        if not a.quiet:
+            s = sim.stats
+            print(f"device_sim: stopping after {s.sent} messages, {s.commands} commands", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(a)
+        if a.write_fleet is not None:
+            assert cfg.fleet is not None
+            fleet = sized_fleet(cfg.fleet, cfg.vehicles)
+            a.write_fleet.write_text(fleet.to_yaml(), encoding="utf-8")
+            print(f"wrote {len(fleet.vehicles)} cars to {a.write_fleet}", file=sys.stderr)
+            return 0
+        if cfg.master_key is None and not cfg.keys and not a.quiet:
+            print(f"device_sim: no key (--master-key, ${MASTER_KEY_ENV}, --key-file): commands will be rejected",
+                  file=sys.stderr)  # fmt: skip
+        asyncio.run(run(cfg, a))
+    except ConfigError as e:
+        print(f"device_sim: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
