@@ -22,7 +22,8 @@ from gateway.errors import ApiError, BrokerUnavailable
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json"})
+# A stable, non-secret label of the caller's API key (rate limits, logs).
+API_KEY_ID = web.RequestKey("api_key_id", str)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -83,14 +84,13 @@ def auth_middleware(keys: tuple[str, ...]) -> Middleware:
                     "missing or invalid API key (Authorization: Bearer <key>)",
                     {"WWW-Authenticate": "Bearer"},
                 )
-            request["api_key_id"] = _key_id(given)
+            request[API_KEY_ID] = _key_id(given)
         return await handler(request)
 
     return middleware
 
 
 def _key_id(key: bytes) -> str:
-    """A stable, non-secret label for a key (rate limits, logs)."""
     return hashlib.sha256(key).hexdigest()[:12]
 
 

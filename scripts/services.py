@@ -87,8 +87,8 @@ def _need(binary: str, package: str) -> None:
 
 
 def _spawn(argv: list[str], workdir: Path, name: str) -> subprocess.Popen[bytes]:
-    log = open(workdir / f"{name}.out", "ab")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    with open(workdir / f"{name}.out", "ab") as log:  # the child keeps its own copy of the fd
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], workdir: Path, name: str, timeout: float = 30.0) -> None:
@@ -214,6 +214,9 @@ http {{
   uwsgi_temp_path {workdir}/uwsgi;
   scgi_temp_path {workdir}/scgi;
   client_max_body_size 0;
+  # Keep bodies in memory: workers may not write to our temp dirs.
+  client_body_buffer_size 64m;
+  proxy_request_buffering off;
   server {{
     listen 127.0.0.1:{port};
     location = /api/v2/write {{

@@ -56,3 +56,44 @@ async def async_wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: s
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def gateway_settings(broker_port: int, influx_url: str, prefix: str, database: str, state_dir: Path, **over: Any) -> Any:
+    """Settings for a gateway under test: dev mode, short flush interval, private names."""
+    from gateway.settings import Settings
+
+    doc: dict[str, Any] = {
+        "dev_mode": True,
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "topic_prefix": prefix, "client_id": f"gw-{database}"},
+        "influx": {"url": influx_url, "database": database, "bucket": database},
+        "journal": {"flush_interval_s": 0.05},
+        "http": {"port": 0},
+        "api": {"keys": [API_KEY]},
+        "commands": {"master_key": MASTER_KEY, "ack_timeout_s": 3},
+        "state": {"dir": str(state_dir)},
+        "fleet": {"file": str(REPO / "config" / "fleet.yaml")},
+    }
+    for dotted, value in over.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            doc.setdefault(section, {})[key] = value
+        else:
+            doc[section] = value
+    return Settings.model_validate(doc)
+
+
+API_KEY = "test-api-key-0123456789"
+MASTER_KEY = "test-master-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+async def mosquitto_pub(port: int, topic: str, *payloads: str | bytes, qos: int = 1) -> None:
+    """Publish with Debian's mosquitto_pub, one message per payload (``-l`` reads lines)."""
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(port), "-q", str(qos), "-t", topic, "-l",
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    data = b"".join((p if isinstance(p, bytes) else p.encode()) + b"\n" for p in payloads)
+    _, err = await proc.communicate(data)
+    if proc.returncode != 0:
+        raise AssertionError(f"mosquitto_pub failed: {err.decode()}")

@@ -1,0 +1,189 @@
+"""Ingest end to end: mosquitto_pub -> real Mosquitto -> gateway -> real InfluxDB, read back with InfluxQL.
+
+Both sinks are exercised: v1 writes to InfluxDB 1.6's /write; v2 writes
+through influxdb-client to /api/v2/write, which the test-only nginx proxy
+maps onto /write (Debian's InfluxDB 1.6 has no v2 API).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.app import RUNTIME, init_app
+from gateway.fleet import load_fleet
+from tests.conftest import Stack, Unique
+from tests.helpers import AUTH, REPO, async_wait_for, gateway_settings, influx_query, mosquitto_pub
+
+pytestmark = pytest.mark.integration
+
+FLEET = load_fleet(REPO / "config" / "fleet.yaml")
+
+BATTERY = '{"ts": "2026-11-26T09:00:00.123Z", "soc_pct": 81.5, "range_km": 212, "charging": false, "plugged": true}'
+LOCATION = (
+    '{"ts": 1795683600123, "lat": 48.4306, "lon": 0.0931, "speed_kmh": 0, "heading_deg": 0, "odometer_km": 18231.4}'
+)
+DOORS = '{"ts": "2026-11-26T09:00:01Z", "locked": true, "closed": true}'
+T0 = 1795683600123  # 2026-11-26T09:00:00.123Z
+
+
+class Gw:
+    def __init__(self, client: TestClient[Any, Any], stack: Stack, unique: Unique) -> None:
+        self.client = client
+        self.stack = stack
+        self.unique = unique
+        self.rt = client.app[RUNTIME]  # type: ignore[index]
+
+    def topic(self, vehicle: str, kind: str) -> str:
+        return f"{self.unique.prefix}/{vehicle}/{kind}"
+
+    async def pub(self, vehicle: str, kind: str, *payloads: str | bytes, qos: int = 1) -> None:
+        await mosquitto_pub(self.stack.broker.port, self.topic(vehicle, kind), *payloads, qos=qos)
+
+    def q(self, query: str) -> list[dict[str, Any]]:
+        return influx_query(self.stack.influx.port, self.unique.database, query)
+
+    async def rows(self, query: str, n: int) -> list[dict[str, Any]]:
+        return await async_wait_for(lambda: (r := self.q(query)) and len(r) >= n and r, what=f"{n} rows of {query}")
+
+
+@pytest.fixture(params=[1, 2], ids=["influx-v1", "influx-v2"])
+async def gw(
+    request: pytest.FixtureRequest,
+    stack: Stack,
+    unique: Unique,
+    tmp_path: Path,
+    aiohttp_client: Callable[..., Any],
+) -> AsyncIterator[Gw]:
+    version = request.param
+    port = stack.influx.port if version == 1 else stack.v2proxy.port
+    settings = gateway_settings(
+        stack.broker.port, f"http://127.0.0.1:{port}", unique.prefix, unique.database, tmp_path, influx__api_version=version
+    )
+    if version == 2:  # the v2 API has no CREATE DATABASE; the bucket exists beforehand
+        from scripts.services import create_database
+
+        create_database(stack.influx.port, unique.database)
+    client = await aiohttp_client(init_app(settings, FLEET))
+    g = Gw(client, stack, unique)
+    await async_wait_for(lambda: g.rt.link.connected, what="gateway connected to the broker")
+    yield g
+
+
+async def test_contract_examples_land_with_schema(gw: Gw) -> None:
+    await gw.pub("ZOE-001", "battery", BATTERY)
+    await gw.pub("ZOE-001", "location", LOCATION)
+    await gw.pub("ZOE-001", "doors", DOORS)
+    await gw.pub("ZOE-001", "status", '{"online": true, "firmware": "2.4.1"}')
+
+    (b,) = await gw.rows("SELECT * FROM battery", 1)
+    assert b["time"] == T0
+    assert (b["vehicle_id"], b["model"]) == ("ZOE-001", "zoe")
+    assert (b["soc_pct"], b["range_km"], b["charging"], b["plugged"]) == (81.5, 212, False, True)
+    assert "temp_c" not in b  # only fields present in a message are written
+
+    (loc,) = await gw.rows("SELECT * FROM location", 1)
+    assert loc["time"] == T0
+    assert (loc["lat"], loc["lon"], loc["odometer_km"], loc["speed_kmh"]) == (48.4306, 0.0931, 18231.4, 0)
+
+    (d,) = await gw.rows("SELECT * FROM doors", 1)
+    assert (d["time"], d["locked"], d["closed"]) == (T0 + 877, True, True)
+
+    (s,) = await gw.rows("SELECT * FROM status", 1)
+    assert s["online"] is True and s["vehicle_id"] == "ZOE-001"
+    assert "firmware" not in s  # kept in the latest state, not a contract field
+
+    tags = gw.q('SHOW TAG KEYS FROM "battery"')
+    assert {r["tagKey"] for r in tags} == {"vehicle_id", "model"}
+
+
+async def test_each_kind_of_invalid_message_is_rejected_with_its_reason(gw: Gw) -> None:
+    cases: list[tuple[str, str, str | bytes, str]] = [
+        ("ZOE-002", "battery", "{not json", "bad_json"),
+        ("ZOE-002", "battery", b'{"soc_pct": "\xff\xfe"}', "bad_encoding"),
+        ("ZOE-002", "battery", "[1, 2]", "not_object"),
+        ("ZOE-002", "battery", '{"range_km": 10}', "missing_field"),
+        ("ZOE-002", "battery", '{"soc_pct": "81"}', "bad_type"),
+        ("ZOE-002", "battery", '{"soc_pct": 101}', "out_of_range"),
+        ("ZOE-002", "location", '{"lat": 91, "lon": 0}', "out_of_range"),
+        ("NOPE-999", "doors", '{"locked": true}', "unknown_vehicle"),
+        ("ZOE-002", "doors", '{"locked": true, "vehicle_id": "ZOE-003"}', "vehicle_mismatch"),
+        ("ZOE-002", "doors", '{"locked": true, "pad": "' + "x" * 17000 + '"}', "oversized"),
+        ("ZOE-002", "doors", '{"locked": true, "ts": "2099-01-01T00:00:00Z"}', "clock_skew"),
+        ("ZOE-002", "doors", '{"locked": true, "ts": "2001-01-01T00:00:00Z"}', "too_old"),
+        ("ZOE-002", "doors", '{"locked": true, "ts": "yesterday"}', "bad_timestamp"),
+        ("ZOE-002", "wheels", '{"pressure": 2.4}', "unknown_topic"),
+    ]
+    for vehicle, kind, payload, _ in cases:
+        await gw.pub(vehicle, kind, payload)
+    # A valid message after all of them still goes through.
+    await gw.pub("ZOE-002", "battery", '{"soc_pct": 50}')
+    await gw.rows("SELECT * FROM battery", 1)
+
+    rows = await gw.rows("SELECT * FROM rejected", len(cases))
+    got = sorted((r["reason"], r["kind"]) for r in rows)
+    expected = sorted((reason, kind if kind != "wheels" else "unknown") for _, kind, _, reason in cases)
+    assert got == expected
+    by_reason = {r["reason"]: r for r in rows}
+    assert by_reason["unknown_vehicle"]["vehicle_id"] == "NOPE-999"
+    assert by_reason["bad_json"]["excerpt"] == "{not json"
+    assert len(by_reason["oversized"]["excerpt"]) == 200
+    assert by_reason["out_of_range"]["topic"].startswith(gw.unique.prefix)
+    stats = gw.rt.ingest.stats
+    assert stats.rejected == len(cases) and stats.accepted == 1
+    assert sum(stats.rejected_by.values()) == len(cases)
+
+
+async def test_vehicles_api_serves_latest_state_and_needs_a_key(gw: Gw) -> None:
+    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 40, "ts": 1795683600000}', '{"soc_pct": 55, "ts": 1795683700000}')
+    # An older reading replayed later must not move the state backwards.
+    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 10, "ts": 1795683500000}')
+    await gw.pub("KANGOO-001", "status", '{"online": true}')
+    await gw.rows("SELECT * FROM battery", 3)
+
+    r = await gw.client.get("/v1/vehicles")
+    assert r.status == 401
+    assert (await r.json())["error"]["code"] == "unauthorized"
+
+    r = await gw.client.get("/v1/vehicles", headers=AUTH)
+    assert r.status == 200
+    vehicles = (await r.json())["vehicles"]
+    assert len(vehicles) == 29
+    k = next(v for v in vehicles if v["vehicle_id"] == "KANGOO-001")
+    assert k["battery"]["soc_pct"] == 55 and k["online"] is True and k["last_seen"]
+    assert k["model"] == "kangoo" and k["station"]["id"] == "alencon-cd61"
+
+    r = await gw.client.get("/v1/vehicles/NOPE-1", headers=AUTH)
+    assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_vehicle"
+
+
+async def test_health_metrics_and_self_report(gw: Gw) -> None:
+    await gw.pub("ZOE-004", "battery", '{"soc_pct": 70}', '{"soc_pct": 900}')
+    await gw.rows("SELECT * FROM rejected", 1)
+    r = await gw.client.get("/healthz")
+    body = await r.json()
+    assert r.status == 200 and body["status"] == "ok" and body["broker"] == "connected"
+    text = await (await gw.client.get("/metrics")).text()
+    assert "gateway_messages_received_total 2" in text
+    assert 'gateway_messages_rejected_total{reason="out_of_range",kind="battery"} 1' in text
+
+    from gateway.metrics import self_report_line
+
+    gw.rt.journal.append(self_report_line(gw.rt.snapshot(), "test", 1795683600000))
+    (row,) = await gw.rows("SELECT * FROM gateway", 1)
+    assert row["instance"] == "test" and row["received"] == 2 and row["rejected"] == 1
+
+
+async def test_many_messages_qos0_and_qos1_all_stored(gw: Gw) -> None:
+    payloads = [orjson.dumps({"soc_pct": i % 100, "ts": T0 + i}).decode() for i in range(2000)]
+    await gw.pub("ZOE-005", "battery", *payloads[:1000], qos=1)
+    await gw.pub("ZOE-005", "battery", *payloads[1000:], qos=0)
+    await async_wait_for(
+        lambda: (r := gw.q("SELECT count(soc_pct) FROM battery")) and r[0]["count"] == 2000,
+        what="2000 points in InfluxDB",
+    )
