@@ -58,7 +58,9 @@ async def async_wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: s
 REPO = Path(__file__).resolve().parent.parent
 
 
-def gateway_settings(broker_port: int, influx_url: str, prefix: str, database: str, state_dir: Path, **over: Any) -> Any:
+def gateway_settings(
+    broker_port: int, influx_url: str, prefix: str, database: str, state_dir: Path, **over: Any
+) -> Any:
     """Settings for a gateway under test: dev mode, short flush interval, private names."""
     from gateway.settings import Settings
 
@@ -90,8 +92,16 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 async def mosquitto_pub(port: int, topic: str, *payloads: str | bytes, qos: int = 1) -> None:
     """Publish with Debian's mosquitto_pub, one message per payload (``-l`` reads lines)."""
     proc = await asyncio.create_subprocess_exec(
-        "mosquitto_pub", "-p", str(port), "-q", str(qos), "-t", topic, "-l",
-        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "mosquitto_pub",
+        "-p",
+        str(port),
+        "-q",
+        str(qos),
+        "-t",
+        topic,
+        "-l",
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     data = b"".join((p if isinstance(p, bytes) else p.encode()) + b"\n" for p in payloads)
     _, err = await proc.communicate(data)

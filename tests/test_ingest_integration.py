@@ -62,8 +62,9 @@ async def gw(
 ) -> AsyncIterator[Gw]:
     version = request.param
     port = stack.influx.port if version == 1 else stack.v2proxy.port
+    url = f"http://127.0.0.1:{port}"
     settings = gateway_settings(
-        stack.broker.port, f"http://127.0.0.1:{port}", unique.prefix, unique.database, tmp_path, influx__api_version=version
+        stack.broker.port, url, unique.prefix, unique.database, tmp_path, influx__api_version=version
     )
     if version == 2:  # the v2 API has no CREATE DATABASE; the bucket exists beforehand
         from scripts.services import create_database
@@ -140,7 +141,8 @@ async def test_each_kind_of_invalid_message_is_rejected_with_its_reason(gw: Gw) 
 
 
 async def test_vehicles_api_serves_latest_state_and_needs_a_key(gw: Gw) -> None:
-    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 40, "ts": 1795683600000}', '{"soc_pct": 55, "ts": 1795683700000}')
+    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 40, "ts": 1795683600000}')
+    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 55, "ts": 1795683700000}')
     # An older reading replayed later must not move the state backwards.
     await gw.pub("KANGOO-001", "battery", '{"soc_pct": 10, "ts": 1795683500000}')
     await gw.pub("KANGOO-001", "status", '{"online": true}')
