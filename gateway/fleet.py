@@ -15,7 +15,7 @@ import yaml
 
 from gateway.errors import ConfigError
 
-VEHICLE_ID_RE = re.compile(r"^[A-Z0-9][A-Z0-9-]{1,31}$")
+VEHICLE_ID_RE = re.compile(r"^[A-Z0-9][A-Z0-9-]{1,31}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +92,10 @@ def _req(d: dict[str, Any], key: str, where: str, typ: type | tuple[type, ...]) 
 def parse_fleet(doc: Any, source: str = "fleet") -> Fleet:
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with models, stations and vehicles")
+    for key, typ, shape in (("models", dict, "a mapping of model id to model"), ("stations", list, "a list"),
+                            ("vehicles", list, "a list")):  # fmt: skip
+        if not isinstance(doc.get(key) or typ(), typ):
+            raise ConfigError(f"{source}: {key}: must be {shape}")
     models: dict[str, Model] = {}
     for mid, m in (doc.get("models") or {}).items():
         w = f"{source}: models.{mid}"

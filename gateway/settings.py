@@ -47,6 +47,11 @@ class MqttSettings(_Section):
     reconnect_max_s: float = Field(30.0, gt=0)
 
 
+def _digits_to_int(v: Any) -> Any:
+    """Environment values are strings; let "2" meet a Literal[1, 2]."""
+    return int(v) if isinstance(v, str) and v.strip().isdigit() else v
+
+
 class InfluxSettings(_Section):
     url: str = Field("http://127.0.0.1:8086", pattern=r"^https?://")
     api_version: Literal[1, 2] = 1
@@ -58,6 +63,8 @@ class InfluxSettings(_Section):
     password: SecretStr | None = None
     timeout_s: float = Field(10.0, gt=0)
     create_database: bool = True
+
+    _api_version = field_validator("api_version", mode="before")(_digits_to_int)
 
 
 class IngestSettings(_Section):
@@ -103,6 +110,8 @@ class CommandsSettings(_Section):
     ack_timeout_s: float = Field(10.0, gt=0, le=300)
     early_grace_s: float = Field(15 * 60, ge=0)
     qos: Literal[0, 1] = 1
+
+    _qos = field_validator("qos", mode="before")(_digits_to_int)
 
 
 class StateSettings(_Section):

@@ -121,7 +121,8 @@ def parse_ts(value: Any, now_ms: int, limits: Limits) -> int:
         ts = value
     elif isinstance(value, str):
         try:
-            dt = datetime.fromisoformat(value)
+            # RFC 3339 allows a lower-case t and z; fromisoformat does not.
+            dt = datetime.fromisoformat(value.upper())
         except ValueError:
             raise PayloadError("bad_timestamp", f"ts {value[:40]!r} is not RFC 3339") from None
         if dt.tzinfo is None or "T" not in value.upper():

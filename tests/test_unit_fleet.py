@@ -82,9 +82,6 @@ def test_invalid_vehicle_id(bad_id: str) -> None:
     assert "not a valid vehicle id" in msg
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: VEHICLE_ID_RE's `$` accepts a trailing newline, so 'ZOE-001\\n' enters the registry"
-)
 def test_vehicle_id_with_trailing_newline_is_invalid() -> None:
     assert error(doc(vehicles=[{"id": "ZOE-001\n", "model": "zoe", "station": "alencon"}])).startswith(
         "f.yaml: vehicles[0].id:"
@@ -155,10 +152,6 @@ def test_top_level_must_be_a_mapping(top: Any) -> None:
     assert error(top).startswith("f.yaml: the top level must be a mapping")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_fleet calls .items() on `models` unchecked; a list there raises AttributeError, not ConfigError",
-)
 def test_models_as_a_list_is_a_config_error() -> None:
     assert error(doc(models=["zoe"])).startswith("f.yaml: models")
 

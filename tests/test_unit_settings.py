@@ -130,16 +130,11 @@ def test_secrets_do_not_leak_in_repr() -> None:
     assert "super-secret-value-123" not in str(s.model_dump())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Literal[1, 2] refuses the string '2' from GATEWAY__INFLUX__API_VERSION, a variable the contract names",
-)
 def test_env_influx_api_version_2() -> None:
     s = load_settings(GATEWAY_YAML, {"GATEWAY__INFLUX__API_VERSION": "2"})
     assert s.influx.api_version == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Literal[0, 1] refuses the string '0' from GATEWAY__COMMANDS__QOS")
 def test_env_commands_qos_0() -> None:
     s = load_settings(GATEWAY_YAML, {"GATEWAY__COMMANDS__QOS": "0"})
     assert s.commands.qos == 0

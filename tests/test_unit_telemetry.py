@@ -103,10 +103,6 @@ def test_check_vehicle_id_rejects(vid: str) -> None:
     assert ei.value.reason == "bad_vehicle_id"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: VEHICLE_ID_RE ends in `$`, which also matches before a trailing newline; use \\Z or fullmatch",
-)
 def test_check_vehicle_id_rejects_trailing_newline() -> None:
     with pytest.raises(PayloadError) as ei:
         check_vehicle_id("ZOE-017\n")
@@ -385,10 +381,6 @@ def test_timestamp_forms(ts: Any, expected: int) -> None:
     assert parse_ts(ts, NOW, LIMITS) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RFC 3339 §5.6 allows a lower-case 'z'; datetime.fromisoformat refuses it, so a valid ts is rejected",
-)
 def test_lowercase_z_is_rfc3339() -> None:
     assert parse_ts("2026-11-26T09:00:00.123z", NOW, LIMITS) == EXAMPLE_MS
 
