@@ -2,7 +2,7 @@
 
 Start-up order: journal and writer (so anything left from a crash is
 replayed first), then the MQTT link (messages start flowing into the
-journal), then the self-report. Shutdown runs the other way: stop taking
+journal), then the start-time unlocks, then the self-report. Shutdown runs the other way: stop taking
 messages, seal and acknowledge what is open, drain the journal to InfluxDB
 within a deadline, close the sink. What does not drain stays in the journal
 for the next start.
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.api import auth_middleware, errors_middleware
+from gateway.booking import Booking
 from gateway.commands import CommandDispatcher
 from gateway.fleet import Fleet
 from gateway.ingest import Ingest
@@ -29,6 +30,7 @@ from gateway.mqtt import MqttLink
 from gateway.settings import Settings
 from gateway.sinks import Sink, make_sink
 from gateway.state import FleetState
+from gateway.store import Store
 from gateway.telemetry import Limits
 from gateway.writer import Writer
 
@@ -50,6 +52,7 @@ class Runtime:
     link: MqttLink
     ingest: Ingest
     commands: CommandDispatcher
+    booking: Booking
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -93,7 +96,9 @@ def build_runtime(settings: Settings, fleet: Fleet, sink: Sink) -> Runtime:
     ingest = Ingest(fleet, state, journal, prefix, limits, commands.on_ack)
     holder.append(ingest)
     journal.set_ack(link.ack)
-    return Runtime(settings, fleet, state, journal, writer, link, ingest, commands)
+    store = Store(settings.state.dir / "gateway.sqlite3")
+    booking = Booking(store, fleet, commands, journal, settings.commands.early_grace_s)
+    return Runtime(settings, fleet, state, journal, writer, link, ingest, commands, booking)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -128,6 +133,15 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     await rt.link.close()
 
 
+async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    task = asyncio.create_task(rt.booking.run_start_unlocks(), name="start-unlocks")
+    yield
+    await _cancel(task)
+    await rt.booking.close()
+    rt.booking.store.close()
+
+
 async def self_report_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
 
@@ -149,6 +163,6 @@ def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.
         client_max_size=settings.http.max_body_bytes,
     )
     app[RUNTIME] = build_runtime(settings, fleet, sink or make_sink(settings.influx))
-    app.cleanup_ctx.extend([storage_ctx, mqtt_ctx, self_report_ctx])
+    app.cleanup_ctx.extend([storage_ctx, mqtt_ctx, booking_ctx, self_report_ctx])
     setup_routes(app)
     return app
