@@ -125,6 +125,7 @@ class SimFleet:
 
     async def close(self) -> None:
         """Cancel every task, then say goodbye: a retained offline status and a clean DISCONNECT per connection."""
+        live = [(car, car.client) for car in self.cars.values() if car.client is not None and car.client.is_connected]
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -132,14 +133,18 @@ class SimFleet:
         clients: dict[int, MqttClient] = {}
         for car in self.cars.values():
             car.cancel_timers()
-            if car.client is not None and car.client.is_connected:
+        for car, client in live:
+            if client.is_connected:
+                car.client = client
                 car.status(False)
-                clients[id(car.client)] = car.client
-            car.detach()
+                car.detach()
+                clients[id(client)] = client
         for c in clients.values():
             c.disconnect()
         if clients:
             await asyncio.wait([c.closed for c in clients.values()], timeout=5.0)
+        for c in clients.values():
+            c.abort()
 
     # ---- API for tests and demos ------------------------------------------------------
     async def wait_ready(self, timeout: float = 30.0) -> None:
@@ -288,7 +293,7 @@ class SimFleet:
         try:
             for car in cars:
                 car.attach(client)
-            await client.closed
+            await asyncio.shield(client.closed)  # cancelling us must not mark the connection closed
             self.stats.disconnects += 1
         finally:
             self.stats.connected -= len(cars)
