@@ -51,6 +51,72 @@ def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+RESERVATION_IN = {
+    "type": "object",
+    "required": ["vehicle_id", "user_id", "starts_at", "ends_at", "kind"],
+    "properties": {
+        "vehicle_id": {"type": "string"},
+        "user_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "starts_at": {"type": "string", "format": "date-time"},
+        "ends_at": {"type": "string", "format": "date-time"},
+        "kind": {"enum": ["staff", "public"]},
+        "unlock_at_start": {"type": "boolean", "default": False},
+    },
+}
+
+RESERVATION = {
+    "type": "object",
+    "required": [
+        "reservation_id",
+        "vehicle_id",
+        "user_id",
+        "starts_at",
+        "ends_at",
+        "kind",
+        "unlock_at_start",
+        "status",
+        "created_at",
+        "updated_at",
+        "start_unlock",
+    ],
+    "properties": {
+        "reservation_id": {"type": "string"},
+        "vehicle_id": {"type": "string"},
+        "user_id": {"type": "string"},
+        "starts_at": {"type": "string", "format": "date-time"},
+        "ends_at": {"type": "string", "format": "date-time"},
+        "kind": {"enum": ["staff", "public"]},
+        "unlock_at_start": {"type": "boolean"},
+        "status": {"enum": ["active", "cancelled"]},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "start_unlock": {
+            "type": ["object", "null"],
+            "required": ["status", "at", "command_id", "reason"],
+            "properties": {
+                "status": {"enum": ["pending", "done", "rejected", "failed", "timeout"]},
+                "at": {"type": "string", "format": "date-time"},
+                "command_id": {"type": ["string", "null"]},
+                "reason": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+
+COMMAND_IN = {"type": "object", "properties": {"reservation_id": {"type": ["string", "null"]}}}
+
+COMMAND_DONE = {
+    "type": "object",
+    "required": ["command_id", "status", "latency_ms"],
+    "properties": {
+        "command_id": {"type": "string"},
+        "status": {"const": "done"},
+        "latency_ms": {"type": "number", "minimum": 0},
+        "locked": {"type": "boolean"},
+    },
+}
+
+
 def openapi_document() -> dict[str, Any]:
     vid = {"name": "vehicle_id", "in": "path", "required": True, "schema": {"type": "string"}}
     paths: dict[str, Any] = {
@@ -112,6 +178,105 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    rid = {"name": "reservation_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    idem = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "maxLength": 200},
+        "description": "a retry with the same key gets the first answer and sends no second command",
+    }
+    json_body = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReservationIn"}}},
+    }
+    unauthorized = _err("missing or invalid API key")
+    bad_body = _err("malformed body (bad JSON or too large)")
+    for action in ("unlock", "lock"):
+        paths[f"/v1/vehicles/{{vehicle_id}}/{action}"] = {
+            "post": {
+                "summary": f"Send a signed {action} command and wait for the car's acknowledgement",
+                "parameters": [vid, idem],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandIn"}}},
+                },
+                "responses": {
+                    "200": _ok("the car did it", {"$ref": "#/components/schemas/CommandDone"}),
+                    "400": bad_body,
+                    "401": unauthorized,
+                    "404": _err("unknown_vehicle or unknown_reservation"),
+                    "409": _err("reservation_not_active"),
+                    "413": _err("body_too_large"),
+                    "422": _err("invalid_body or idempotency_key_reused"),
+                    "429": _err("rate_limited (see Retry-After)"),
+                    "502": _err("command_rejected or command_failed, with the car's reason"),
+                    "503": _err("broker_unavailable"),
+                    "504": _err("vehicle_timeout: no ack in time; the command has expired on the car"),
+                },
+            }
+        }
+    paths["/v1/reservations"] = {
+        "get": {
+            "summary": "Reservations, optionally of one vehicle and overlapping [from, to)",
+            "parameters": [
+                {"name": "vehicle_id", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "from", "in": "query", "required": False, "schema": {"type": "string", "format": "date-time"}},
+                {"name": "to", "in": "query", "required": False, "schema": {"type": "string", "format": "date-time"}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 5000},
+                },
+            ],
+            "responses": {
+                "200": _ok(
+                    "reservations by start time",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "reservations": {"type": "array", "items": {"$ref": "#/components/schemas/Reservation"}}
+                        },
+                    },
+                ),
+                "400": _err("bad query parameter"),
+                "401": unauthorized,
+                "404": _err("unknown_vehicle"),
+                "422": _err("bad time in from/to"),
+            },
+        }
+    }
+    paths["/v1/reservations/{reservation_id}"] = {
+        "put": {
+            "summary": "Create or update a reservation",
+            "parameters": [rid],
+            "requestBody": json_body,
+            "responses": {
+                "200": _ok("updated", {"$ref": "#/components/schemas/Reservation"}),
+                "201": _ok("created", {"$ref": "#/components/schemas/Reservation"}),
+                "400": bad_body,
+                "401": unauthorized,
+                "409": _err("reservation_conflict (overlaps another live reservation) or reservation_cancelled"),
+                "413": _err("body_too_large"),
+                "422": _err("invalid_reservation, naming the field"),
+            },
+        },
+        "get": {
+            "summary": "One reservation, with the outcome of its start-time unlock",
+            "parameters": [rid],
+            "responses": {
+                "200": _ok("the reservation", {"$ref": "#/components/schemas/Reservation"}),
+                "401": unauthorized,
+                "404": _err("unknown_reservation"),
+            },
+        },
+        "delete": {
+            "summary": "Cancel a reservation; it opens the car no more",
+            "parameters": [rid],
+            "responses": {"204": {"description": "cancelled"}, "401": unauthorized, "404": _err("unknown_reservation")},
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -122,7 +287,14 @@ def openapi_document() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": ERROR, "Vehicle": VEHICLE},
+            "schemas": {
+                "Error": ERROR,
+                "Vehicle": VEHICLE,
+                "ReservationIn": RESERVATION_IN,
+                "Reservation": RESERVATION,
+                "CommandIn": COMMAND_IN,
+                "CommandDone": COMMAND_DONE,
+            },
         },
         "security": [{"bearer": []}],
     }

@@ -23,7 +23,7 @@ BODY_FIELDS = {"vehicle_id", "user_id", "starts_at", "ends_at", "kind", "unlock_
 class StartUnlock:
     """What the gateway did at ``starts_at`` for an ``unlock_at_start`` reservation."""
 
-    status: str  # pending | done | rejected | failed | timeout | broker_unavailable | missed
+    status: str  # pending | done | rejected | failed | timeout
     at_ms: int
     command_id: str | None = None
     reason: str | None = None
