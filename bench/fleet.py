@@ -65,6 +65,7 @@ async def raw_tcp_connect(port: int, n: int) -> float:
 def paho_publisher(port: int, seconds: float) -> float:
     """QoS 1 messages/s that one bare paho client gets acknowledged (paho's own blocking loop, one thread)."""
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
     acked = 0
 
@@ -72,7 +73,7 @@ def paho_publisher(port: int, seconds: float) -> float:
         nonlocal acked
         acked += 1
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-paho")
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-paho")
     c.max_inflight_messages_set(1000)
     c.on_publish = on_publish
     c.connect("127.0.0.1", port)
