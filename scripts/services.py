@@ -144,6 +144,8 @@ log_type notice
 max_queued_messages 2000000
 max_inflight_messages 0
 max_packet_size 1048576
+# Commands and acks are tiny: without this, Nagle + delayed ACK add ~40 ms per hop.
+set_tcp_nodelay true
 """
 
 
