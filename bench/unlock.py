@@ -75,13 +75,11 @@ async def run_workers(concurrency: int, total: int, one: Any) -> Result:
 
     async def worker(w: int) -> None:
         nonlocal errors
-        n = 0
-        for _ in counter:
+        for n, _ in enumerate(counter):
             t0 = time.perf_counter()
             ok = await one(w, "unlock" if n % 2 == 0 else "lock")
             lat.append((time.perf_counter() - t0) * 1000)
             errors += not ok
-            n += 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -144,7 +142,7 @@ def write_fleets(work: Path, cars: int, load_cars: int) -> tuple[Path, Path, lis
 def sim(port: int, fleet: Path, extra: list[str]) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "device_sim", "--port", str(port), "--prefix", PREFIX, "--fleet", str(fleet)]
     argv += ["--master-key", MASTER, "--start-hour", "3", "--quiet", *extra]
-    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
 
 
 async def wait_http(url: str, timeout: float = 30) -> None:
@@ -177,7 +175,7 @@ async def measure(args: argparse.Namespace, work: Path, broker: services.Service
         GATEWAY__API__RATE_LIMIT_PER_MIN="1000000",
         GATEWAY__LOG_LEVEL="WARNING",
     )
-    procs = [subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO, env=env)]
+    procs = [subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO, env=env)]  # noqa: ASYNC220 - starts at once
     procs.append(sim(broker.port, cars_file, []))
     baseline = Baseline(broker.port, cars)
     link_task = asyncio.create_task(baseline.link.run())
@@ -197,7 +195,7 @@ async def measure(args: argparse.Namespace, work: Path, broker: services.Service
                 async with http.put(f"http://127.0.0.1:{http_port}/v1/reservations/RB-{car}", json=body) as r:
                     assert r.status in (200, 201), await r.text()
             gw = Gateway(http, http_port, cars)
-            while not baseline.link.connected:
+            while not baseline.link.connected:  # noqa: ASYNC110 - the link has no event to wait on
                 await asyncio.sleep(0.05)
             await run_workers(10, 100, gw.one)  # warm-up: cars connected, caches and connections open
             await run_workers(10, 100, baseline.one)
@@ -206,7 +204,7 @@ async def measure(args: argparse.Namespace, work: Path, broker: services.Service
                 if load:
                     procs.append(sim(broker.port, load_file, ["--connections", "4", "--rate", str(args.rate)]))
                     await asyncio.sleep(5)  # let the load reach its rate
-                print(f"\n{'under %d telemetry msg/s' % args.rate if load else 'idle'}:", flush=True)
+                print(f"\n{f'under {args.rate} telemetry msg/s' if load else 'idle'}:", flush=True)
                 for c in (1, 10, 100):
                     if c > len(cars):
                         continue
