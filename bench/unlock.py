@@ -142,7 +142,7 @@ def write_fleets(work: Path, cars: int, load_cars: int) -> tuple[Path, Path, lis
 def sim(port: int, fleet: Path, extra: list[str]) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "device_sim", "--port", str(port), "--prefix", PREFIX, "--fleet", str(fleet)]
     argv += ["--master-key", MASTER, "--start-hour", "3", "--quiet", *extra]
-    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)  # noqa: ASYNC220
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
 async def wait_http(url: str, timeout: float = 30) -> None:
