@@ -1,6 +1,6 @@
 """Simulated cars for the fleet gateway: demos, tests and load benchmarks.
 
-Every car follows ``/work/shared/CONTRACT.md``: it publishes ``battery``,
+Every car follows the contract (docs/car-integration.md): it publishes ``battery``,
 ``location``, ``doors`` and a retained ``status`` under ``{prefix}/{id}/``
 with QoS 1, sets a retained will ``{"online": false}``, verifies signed
 commands on ``{prefix}/{id}/commands`` with its own key and acks them on
