@@ -2,7 +2,8 @@
 
 Start-up order: journal and writer (so anything left from a crash is
 replayed first), then the MQTT link (messages start flowing into the
-journal), then the start-time unlocks, then the self-report. Shutdown runs the other way: stop taking
+journal), then the start-time unlocks, then housekeeping (the self-report
+and saving the latest state of the cars). Shutdown runs the other way: stop taking
 messages, seal and acknowledge what is open, drain the journal to InfluxDB
 within a deadline, close the sink. What does not drain stays in the journal
 for the next start.
@@ -37,6 +38,7 @@ from gateway.writer import Writer
 log = logging.getLogger(__name__)
 
 SELF_REPORT_INTERVAL_S = 10.0
+STATE_FILE = "vehicles.json"
 DRAIN_DEADLINE_S = 10.0
 
 
@@ -82,6 +84,7 @@ def build_runtime(settings: Settings, fleet: Fleet, sink: Sink) -> Runtime:
     )
     writer = Writer(journal, sink)
     state = FleetState(fleet)
+    state.load(settings.state.dir / STATE_FILE)
     prefix = settings.mqtt.topic_prefix
     limits = Limits(
         max_payload_bytes=settings.ingest.max_payload_bytes,
@@ -142,17 +145,21 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     rt.booking.store.close()
 
 
-async def self_report_ctx(app: web.Application) -> AsyncIterator[None]:
+async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
+
+    state_file = rt.settings.state.dir / STATE_FILE
 
     async def report() -> None:
         while True:
             await asyncio.sleep(SELF_REPORT_INTERVAL_S)
             rt.journal.append(self_report_line(rt.snapshot(), rt.settings.instance, int(time.time() * 1000)))
+            rt.state.save(state_file)
 
     task = asyncio.create_task(report(), name="self-report")
     yield
     await _cancel(task)
+    rt.state.save(state_file)
 
 
 def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.Application:
@@ -163,6 +170,6 @@ def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.
         client_max_size=settings.http.max_body_bytes,
     )
     app[RUNTIME] = build_runtime(settings, fleet, sink or make_sink(settings.influx))
-    app.cleanup_ctx.extend([storage_ctx, mqtt_ctx, booking_ctx, self_report_ctx])
+    app.cleanup_ctx.extend([storage_ctx, mqtt_ctx, booking_ctx, housekeeping_ctx])
     setup_routes(app)
     return app

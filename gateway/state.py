@@ -2,16 +2,26 @@
 
 A reading replaces the stored one of its kind only if it is not older, so a
 car replaying what it buffered offline never moves its state backwards.
+The state is saved to the state directory every few seconds and at
+shutdown, so a restarted gateway still knows where every car is (a parked
+car may not report its position for five minutes).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway.fleet import Fleet
-from gateway.telemetry import Reading
+from gateway.telemetry import KINDS, Reading
+
+log = logging.getLogger(__name__)
 
 
 def iso_ms(ts_ms: int) -> str:
@@ -35,6 +45,36 @@ class FleetState:
         old = st.readings.get(r.kind)
         if old is None or r.ts_ms >= old.ts_ms:
             st.readings[r.kind] = r
+
+    def save(self, path: Path) -> None:
+        doc = {
+            vid: {
+                "last_seen_ms": st.last_seen_ms,
+                "readings": {k: {"ts_ms": r.ts_ms, "fields": r.fields} for k, r in st.readings.items()},
+            }
+            for vid, st in self.vehicles.items()
+            if st.last_seen_ms is not None
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(doc))
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        """Restore a saved state; cars no longer in the registry, and a damaged file, are skipped."""
+        try:
+            doc = orjson.loads(path.read_bytes())
+            for vid, saved in doc.items():
+                st = self.vehicles.get(vid)
+                if st is None:
+                    continue
+                st.last_seen_ms = int(saved["last_seen_ms"])
+                for kind, r in saved["readings"].items():
+                    if kind in KINDS:
+                        st.readings[kind] = Reading(kind, vid, int(r["ts_ms"]), dict(r["fields"]))
+        except FileNotFoundError:
+            return
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            log.warning("ignoring the saved vehicle state %s (%s); it rebuilds as cars report", path, e)
 
     def online_count(self) -> int:
         n = 0

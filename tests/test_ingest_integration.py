@@ -189,3 +189,20 @@ async def test_many_messages_qos0_and_qos1_all_stored(gw: Gw) -> None:
         lambda: (r := gw.q("SELECT count(soc_pct) FROM battery")) and r[0]["count"] == 2000,
         what="2000 points in InfluxDB",
     )
+
+
+async def test_latest_state_survives_a_restart(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    url = f"http://127.0.0.1:{stack.influx.port}"
+    settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
+    first = await aiohttp_client(init_app(settings, FLEET))
+    await async_wait_for(lambda: first.app[RUNTIME].link.connected, what="connected")
+    await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-009/location", '{"lat": 48.74, "lon": -0.02}')
+    await async_wait_for(lambda: first.app[RUNTIME].state.reporting_count() == 1, what="location received")
+    await first.close()  # shutdown saves the state
+
+    second = await aiohttp_client(init_app(settings, FLEET))
+    r = await second.get("/v1/vehicles/ZOE-009", headers=AUTH)
+    car = await r.json()
+    assert car["location"]["lat"] == 48.74 and car["last_seen"] is not None

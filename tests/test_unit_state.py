@@ -130,3 +130,30 @@ def test_every_registry_vehicle_has_a_state(fleet: Fleet, state: FleetState) -> 
     big = FleetState(fleet.with_generated(300))
     assert len(big.vehicles) == 300
     assert big.view("SIM-00300")["model"] in fleet.models
+
+
+def test_saved_state_is_restored_after_a_restart(state: FleetState, fleet: Fleet, tmp_path: Path) -> None:
+    state.update(battery(T0, 64.5, charging=True), T0 + 40)
+    state.update(Reading("location", "ZOE-001", T0, {"lat": 48.43, "lon": 0.09}), T0 + 40)
+    state.update(Reading("status", "KANGOO-001", T0, {"online": True, "firmware": "2.1"}), T0 + 50)
+    path = tmp_path / "vehicles.json"
+    state.save(path)
+
+    restored = FleetState(fleet)
+    restored.load(path)
+    assert restored.view("ZOE-001") == state.view("ZOE-001")
+    assert restored.view("KANGOO-001")["online"] is True
+    assert restored.view("ZOE-002")["last_seen"] is None
+    # a restored reading still loses against a newer one and wins against an older one
+    restored.update(battery(T0 - 1, 10.0), T0 + 60)
+    assert restored.view("ZOE-001")["battery"]["soc_pct"] == 64.5
+
+
+def test_a_missing_or_damaged_state_file_starts_empty(fleet: Fleet, tmp_path: Path) -> None:
+    s = FleetState(fleet)
+    s.load(tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text('{"ZOE-001": {"readings": 5}}')
+    s.load(tmp_path / "bad.json")
+    (tmp_path / "worse.json").write_text("{not json")
+    s.load(tmp_path / "worse.json")
+    assert s.reporting_count() == 0
