@@ -97,10 +97,19 @@ def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.2) -> b
 
 
 class Run:
-    def __init__(self, args: argparse.Namespace, broker: services.Service, influx: services.Service, work: Path):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        broker: services.Service,
+        influx: services.Service,
+        proxy: services.Service,
+        work: Path,
+    ):
         self.args = args
         self.broker = broker
         self.influx = influx
+        # The naive script writes through influxdb_client (/api/v2/write): via the test proxy.
+        self.proxy_port = proxy.port
         self.work = work
         self.cars = [f"ZOE-{i + 1:03d}" for i in range(args.cars)]
         self.total = args.cars * args.messages
@@ -124,6 +133,11 @@ class Run:
         if not finished:  # give stragglers a last chance before calling them lost
             wait_until(done, timeout=10)
         return self.total / elapsed, self.total - counted()
+
+    def _timed_storage(self, prefix: str, db: str) -> tuple[float, int]:
+        """Time until InfluxDB holds every message as a row."""
+        rows = lambda: count_rows(self.influx.port, db)  # noqa: E731
+        return self._timed(prefix, lambda: rows() >= self.total, rows)
 
     def bare(self) -> tuple[float, int]:
         prefix, _ = self._names("bare")
@@ -158,9 +172,7 @@ class Run:
         assert c.stdout is not None
         assert c.stdout.readline().strip() == "ready"
         try:
-            return self._timed(
-                prefix, lambda: count_rows(self.influx.port, db) >= self.total, lambda: count_rows(self.influx.port, db)
-            )
+            return self._timed_storage(prefix, db)
         finally:
             c.terminate()
             c.wait()
@@ -191,14 +203,10 @@ class Run:
         if not wait_until(up, 30):
             raise SystemExit("the gateway did not come up")
         try:
-            return self._timed(
-                prefix, lambda: count_rows(self.influx.port, db) >= self.total, lambda: count_rows(self.influx.port, db)
-            )
+            return self._timed_storage(prefix, db)
         finally:
             c.terminate()
             c.wait()
-
-    proxy_port = 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         influx = services.start_influxd(work / "influxdb")
         proxy = services.start_nginx_v2_proxy(work / "nginx", influx.port)
         try:
-            run = Run(args, broker, influx, work)
-            run.proxy_port = proxy.port
+            run = Run(args, broker, influx, proxy, work)
             kinds = args.only or ["bare", "naive", "gateway"]
             results: dict[str, list[tuple[float, int]]] = {k: [] for k in kinds}
             print(f"{run.total} QoS 1 messages from {args.cars} cars per consumer, {args.rounds} round(s)", flush=True)
