@@ -136,7 +136,10 @@ class Run:
 
     def _timed_storage(self, prefix: str, db: str) -> tuple[float, int]:
         """Time until InfluxDB holds every message as a row."""
-        rows = lambda: count_rows(self.influx.port, db)  # noqa: E731
+
+        def rows() -> int:
+            return count_rows(self.influx.port, db)
+
         return self._timed(prefix, lambda: rows() >= self.total, rows)
 
     def bare(self) -> tuple[float, int]:
