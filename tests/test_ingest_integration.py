@@ -206,3 +206,35 @@ async def test_latest_state_survives_a_restart(
     r = await second.get("/v1/vehicles/ZOE-009", headers=AUTH)
     car = await r.json()
     assert car["location"]["lat"] == 48.74 and car["last_seen"] is not None
+
+
+async def test_two_gateways_split_a_fleet_with_a_shared_subscription(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    url = f"http://127.0.0.1:{stack.influx.port}"
+    clients = []
+    for name in ("a", "b"):
+        settings = gateway_settings(
+            stack.broker.port,
+            url,
+            unique.prefix,
+            unique.database,
+            tmp_path / name,
+            mqtt__shared_group="gw",
+            mqtt__client_id=f"{unique.database}-{name}",
+        )
+        clients.append(await aiohttp_client(init_app(settings, FLEET)))
+    runtimes = [c.app[RUNTIME] for c in clients]
+    await async_wait_for(lambda: all(rt.link.connected for rt in runtimes), what="both connected")
+    payloads = [orjson.dumps({"soc_pct": 50, "ts": T0 + i}).decode() for i in range(2000)]
+    for car in ("ZOE-001", "ZOE-002", "ZOE-003", "ZOE-004"):
+        await mosquitto_pub(stack.broker.port, f"{unique.prefix}/{car}/battery", *payloads[:500])
+    await async_wait_for(
+        lambda: (
+            (r := influx_query(stack.influx.port, unique.database, "SELECT count(soc_pct) FROM battery"))
+            and r[0]["count"] == 2000
+        ),
+        what="2000 points stored by the pair",
+    )
+    received = [rt.ingest.stats.received for rt in runtimes]
+    assert sum(received) == 2000 and min(received) > 0, received
