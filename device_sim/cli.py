@@ -20,6 +20,7 @@ from gateway.errors import ConfigError
 from gateway.fleet import load_fleet
 
 MASTER_KEY_ENV = "GATEWAY__COMMANDS__MASTER_KEY"
+PASSWORD_ENV = "DEVICE_SIM_PASSWORD"
 
 EPILOG = """\
 examples:
@@ -29,6 +30,7 @@ examples:
   python -m device_sim --port 1883 --vehicles 10000 --connections 8 --rate inf   pure throughput load
   python -m device_sim --vehicles 300 --write-fleet /tmp/fleet-300.yaml          registry for the gateway
   python -m device_sim --port 1883 --fault drop --fault malformed --fault-share 0.1 --fault-every 20
+  python -m device_sim --port 1883 --per-car-credentials --master-key "$KEY"     against config/mosquitto/
 
 Commands are verified with each car's own key: derived from the master key
 (--master-key or $GATEWAY__COMMANDS__MASTER_KEY, the gateway's variable) or
@@ -66,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write-fleet", type=Path, metavar="PATH", help="write the (grown) fleet YAML to PATH and exit")
     g.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS of the car's messages (default 1)")
     g.add_argument("--client-id-prefix", default="sim", help="MQTT client ids are PREFIX-<topic prefix>-<vehicle id>")
+    g.add_argument("--username", help="broker user name, the same for every car")
+    g.add_argument("--password", help=f"broker password for --username (default ${PASSWORD_ENV})")
+    g.add_argument("--per-car-credentials", action="store_true",
+                   help="each car logs in as itself: user = vehicle id, password derived from the master key "
+                        "as `python -m gateway provision` prints it (what config/mosquitto/acl expects)")  # fmt: skip
 
     g = p.add_argument_group("time")
     g.add_argument("--speed", type=_positive, default=1.0, help="simulated time runs X times faster (default 1)")
@@ -121,6 +128,8 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
             host=a.host, port=a.port, prefix=a.prefix, fleet=load_fleet(a.fleet), fleet_path=a.fleet,
             vehicles=a.vehicles, speed=a.speed, seed=a.seed, start_hour=a.start_hour,
             master_key=a.master_key or os.environ.get(MASTER_KEY_ENV) or None, keys=keys, qos=a.qos,
+            username=a.username, password=(a.password or os.environ.get(PASSWORD_ENV)) if a.username else a.password,
+            per_car_credentials=a.per_car_credentials,
             intervals=Intervals(a.battery_parked, a.battery_driving, a.location_driving, a.location_parked,
                                 a.doors_every),
             no_ack_share=a.no_ack_share, fail_share=a.fail_share, slow_ack_share=a.slow_ack_share,

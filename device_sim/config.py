@@ -46,6 +46,12 @@ class SimConfig:
     master_key: str | None = None  # derive each car's own key from it
     keys: Mapping[str, bytes] = field(default_factory=dict)  # or provision keys directly ("*" = every car)
     qos: int = 1
+    # Broker login: one account for every car, or (per_car_credentials) each car
+    # as itself, user = vehicle id, password derived from master_key like
+    # `python -m gateway provision` (gateway/provision.py).
+    username: str | None = None
+    password: str | None = None
+    per_car_credentials: bool = False
     intervals: Intervals = Intervals()
     no_ack_share: float = 0.0
     fail_share: float = 0.0
@@ -74,3 +80,13 @@ class SimConfig:
             raise ValueError("misbehaviour shares: each 0..1 and together at most 1")
         if self.connections < 0:
             raise ValueError("connections: 0 (one per car) or more")
+        if self.password is not None and self.username is None:
+            raise ValueError("password: needs a user name too (MQTT 3.1.1)")
+        if self.per_car_credentials:
+            if not self.master_key:
+                raise ValueError("per-car credentials: each car's password derives from the master key; none given")
+            if self.username is not None:
+                raise ValueError("per-car credentials: each car logs in as itself; drop the shared user name")
+            if self.connections:
+                raise ValueError("per-car credentials: a car's account may publish only its own topics, so no "
+                                 "multiplexed connections")  # fmt: skip

@@ -22,6 +22,7 @@ from device_sim.faults import Fault
 from device_sim.mqtt import MqttClient, MqttError, Will
 from device_sim.physics import rfc3339_ms
 from gateway.fleet import Fleet, load_fleet
+from gateway.provision import mqtt_password
 from gateway.signing import vehicle_key
 
 WILL_PAYLOAD = b'{"online": false}'
@@ -229,6 +230,9 @@ class SimFleet:
         c = self.config
         client_id = f"{c.client_id_prefix}-{self._tag}-{car.id}"
         will = Will(f"{car.topic_base}/status", WILL_PAYLOAD, qos=c.qos, retain=True)
+        username, password = c.username, c.password
+        if c.per_car_credentials and c.master_key:
+            username, password = car.id, mqtt_password(c.master_key, car.id)
         attempt = 0
         while True:
             client: MqttClient | None = None
@@ -236,7 +240,7 @@ class SimFleet:
                 async with self._sem:
                     client = await MqttClient.connect(
                         c.host, c.port, client_id, will=will, keepalive=c.keepalive,
-                        on_message=car.on_message,
+                        on_message=car.on_message, username=username, password=password,
                     )  # fmt: skip
                     await client.subscribe([(f"{car.topic_base}/commands", 1)])
             except (MqttError, TimeoutError):
@@ -267,7 +271,7 @@ class SimFleet:
                 async with self._sem:
                     client = await MqttClient.connect(
                         c.host, c.port, f"{c.client_id_prefix}-{self._tag}-mux{index}", keepalive=c.keepalive,
-                        on_message=dispatch,
+                        on_message=dispatch, username=c.username, password=c.password,
                     )  # fmt: skip
                     topics = [(t, 1) for t in by_topic]
                     for i in range(0, len(topics), SUBSCRIBE_BATCH):

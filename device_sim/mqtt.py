@@ -64,12 +64,25 @@ def _remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
-def encode_connect(client_id: str, keepalive: int, clean: bool, will: Will | None) -> bytes:
+def encode_connect(
+    client_id: str,
+    keepalive: int,
+    clean: bool,
+    will: Will | None,
+    username: str | None = None,
+    password: str | None = None,
+) -> bytes:
     flags = 0x02 if clean else 0
     payload = _str(client_id)
     if will is not None:
         flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
         payload += _str(will.topic) + struct.pack("!H", len(will.payload)) + will.payload
+    if username is not None:
+        flags |= 0x80
+        payload += _str(username)
+        if password is not None:  # MQTT 3.1.1 allows a password only with a user name
+            flags |= 0x40
+            payload += _str(password)
     var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
     body = var + payload
     return bytes([CONNECT]) + _remaining_length(len(body)) + body
@@ -204,6 +217,8 @@ class MqttClient(asyncio.Protocol):
         clean: bool = True,
         timeout: float = 30.0,
         on_message: MessageHandler | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> MqttClient:
         loop = asyncio.get_running_loop()
         proto: MqttClient | None = None
@@ -211,7 +226,7 @@ class MqttClient(asyncio.Protocol):
             async with asyncio.timeout(timeout):
                 _, proto = await loop.create_connection(lambda: cls(on_message), host, port)
                 proto._keepalive = keepalive
-                proto._write(encode_connect(client_id, keepalive, clean, will))
+                proto._write(encode_connect(client_id, keepalive, clean, will, username, password))
                 rc = await proto._connack
         except BaseException as e:
             if proto is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from gateway.api import API_KEY_ID, json_response, read_json
@@ -10,6 +12,7 @@ from gateway.commands import Action
 from gateway.errors import ApiError
 from gateway.metrics import health, prometheus
 from gateway.openapi import openapi_document
+from gateway.ratelimit import limiter_for
 from gateway.reservations import check_id, parse_time, to_json
 
 
@@ -60,6 +63,15 @@ async def delete_reservation(request: web.Request) -> web.Response:
 
 
 async def _command(request: web.Request, action: Action) -> web.Response:
+    limiter = limiter_for(request.app, request.app[RUNTIME].settings.api.rate_limit_per_min)
+    wait = limiter.take(request[API_KEY_ID], time.monotonic())
+    if wait:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"more than {limiter.per_min} unlock/lock calls a minute with this API key; retry later",
+            {"Retry-After": limiter.retry_after(wait)},
+        )
     body = await read_json(request)
     unknown = set(body) - {"reservation_id"}
     if unknown:
