@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,9 @@ from tests.helpers import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
-SERVICES = {"mosquitto", "influxdb", "grafana", "gateway", "device_sim"}
+SERVICES = {"broker-credentials", "mosquitto", "influxdb", "grafana", "gateway", "device_sim"}
+# Run once before the services that depend on them, then exit: no restart, no health check.
+ONE_SHOT = {"broker-credentials"}
 # What the issue asks the gateway service to set, by contract name.
 GATEWAY_ENV = {
     "GATEWAY__INFLUX__API_VERSION",
@@ -121,7 +122,10 @@ def test_every_service_is_wired(config: dict[str, Any]) -> None:
     assert set(services) == SERVICES
     defined_volumes = set(config.get("volumes", {}))
     for name, s in services.items():
-        assert s.get("restart") in ("unless-stopped", "always"), f"{name}: no restart policy"
+        if name in ONE_SHOT:
+            assert s.get("restart") == "no", f"{name} runs once"
+        else:
+            assert s.get("restart") in ("unless-stopped", "always"), f"{name}: no restart policy"
         for dep in s.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
         for v in s.get("volumes", []):
@@ -132,7 +136,7 @@ def test_every_service_is_wired(config: dict[str, Any]) -> None:
                 assert Path(v["source"]).resolve().is_relative_to(REPO), (
                     f"{name}: mounts {v['source']} outside the repo"
                 )
-        if name != "device_sim":
+        if name != "device_sim" and name not in ONE_SHOT:
             assert s.get("healthcheck", {}).get("test"), f"{name}: no health check"
     assert services["device_sim"]["profiles"] == ["demo"]
     gw = services["gateway"]
@@ -276,10 +280,43 @@ def test_device_sim_command_is_what_its_cli_accepts(config: dict[str, Any]) -> N
     options = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     known = {s for action in build_parser()._actions for s in action.option_strings}
     missing = options - known
-    if missing <= {"--username", "--password"} and missing:
-        pytest.skip(f"device_sim has no {' / '.join(sorted(missing))} yet: the demo cannot log in to the broker")
     assert not missing, f"python -m device_sim does not accept {sorted(missing)}"
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    # The demo cars log in as themselves, with the passwords the broker's file holds.
+    assert args.per_car_credentials
+    assert (
+        sim["environment"]["GATEWAY__COMMANDS__MASTER_KEY"]
+        == (config["services"]["broker-credentials"]["environment"]["GATEWAY__COMMANDS__MASTER_KEY"])
+    )
+
+
+def test_the_broker_password_file_is_provisioned_before_the_broker_starts(config: dict[str, Any]) -> None:
+    from gateway.__main__ import parse_args
+
+    services = config["services"]
+    creds, broker = services["broker-credentials"], services["mosquitto"]
+    assert creds["image"] == services["gateway"]["image"]
+    assert broker["depends_on"]["broker-credentials"]["condition"] == "service_completed_successfully"
+    args = parse_args(["--config", "/app/config/gateway.yaml", *creds["command"]])
+    assert args.command == "provision" and args.all and args.passwd_file is not None
+    # The provisioner's volume is the broker's /credentials, where entrypoint.sh reads the file.
+    (vol,) = [v for v in creds["volumes"] if v["type"] == "volume"]
+    assert args.passwd_file.parent == Path(vol["target"])
+    assert {"source": vol["source"], "target": "/credentials"}.items() <= next(
+        v for v in broker["volumes"] if v.get("source") == vol["source"]
+    ).items()
+    entrypoint = (REPO / "config" / "mosquitto" / "entrypoint.sh").read_text()
+    assert f"/credentials/{args.passwd_file.name}" in entrypoint
+    # The same master key and gateway password as the gateway's, or nobody logs in.
+    env, gw = creds["environment"], services["gateway"]["environment"]
+    assert env["GATEWAY__COMMANDS__MASTER_KEY"] == gw["GATEWAY__COMMANDS__MASTER_KEY"]
+    assert env["GATEWAY__MQTT__USERNAME"] == gw["GATEWAY__MQTT__USERNAME"]
+    assert env["GATEWAY__MQTT__PASSWORD"] == gw["GATEWAY__MQTT__PASSWORD"]
+    # The TLS certificate is mounted where mosquitto.conf reads it; plain MQTT stays on the host's loopback.
+    assert any(v["target"] == "/mosquitto/certs" and v.get("read_only") for v in broker["volumes"])
+    ports = {int(p["target"]): p for p in broker["ports"]}
+    assert ports[1883].get("host_ip") == "127.0.0.1"
+    assert 8883 in ports and not ports[8883].get("host_ip")
 
 
 # ---- the broker's configuration, run by a real Mosquitto -------------------------------
@@ -287,32 +324,19 @@ def test_device_sim_command_is_what_its_cli_accepts(config: dict[str, Any]) -> N
 
 @pytest.mark.integration
 def test_production_mosquitto_config_refuses_anonymous_and_applies_the_acl(tmp_path: Path) -> None:
-    from scripts.services import MOSQUITTO, Service, _spawn, _wait_port, free_port
+    # tests/test_security_broker.py goes through the ACL in detail; this is the smoke test.
+    from gateway.provision import mqtt_password
+    from tests.secure_broker import start_secure_broker
 
-    if not Path(MOSQUITTO).exists() or not shutil.which("mosquitto_passwd"):
-        pytest.skip("Debian's mosquitto is not installed (scripts/setup.sh installs it)")
-    conf_dir = REPO / "config" / "mosquitto"
-    port = free_port()
-    pw = {"gateway": secrets.token_urlsafe(12), "car": secrets.token_urlsafe(12)}
-    passwd = tmp_path / "passwd"
-    for i, (user, password) in enumerate(pw.items()):
-        flags = ["-c", "-b"] if i == 0 else ["-b"]
-        subprocess.run(["mosquitto_passwd", *flags, str(passwd), user, password], check=True, capture_output=True)
-    conf = (conf_dir / "mosquitto.conf").read_text()
-    conf = conf.replace("listener 1883", f"listener {port} 127.0.0.1")
-    conf = conf.replace("/mosquitto/data/passwd", str(passwd))
-    conf = conf.replace("/mosquitto/config/acl", str(conf_dir / "acl"))
-    conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
-    unmapped = [ln for ln in conf.splitlines() if re.search(r"\s/mosquitto/", ln) and not ln.startswith("#")]
-    assert not unmapped, f"container paths the test did not map: {unmapped}"
-    if os.geteuid() == 0:  # mosquitto would drop to its own user, who cannot enter pytest's private tmp dir
-        conf += "user root\n"
-    (tmp_path / "mosquitto.conf").write_text(conf)
-    argv = [MOSQUITTO, "-c", str(tmp_path / "mosquitto.conf")]
-    broker = Service("mosquitto", port, tmp_path, _spawn(argv, tmp_path, "mosquitto"), argv)
+    if not shutil.which("mosquitto_pub"):
+        pytest.skip("mosquitto-clients is not installed (scripts/setup.sh installs it)")
+    master = secrets.token_urlsafe(24)
+    car = "ZOE-001"
+    pw = {"gateway": secrets.token_urlsafe(12), car: mqtt_password(master, car)}
+    broker = start_secure_broker(tmp_path, pw)
+    port = broker.port
     try:
-        _wait_port(port, broker.proc, tmp_path, "mosquitto")
-        topic = f"fleet/ZOE-{uuid.uuid4().hex[:4].upper()}/battery"
+        topic = f"fleet/{car}/battery"
 
         def pub(user: str | None, t: str = topic) -> subprocess.CompletedProcess[str]:
             auth = ["-u", user, "-P", pw[user]] if user else []
@@ -328,11 +352,11 @@ def test_production_mosquitto_config_refuses_anonymous_and_applies_the_acl(tmp_p
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            # The car account may not publish what only the gateway may (commands);
+            # A car may not publish what only the gateway may (commands, even its own);
             # the broker drops such a publish silently, so it must not reach the subscriber.
             for _ in range(50):  # at most ~10 s: the subscriber connects asynchronously, publish until it hears one
-                assert pub("car", topic.replace("battery", "commands")).returncode == 0
-                assert pub("car").returncode == 0
+                assert pub(car, topic.replace("battery", "commands")).returncode == 0
+                assert pub(car).returncode == 0
                 try:
                     out, err = sub.communicate(timeout=0.2)
                     break

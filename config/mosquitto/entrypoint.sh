@@ -1,17 +1,27 @@
 #!/bin/sh
-# Entry point of the mosquitto service in docker-compose.yml: build the password
-# file from the environment (.env), then hand over to the image's own entry point.
+# Entry point of the mosquitto service in docker-compose.yml: install the
+# password file written by the broker-credentials service (the gateway's
+# account and one per car, see docs/security.md), check that the TLS
+# certificate is there, then hand over to the image's own entry point.
 # Run with `sh`, so it needs no executable bit.
 set -eu
 
-: "${MQTT_GATEWAY_PASSWORD:?is not set: copy .env.example to .env and fill it in}"
-: "${MQTT_CAR_PASSWORD:?is not set: copy .env.example to .env and fill it in}"
+src=/credentials/mosquitto-passwd
+if [ ! -s "$src" ]; then
+  echo "entrypoint: $src is missing: the broker-credentials service writes it (docker compose up runs it first)" >&2
+  exit 1
+fi
+for f in ca.crt server.crt server.key; do
+  if [ ! -s "/mosquitto/certs/$f" ]; then
+    echo "entrypoint: /mosquitto/certs/$f is missing: run sh config/mosquitto/make-certs.sh (see config/mosquitto/certs/README.md)" >&2
+    exit 1
+  fi
+done
 
 passwd=/mosquitto/data/passwd
 umask 077
-rm -f "$passwd"
-mosquitto_passwd -c -b "$passwd" gateway "$MQTT_GATEWAY_PASSWORD"
-mosquitto_passwd -b "$passwd" car "$MQTT_CAR_PASSWORD"
-chown mosquitto:mosquitto "$passwd" 2>/dev/null || true
+cp "$src" "$passwd.new"
+chown mosquitto:mosquitto "$passwd.new" 2>/dev/null || true
+mv "$passwd.new" "$passwd"
 
 exec /docker-entrypoint.sh "$@"
