@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs and is missing: Debian's mosquitto,
-# influxdb and nginx (nginx only as test scaffolding), and a Python venv in
+# influxdb, nginx (nginx only as test scaffolding) and openssl (the tests'
+# throwaway TLS certificates), and a Python venv in
 # .venv with the project and its dev tools. Safe to run again: it only does
 # what is not done yet.
 set -euo pipefail
@@ -8,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in mosquitto:/usr/sbin/mosquitto mosquitto-clients:/usr/bin/mosquitto_pub \
-            influxdb:/usr/bin/influxd influxdb-client:/usr/bin/influx nginx:/usr/sbin/nginx; do
+            influxdb:/usr/bin/influxd influxdb-client:/usr/bin/influx nginx:/usr/sbin/nginx \
+            openssl:/usr/bin/openssl; do
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -x "$bin" ] || need+=("$pkg")
 done

@@ -179,6 +179,18 @@ async def test_car_a_cannot_publish_commands_not_even_its_own(connect: Callable[
     assert b.msgs == [] and a.msgs == []
 
 
+async def test_a_car_sending_a_packet_over_the_brokers_limit_is_disconnected(connect: Callable[..., Any]) -> None:
+    # max_packet_size 1048576 in mosquitto.conf: the broker drops the connection.
+    # Payloads over 16 KiB but under that limit reach the gateway, which rejects
+    # and counts them (tests/test_ingest_integration.py, reason "oversized").
+    gateway = await connect("gateway", subscribe=("fleet/#",))
+    a = await connect(A)
+    a.mqtt.publish(f"fleet/{A}/battery", b'{"soc_pct": 1, "pad": "' + b"x" * (1024 * 1024) + b'"}', 1)
+    async with asyncio.timeout(10):
+        await a.mqtt.closed
+    assert not [t for t in gateway.topics() if t.startswith(f"fleet/{A}/")]
+
+
 # ---- the command keys: a car's own key signs nothing another car obeys -------------------------------
 
 

@@ -149,3 +149,39 @@ def test_provision_help_explains_itself(capsys: pytest.CaptureFixture[str]) -> N
     text = capsys.readouterr().out
     for word in ("command key", "password file", "--all", "--exclude", "--passwd-file", "never printed"):
         assert word in text, word
+
+
+# ---- the simulator's broker login ---------------------------------------------------------------------
+
+
+def test_connect_carries_user_name_and_password() -> None:
+    from device_sim.mqtt import encode_connect
+
+    packet = encode_connect("sim-fleet-ZOE-001", 60, True, None, "ZOE-001", "pw-123")
+    flags = packet[9]  # fixed header (2) + "MQTT" (6) + level (1)
+    assert flags & 0x80 and flags & 0x40
+    assert packet.endswith(b"\x00\x07ZOE-001\x00\x06pw-123")
+    assert not encode_connect("c", 60, True, None)[9] & 0xC0
+
+
+def test_per_car_credentials_need_the_master_key_and_one_connection_per_car() -> None:
+    from device_sim import SimConfig
+
+    with pytest.raises(ValueError, match="master key"):
+        SimConfig(per_car_credentials=True)
+    with pytest.raises(ValueError, match="multiplexed"):
+        SimConfig(per_car_credentials=True, master_key=MASTER, connections=4)
+    with pytest.raises(ValueError, match="user name"):
+        SimConfig(password="pw")
+    assert SimConfig(per_car_credentials=True, master_key=MASTER).per_car_credentials
+
+
+def test_the_simulator_cli_takes_a_shared_or_a_per_car_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    from device_sim.cli import build_parser, config_from_args
+
+    monkeypatch.delenv("GATEWAY__COMMANDS__MASTER_KEY", raising=False)
+    monkeypatch.setenv("DEVICE_SIM_PASSWORD", "from-env")
+    cfg = config_from_args(build_parser().parse_args(["--username", "car"]))
+    assert (cfg.username, cfg.password, cfg.per_car_credentials) == ("car", "from-env", False)
+    cfg = config_from_args(build_parser().parse_args(["--per-car-credentials", "--master-key", MASTER]))
+    assert cfg.per_car_credentials and cfg.username is None and cfg.master_key == MASTER
