@@ -185,3 +185,38 @@ def test_the_simulator_cli_takes_a_shared_or_a_per_car_login(monkeypatch: pytest
     assert (cfg.username, cfg.password, cfg.per_car_credentials) == ("car", "from-env", False)
     cfg = config_from_args(build_parser().parse_args(["--per-car-credentials", "--master-key", MASTER]))
     assert cfg.per_car_credentials and cfg.username is None and cfg.master_key == MASTER
+
+
+# ---- a car cannot acknowledge another car's command ----------------------------------------------------
+
+
+async def test_an_ack_from_another_car_does_not_complete_a_command() -> None:
+    import asyncio
+
+    import orjson
+
+    from gateway.commands import CommandDispatcher
+    from gateway.errors import PayloadError
+
+    class Link:
+        def __init__(self) -> None:
+            self.sent: list[dict[str, object]] = []
+            self.published = asyncio.Event()
+
+        def publish(self, topic: str, payload: bytes, qos: int, expiry_s: float | None = None) -> None:
+            self.sent.append(orjson.loads(payload))
+            self.published.set()
+
+    class Journal:
+        def append(self, line: str) -> None:
+            pass
+
+    link = Link()
+    d = CommandDispatcher(link, Journal(), MASTER, "fleet", timeout_s=0.5)  # type: ignore[arg-type]
+    task = asyncio.create_task(d.send("ZOE-002", "unlock", "R-1"))
+    await asyncio.wait_for(link.published.wait(), 5)
+    forged = {"command_id": link.sent[0]["command_id"], "status": "done"}
+    with pytest.raises(PayloadError, match="ZOE-001"):
+        d.on_ack("ZOE-001", forged, 0)  # car A, on its own ack topic, answering for car B
+    outcome = await task
+    assert outcome.result == "timeout"
