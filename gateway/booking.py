@@ -137,8 +137,9 @@ class Booking:
     async def _idempotent(
         self, caller: str, key: str, fingerprint: str, run: Callable[[], Awaitable[tuple[int, bytes]]]
     ) -> tuple[int, bytes]:
-        if not 0 < len(key) <= 200:
-            raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1 to 200 characters")
+        # Printable ASCII only: HTTP lets a header carry other bytes, which would reach SQLite half-decoded.
+        if not 0 < len(key) <= 200 or not (key.isascii() and key.isprintable()):
+            raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1 to 200 printable ASCII characters")
         saved = self.store.idempotent_answer(caller, key)
         if saved is not None:
             if saved[0] != fingerprint:
