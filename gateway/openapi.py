@@ -103,7 +103,11 @@ RESERVATION = {
     },
 }
 
-COMMAND_IN = {"type": "object", "properties": {"reservation_id": {"type": ["string", "null"]}}}
+COMMAND_IN = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"reservation_id": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"}},
+}
 
 COMMAND_DONE = {
     "type": "object",
@@ -178,12 +182,17 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
-    rid = {"name": "reservation_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    rid = {
+        "name": "reservation_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"},
+    }
     idem = {
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "schema": {"type": "string", "maxLength": 200},
+        "schema": {"type": "string", "pattern": "^[ -~]{1,200}$"},
         "description": "a retry with the same key gets the first answer and sends no second command",
     }
     json_body = {

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from gateway.errors import ApiError
+from gateway.telemetry import rfc3339_ms
 
 RESERVATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 Kind = Literal["staff", "public"]
@@ -62,12 +63,9 @@ def parse_time(value: Any, field: str) -> int:
     if not isinstance(value, str):
         raise invalid(field, "must be an RFC 3339 date-time string with offset")
     try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise invalid(field, f"{value[:40]!r} is not an RFC 3339 date-time") from None
-    if dt.tzinfo is None or "T" not in value.upper():
-        raise invalid(field, "needs a date, a time and an offset, e.g. 2026-11-26T09:00:00Z")
-    return int(dt.timestamp() * 1000)
+        return rfc3339_ms(value)
+    except ValueError as e:
+        raise invalid(field, f"{e}, e.g. 2026-11-26T09:00:00Z") from None
 
 
 def invalid(field: str, problem: str) -> ApiError:

@@ -307,9 +307,29 @@ def test_nan_and_infinity_never_pass() -> None:
         assert ei.value.reason == "out_of_range"
 
 
-def test_long_firmware_is_out_of_range() -> None:
-    assert check("status", {"online": True, "firmware": "x" * 64}).fields["firmware"] == "x" * 64
-    assert reason_of("status", {"online": True, "firmware": "x" * 65}) == "out_of_range"
+def test_long_firmware_is_cut_not_rejected() -> None:
+    # The contract sets no limit; rejecting would lose the message's `online`.
+    r = check("status", {"online": True, "firmware": "x" * 500})
+    assert r.fields == {"online": True, "firmware": "x" * 64}
+
+
+def test_a_two_level_ack_topic_is_not_an_ack() -> None:
+    assert parse_topic("fleet/ZOE-017/ack", "fleet") == Topic("ZOE-017", "unknown")
+
+
+@pytest.mark.parametrize(
+    "ts",
+    ["2026-W48-4T09:00Z", "20261126T090000Z", "09:00Z", "2026-11-26T09:00:00", "2026-11-26 09:00:00Z",
+     "2026-11-26T09:00:00,5Z", "2026-11-26T09:00:00+05", "2026-11-26"],
+)  # fmt: skip
+def test_only_rfc3339_date_times_are_timestamps(ts: str) -> None:
+    assert reason_of("doors", {"locked": True, "ts": ts}) == "bad_timestamp"
+
+
+def test_rfc3339_forms_and_the_leap_second() -> None:
+    assert check("doors", {"locked": True, "ts": "2026-11-26t09:00:00.123z"}).ts_ms == 1795683600123
+    assert check("doors", {"locked": True, "ts": "2026-11-26T10:00:00.123+01:00"}).ts_ms == 1795683600123
+    assert check("doors", {"locked": True, "ts": "2026-11-26T08:59:60Z"}).ts_ms == 1795683599999
 
 
 @pytest.mark.parametrize("claimed", ["ZOE-018", "zoe-017", "", 17, ["ZOE-017"]])
