@@ -28,6 +28,7 @@ from gateway.ingest import Ingest
 from gateway.journal import Journal
 from gateway.metrics import Snapshot, self_report_line
 from gateway.mqtt import MqttLink
+from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 from gateway.sinks import Sink, make_sink
 from gateway.state import FleetState
@@ -55,6 +56,7 @@ class Runtime:
     ingest: Ingest
     commands: CommandDispatcher
     booking: Booking
+    limiter: RateLimiter
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -101,7 +103,8 @@ def build_runtime(settings: Settings, fleet: Fleet, sink: Sink) -> Runtime:
     journal.set_ack(link.ack)
     store = Store(settings.state.dir / "gateway.sqlite3")
     booking = Booking(store, fleet, commands, journal, settings.commands.early_grace_s)
-    return Runtime(settings, fleet, state, journal, writer, link, ingest, commands, booking)
+    limiter = RateLimiter(settings.api.rate_limit_per_min)
+    return Runtime(settings, fleet, state, journal, writer, link, ingest, commands, booking, limiter)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -11,12 +11,9 @@ bounded whatever callers send.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
-__all__ = ["RateLimiter", "limiter_for"]
+__all__ = ["RateLimiter"]
 
 
 @dataclass
@@ -43,14 +40,3 @@ class RateLimiter:
     def retry_after(wait_s: float) -> str:
         """The ``Retry-After`` header: whole seconds, rounded up, at least 1."""
         return str(max(1, math.ceil(wait_s)))
-
-
-_LIMITERS: weakref.WeakKeyDictionary[web.Application, RateLimiter] = weakref.WeakKeyDictionary()
-
-
-def limiter_for(app: web.Application, per_min: int) -> RateLimiter:
-    """The app's limiter, made on first use (a started app takes no new keys; it dies with the app)."""
-    limiter = _LIMITERS.get(app)
-    if limiter is None:
-        limiter = _LIMITERS[app] = RateLimiter(per_min)
-    return limiter

@@ -12,7 +12,6 @@ from gateway.commands import Action
 from gateway.errors import ApiError
 from gateway.metrics import health, prometheus
 from gateway.openapi import openapi_document
-from gateway.ratelimit import limiter_for
 from gateway.reservations import check_id, parse_time, to_json
 
 
@@ -63,7 +62,7 @@ async def delete_reservation(request: web.Request) -> web.Response:
 
 
 async def _command(request: web.Request, action: Action) -> web.Response:
-    limiter = limiter_for(request.app, request.app[RUNTIME].settings.api.rate_limit_per_min)
+    limiter = request.app[RUNTIME].limiter
     wait = limiter.take(request[API_KEY_ID], time.monotonic())
     if wait:
         raise ApiError(
