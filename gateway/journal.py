@@ -71,6 +71,7 @@ class Journal:
         self.disk_bytes = 0
         self.memory_used = 0
         self.dropped_qos0 = 0
+        self.write_errors = 0
         self._open = _OpenBatch()
         self._seq = 0
         self._ack: AckFn = lambda mids: None
@@ -82,9 +83,12 @@ class Journal:
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()  # never renamed, so never acknowledged: the broker still has it
         for path in sorted(self.dir.glob("*.lp")):
+            if not path.stem.isdigit():
+                log.warning("journal: ignoring %s, not a journal segment", path)
+                continue
             seq = int(path.stem)
             size = path.stat().st_size
-            self.segments.append(Segment(seq, path, size, -1, None))
+            self.segments.append(Segment(seq, path, size, _count_lines(path), None))
             self.disk_bytes += size
             self._seq = max(self._seq, seq)
         if self.segments:
@@ -105,7 +109,7 @@ class Journal:
     @property
     def pending_points(self) -> int:
         """Points not yet in InfluxDB (open batch + sealed segments known in memory)."""
-        return self.open_points + sum(max(s.points, 0) for s in self.segments)
+        return self.open_points + sum(s.points for s in self.segments)
 
     @property
     def full(self) -> bool:
@@ -135,31 +139,60 @@ class Journal:
                 self._open.opened = asyncio.get_running_loop().time()
 
     def seal(self) -> bool:
-        """Write the open batch to disk and acknowledge it. False if the journal is full."""
+        """Write the open batch to disk and acknowledge it. False if it could not be (full, or a disk error).
+
+        A batch that grew while the journal was full is written as several
+        segments of at most ``batch_size`` points, so no write to InfluxDB is
+        ever larger than a normal batch. The open batch is only replaced once
+        every segment is on disk: after a failure it is still there to retry.
+        """
         b = self._open
         if not b.lines and not b.mids:
             return True
         if b.lines and self.full:
             return False
+        written: list[Segment] = []
+        try:
+            for start in range(0, len(b.lines), self.batch_size):
+                written.append(self._write_segment(b.lines[start : start + self.batch_size]))
+            if written and self.fsync:
+                _fsync_dir(self.dir)  # the renames themselves must survive a power cut
+        except OSError as e:
+            for seg in written:
+                seg.path.unlink(missing_ok=True)
+            self._seq -= len(written)
+            self.write_errors += 1
+            if self.write_errors == 1 or log.isEnabledFor(logging.DEBUG):
+                log.error("journal: cannot write to %s (%s); not acknowledging until it can", self.dir, e)
+            return False
         self._open = _OpenBatch()
-        if b.lines:
-            data = b"".join(b.lines)
-            self._seq += 1
-            path = self.dir / f"{self._seq:020d}.lp"
-            tmp = path.with_suffix(".tmp")
+        for seg in written:
+            self.segments.append(seg)
+            self.disk_bytes += seg.size
+            if seg.data is not None:
+                self.memory_used += seg.size
+        if written:
+            self._has_segment.set()
+        self._ack(b.mids)
+        return True
+
+    def _write_segment(self, lines: list[bytes]) -> Segment:
+        data = b"".join(lines)
+        self._seq += 1
+        path = self.dir / f"{self._seq:020d}.lp"
+        tmp = path.with_suffix(".tmp")
+        try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 if self.fsync:
                     os.fdatasync(f.fileno())
             os.rename(tmp, path)
-            keep = self.memory_used + len(data) <= self.memory_bytes
-            self.segments.append(Segment(self._seq, path, len(data), len(b.lines), data if keep else None))
-            self.disk_bytes += len(data)
-            if keep:
-                self.memory_used += len(data)
-            self._has_segment.set()
-        self._ack(b.mids)
-        return True
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            self._seq -= 1
+            raise
+        keep = self.memory_used + len(data) <= self.memory_bytes
+        return Segment(self._seq, path, len(data), len(lines), data if keep else None)
 
     def due(self, now: float) -> bool:
         b = self._open
@@ -187,3 +220,19 @@ class Journal:
         self.disk_bytes -= seg.size
         if seg.data is not None:
             self.memory_used -= seg.size
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n

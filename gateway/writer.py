@@ -50,7 +50,7 @@ class Writer:
     async def _store(self, seg: Segment) -> None:
         delay = self._backoff_min
         data = seg.read()
-        points = seg.points if seg.points >= 0 else data.count(b"\n")
+        points = seg.points
         while True:
             t0 = time.perf_counter()
             try:

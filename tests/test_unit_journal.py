@@ -265,7 +265,7 @@ async def test_recover_replays_segments_in_order_and_drops_tmp(tmp_path: Path) -
     assert not files(tmp_path, "*.tmp")
     assert [s.seq for s in j2.segments] == [1, 2]
     assert [s.read() for s in j2.segments] == [pt(0) + pt(1), pt(2) + pt(3)]
-    assert all(s.data is None and s.points == -1 for s in j2.segments)
+    assert all(s.data is None and s.points == 2 for s in j2.segments)  # counted from the file
     assert j2.disk_bytes == sum(len(pt(i)) for i in range(4))
     assert j2.open_points == 0
     seg = await asyncio.wait_for(j2.next_segment(), 1)
@@ -304,3 +304,41 @@ async def test_fsync_path_writes_the_same_bytes(tmp_path: Path) -> None:
     j.append(pt(1))
     j.seal()
     assert (tmp_path / f"{1:020d}.lp").read_bytes() == pt(1)
+
+
+async def test_a_batch_grown_while_full_is_sealed_as_batch_sized_segments(tmp_path: Path) -> None:
+    j = make(tmp_path, batch_size=2, max_bytes=1)
+    acks = Acks()
+    j.set_ack(acks)
+    j.append(pt(0), mid=1)
+    j.append(pt(1), mid=2)  # sealed; now full
+    for i in range(2, 7):
+        j.append(pt(i), mid=i + 1)
+    j.done(j.segments[0])  # the writer frees space
+    assert j.seal()
+    assert [s.points for s in j.segments] == [2, 2, 1]  # never a write larger than a normal batch
+    assert b"".join(s.read() for s in j.segments) == b"".join(pt(i) for i in range(2, 7))
+    assert acks.all == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_disk_error_keeps_the_batch_open_and_unacknowledged(tmp_path: Path) -> None:
+    d = tmp_path / "journal"
+    j = make(d)
+    acks = Acks()
+    j.set_ack(acks)
+    j.append(pt(1), mid=1)
+    d.rmdir()
+    d.write_text("")  # the journal's directory is now a file: every write fails, as on a broken disk
+    assert not j.seal()
+    assert j.open_points == 1 and acks.all == [] and j.write_errors == 1
+    d.unlink()
+    d.mkdir()
+    assert not files(d, "*.tmp")
+    assert j.seal()  # the disk is back: the same batch goes out, numbered as if nothing happened
+    assert acks.all == [1] and lp_files(d) == [f"{1:020d}.lp"]
+
+
+async def test_a_stray_file_in_the_journal_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "notes.lp").write_text("hello")
+    j = make(tmp_path)
+    assert list(j.segments) == []

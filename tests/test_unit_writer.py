@@ -218,8 +218,8 @@ async def test_run_loop_writes_as_segments_are_sealed(tmp_path: Path) -> None:
 async def test_replayed_segments_count_points_by_lines(tmp_path: Path) -> None:
     j = make_journal(tmp_path)
     batch(j, 1, 2, 3)
-    j2 = make_journal(tmp_path)  # after a restart: points unknown (-1), data only on disk
-    assert j2.segments[0].points == -1
+    j2 = make_journal(tmp_path)  # after a restart: points counted from the file, data only on disk
+    assert j2.segments[0].points == 3
     sink = FakeSink()
     w = make_writer(j2, sink)
     assert await w.drain(5)
