@@ -18,6 +18,7 @@ QoS 0 carries no delivery promise, and holding them would be unbounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections import deque
@@ -158,9 +159,10 @@ class Journal:
             if written and self.fsync:
                 _fsync_dir(self.dir)  # the renames themselves must survive a power cut
         except OSError as e:
-            for seg in written:
-                seg.path.unlink(missing_ok=True)
             self._seq -= len(written)
+            for seg in written:
+                with contextlib.suppress(OSError):
+                    seg.path.unlink(missing_ok=True)
             self.write_errors += 1
             if self.write_errors == 1 or log.isEnabledFor(logging.DEBUG):
                 log.error("journal: cannot write to %s (%s); not acknowledging until it can", self.dir, e)
@@ -188,8 +190,9 @@ class Journal:
                     os.fdatasync(f.fileno())
             os.rename(tmp, path)
         except OSError:
-            tmp.unlink(missing_ok=True)
             self._seq -= 1
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
         keep = self.memory_used + len(data) <= self.memory_bytes
         return Segment(self._seq, path, len(data), len(lines), data if keep else None)
