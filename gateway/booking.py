@@ -59,7 +59,8 @@ class Booking:
         self.journal = journal
         self.early_grace_ms = int(early_grace_s * 1000)
         self._wake = asyncio.Event()
-        self._in_flight: dict[tuple[str, str], asyncio.Future[tuple[int, bytes]]] = {}
+        # (caller, key) -> (request fingerprint, the first call's answer to come)
+        self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Future[tuple[int, bytes]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- reservations --
@@ -147,23 +148,27 @@ class Booking:
             return saved[1], saved[2]
         pending = self._in_flight.get((caller, key))
         if pending is not None:  # a retry while the first call still waits for the car
-            return await asyncio.shield(pending)
+            first_fingerprint, first = pending
+            if first_fingerprint != fingerprint:
+                raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key is in use for another request")
+            return await asyncio.shield(first)
         fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        self._in_flight[(caller, key)] = fut
+        self._in_flight[(caller, key)] = (fingerprint, fut)
         try:
-            status, body = await run()
-        except ApiError as e:
-            status, body = e.status, orjson.dumps({"error": {"code": e.code, "message": e.message}})
+            try:
+                status, body = await run()
+            except ApiError as e:
+                status, body = e.status, orjson.dumps({"error": {"code": e.code, "message": e.message}})
+            # Only answers that involved a car are replayed; a 409 may become valid later.
+            if status in (200, 502, 504):
+                self.store.save_idempotent_answer(caller, key, fingerprint, status, body, now_ms())
         except BaseException as e:
+            # Retries waiting on this call get the same failure instead of hanging.
             fut.set_exception(e if isinstance(e, Exception) else BrokerUnavailable("request cancelled"))
-            with contextlib.suppress(BaseException):
-                fut.exception()  # retrieved: nobody may be waiting
+            fut.exception()  # marks it retrieved: maybe nobody is waiting
             raise
         finally:
             self._in_flight.pop((caller, key), None)
-        # Only answers that were sent to a car are replayed; a 409 may become valid later.
-        if status in (200, 502, 504):
-            self.store.save_idempotent_answer(caller, key, fingerprint, status, body, now_ms())
         fut.set_result((status, body))
         return status, body
 
@@ -182,7 +187,7 @@ class Booking:
                     task = asyncio.create_task(self._start_unlock(r), name=f"start-unlock-{r.id}")
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-            nxt = self.store.next_start_unlock_ms()
+            nxt = self.store.next_start_unlock_ms(now_ms())
             # Overdue ones left unclaimed (broker down) are retried every second.
             wait = 5.0 if nxt is None else min(5.0, max(1.0 if nxt <= now_ms() else 0.01, (nxt - now_ms()) / 1000))
             self._wake.clear()

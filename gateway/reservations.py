@@ -18,6 +18,8 @@ from gateway.telemetry import rfc3339_ms
 RESERVATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 Kind = Literal["staff", "public"]
 BODY_FIELDS = {"vehicle_id", "user_id", "starts_at", "ends_at", "kind", "unlock_at_start"}
+EARLIEST_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+LATEST_MS = 7_258_118_400_000  # 2200-01-01T00:00:00Z
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,13 @@ def parse_time(value: Any, field: str) -> int:
     if not isinstance(value, str):
         raise invalid(field, "must be an RFC 3339 date-time string with offset")
     try:
-        return rfc3339_ms(value)
+        ms = rfc3339_ms(value)
     except ValueError as e:
         raise invalid(field, f"{e}, e.g. 2026-11-26T09:00:00Z") from None
+    # Outside this window a time cannot be shown back in UTC or stored in InfluxDB.
+    if not EARLIEST_MS <= ms < LATEST_MS:
+        raise invalid(field, "must be between the years 2000 and 2199")
+    return ms
 
 
 def invalid(field: str, problem: str) -> ApiError:

@@ -50,7 +50,7 @@ async def list_reservations(request: web.Request) -> web.Response:
     start = parse_time(q["from"], "from") if "from" in q else None
     end = parse_time(q["to"], "to") if "to" in q else None
     limit_s = q.get("limit", "500")
-    if not limit_s.isdigit() or not 1 <= int(limit_s) <= 5000:
+    if not (limit_s.isascii() and limit_s.isdigit() and len(limit_s) <= 4) or not 1 <= int(limit_s) <= 5000:
         raise ApiError(400, "bad_query", "limit: a whole number from 1 to 5000")
     found = rt.booking.store.query(vehicle, start, end, int(limit_s))
     return json_response({"reservations": [to_json(r) for r in found]})

@@ -178,9 +178,11 @@ class Store:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def next_start_unlock_ms(self) -> int | None:
+    def next_start_unlock_ms(self, now_ms: int) -> int | None:
         row = self.db.execute(
-            "SELECT min(starts_ms) FROM reservations WHERE unlock_at_start = 1 AND su_status IS NULL AND NOT cancelled"
+            "SELECT min(starts_ms) FROM reservations "
+            "WHERE unlock_at_start = 1 AND su_status IS NULL AND NOT cancelled AND ends_ms > ?",
+            (now_ms,),
         ).fetchone()
         return None if row[0] is None else int(row[0])
 

@@ -172,6 +172,8 @@ async def test_bad_bodies_are_400_or_422_never_500(env: Env) -> None:
         ({**body(), "starts_at": "2026-11-26T09:00:00"}, 422),  # no offset
         ({k: v for k, v in body().items() if k != "user_id"}, 422),
         ({**body(), "unlock_at_start": "yes"}, 422),
+        ({**body(), "starts_at": "0001-01-01T00:00:00+01:00"}, 422),  # no UTC form, beyond InfluxDB's range
+        ({**body(), "ends_at": "9999-12-31T00:00:00Z"}, 422),
         ([1, 2], 422),
     ]
     for data, want in bad_puts:
@@ -187,6 +189,9 @@ async def test_bad_bodies_are_400_or_422_never_500(env: Env) -> None:
     status, answer = await env.post("/v1/vehicles/ZOE-001/unlock", {})
     assert status == 422
     assert (await env.client.get("/v1/reservations/R-bad", headers=AUTH)).status == 404
+    for limit in ("\u00b2", "9" * 5000, "0", "-1"):
+        r = await env.client.get("/v1/reservations", params={"limit": limit}, headers=AUTH)
+        assert r.status == 400, limit
 
 
 async def test_reservation_crud_conflicts_and_listing(env: Env) -> None:
@@ -276,3 +281,13 @@ async def test_unlock_at_start_and_restart_survival(
             lambda: env2.q("SELECT * FROM commands WHERE vehicle_id = 'KANGOO-003'"), what="command row"
         )
         assert len(rows) == 1
+
+
+async def test_an_idempotency_key_in_flight_is_not_shared_with_another_request(env: Env) -> None:
+    # ZOE-003 never answers, so the first call is still waiting when the second arrives.
+    key = {"Idempotency-Key": "k-busy"}
+    first = asyncio.create_task(env.post("/v1/vehicles/ZOE-003/lock", {}, key))
+    await async_wait_for(lambda: env.rt.commands.in_flight == 1, what="first lock in flight")
+    status, answer = await env.post("/v1/vehicles/ZOE-002/lock", {}, key)
+    assert status == 422 and answer["error"]["code"] == "idempotency_key_reused"
+    assert (await first)[0] == 504
