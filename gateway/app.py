@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -57,6 +58,7 @@ class Runtime:
     commands: CommandDispatcher
     booking: Booking
     limiter: RateLimiter
+    dead_tasks: dict[str, str] = field(default_factory=dict)  # background tasks that stopped on an error
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -68,6 +70,7 @@ class Runtime:
             vehicles_reporting=self.state.reporting_count(),
             vehicles_online=self.state.online_count(),
             commands=dict(self.commands.results),
+            dead_tasks=dict(self.dead_tasks),
         )
 
 
@@ -107,21 +110,35 @@ def build_runtime(settings: Settings, fleet: Fleet, sink: Sink) -> Runtime:
     return Runtime(settings, fleet, state, journal, writer, link, ingest, commands, booking, limiter)
 
 
+def _spawn(rt: Runtime, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """A background task whose death is logged at once and shown in /healthz, not found at shutdown."""
+    task = asyncio.create_task(coro, name=name)
+
+    def done(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            log.error("background task %s stopped: %r", name, exc, exc_info=exc)
+            rt.dead_tasks[name] = repr(exc)[:200]
+
+    task.add_done_callback(done)
+    return task
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    # A task that died was logged when it did; shutdown goes on regardless.
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
 
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    writer_task = asyncio.create_task(rt.writer.run(), name="influx-writer")
-    sealer_task = asyncio.create_task(rt.journal.run_sealer(), name="journal-sealer")
+    writer_task = _spawn(rt, rt.writer.run(), "influx-writer")
+    sealer_task = _spawn(rt, rt.journal.run_sealer(), "journal-sealer")
     yield
     await _cancel(sealer_task)
     await _cancel(writer_task)
-    left = await rt.writer.drain(DRAIN_DEADLINE_S)
-    if not left:
+    drained = await rt.writer.drain(DRAIN_DEADLINE_S)
+    if not drained:
         log.warning(
             "shutdown: %d batch(es) not yet in InfluxDB stay in the journal for the next start",
             len(rt.journal.segments),
@@ -131,7 +148,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    task = asyncio.create_task(rt.link.run(), name="mqtt-link")
+    task = _spawn(rt, rt.link.run(), "mqtt-link")
     yield
     await _cancel(task)
     # Seal and acknowledge what is open before saying goodbye to the broker.
@@ -141,7 +158,7 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    task = asyncio.create_task(rt.booking.run_start_unlocks(), name="start-unlocks")
+    task = _spawn(rt, rt.booking.run_start_unlocks(), "start-unlocks")
     yield
     await _cancel(task)
     await rt.booking.close()
@@ -157,12 +174,18 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(SELF_REPORT_INTERVAL_S)
             rt.journal.append(self_report_line(rt.snapshot(), rt.settings.instance, int(time.time() * 1000)))
-            rt.state.save(state_file)
+            save_state()
 
-    task = asyncio.create_task(report(), name="self-report")
+    def save_state() -> None:
+        try:
+            rt.state.save(state_file)
+        except OSError as e:
+            log.warning("cannot save the vehicle state to %s: %s", state_file, e)
+
+    task = _spawn(rt, report(), "self-report")
     yield
     await _cancel(task)
-    rt.state.save(state_file)
+    save_state()
 
 
 def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.Application:

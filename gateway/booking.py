@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -182,18 +183,25 @@ class Booking:
             log.warning("start unlock of %s was interrupted by a restart; sending it again", r.id)
             self.store.set_start_unlock(r.id, None)
         while True:
-            for r in self.store.due_start_unlocks(now_ms()):
-                if self.store.set_start_unlock(r.id, StartUnlock("pending", now_ms()), only_if_unset=True):
-                    task = asyncio.create_task(self._start_unlock(r), name=f"start-unlock-{r.id}")
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-            nxt = self.store.next_start_unlock_ms(now_ms())
+            try:
+                self._start_due()
+                nxt = self.store.next_start_unlock_ms(now_ms())
+            except sqlite3.Error as e:
+                log.error("start unlocks: the reservations database failed (%s); trying again", e)
+                nxt = now_ms()
             # Overdue ones left unclaimed (broker down) are retried every second.
             wait = 5.0 if nxt is None else min(5.0, max(1.0 if nxt <= now_ms() else 0.01, (nxt - now_ms()) / 1000))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+    def _start_due(self) -> None:
+        for r in self.store.due_start_unlocks(now_ms()):
+            if self.store.set_start_unlock(r.id, StartUnlock("pending", now_ms()), only_if_unset=True):
+                task = asyncio.create_task(self._start_unlock(r), name=f"start-unlock-{r.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _start_unlock(self, r: Reservation) -> None:
         try:

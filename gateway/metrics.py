@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.ingest import IngestStats
@@ -23,6 +23,7 @@ class Snapshot:
     vehicles_reporting: int
     vehicles_online: int
     commands: dict[str, int]
+    dead_tasks: dict[str, str] = field(default_factory=dict)
 
 
 def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
@@ -31,6 +32,8 @@ def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
         degraded["broker"] = "not connected to the MQTT broker"
     if not s.writer.healthy:
         degraded["influxdb"] = f"writes failing: {s.writer.last_error[:200]}"
+    for name, error in s.dead_tasks.items():
+        degraded[f"task {name}"] = f"stopped: {error}"
     j = s.journal
     if j.disk_bytes >= 0.8 * j.max_bytes:
         degraded["buffer"] = f"journal {j.disk_bytes / j.max_bytes:.0%} full"

@@ -161,7 +161,7 @@ class MqttLink:
         while True:
             try:
                 proto = await self._connect_once()
-            except (OSError, BrokerUnavailable) as e:
+            except (OSError, BrokerUnavailable, TimeoutError, ValueError) as e:  # ValueError: e.g. a bad host name
                 if not failing:
                     log.warning("MQTT broker %s:%d unreachable (%s); retrying with back-off", s.host, s.port, e)
                     failing = True
@@ -208,6 +208,9 @@ class MqttLink:
         except TimeoutError:
             proto.transport.abort()
             raise BrokerUnavailable("no CONNACK within 10 s") from None
+        except asyncio.CancelledError:
+            proto.transport.abort()  # shutting down mid-handshake: no half-open connection left behind
+            raise
         if rc >= 0x80:
             proto.transport.abort()
             raise BrokerUnavailable(f"broker refused the connection: {CONNACK_REASONS.get(rc, hex(rc))}")

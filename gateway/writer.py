@@ -49,8 +49,15 @@ class Writer:
 
     async def _store(self, seg: Segment) -> None:
         delay = self._backoff_min
-        data = seg.read()
         points = seg.points
+        try:
+            data = seg.read()
+        except OSError as e:
+            # Retrying cannot bring back a segment the disk lost; the rest must not wait behind it.
+            log.error("journal segment %s unreadable (%s); %d points lost", seg.path, e, points)
+            self.stats.points_dropped += points
+            self.journal.done(seg)
+            return
         while True:
             t0 = time.perf_counter()
             try:
@@ -89,5 +96,8 @@ class Writer:
                 while self.journal.segments:
                     await self._store(self.journal.segments[0])
         except TimeoutError:
+            return False
+        except Exception:  # shutdown goes on; what is left stays journaled for the next start
+            log.exception("draining the journal to InfluxDB failed")
             return False
         return True

@@ -238,3 +238,29 @@ async def test_two_gateways_split_a_fleet_with_a_shared_subscription(
     )
     received = [rt.ingest.stats.received for rt in runtimes]
     assert sum(received) == 2000 and min(received) > 0, received
+
+
+class BrokenSink:
+    """A sink with a bug: it raises what no sink should."""
+
+    async def write(self, batch: bytes) -> None:
+        raise RuntimeError("a bug in a sink")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_background_task_that_dies_is_logged_and_shown_in_healthz(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://127.0.0.1:{stack.influx.port}"
+    settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
+    client = await aiohttp_client(init_app(settings, FLEET, sink=BrokenSink()))
+    rt = client.app[RUNTIME]
+    await async_wait_for(lambda: rt.link.connected, what="connected")
+    await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-001/battery", '{"soc_pct": 50}')
+    await async_wait_for(lambda: "influx-writer" in rt.dead_tasks, what="the writer's death noticed")
+    r = await client.get("/healthz")
+    body = await r.json()
+    assert r.status == 503 and "a bug in a sink" in body["degraded"]["task influx-writer"]
+    assert "background task influx-writer stopped" in caplog.text
