@@ -31,6 +31,8 @@ class Message(Protocol):
     def payload(self) -> bytes | bytearray: ...
     @property
     def qos(self) -> int: ...
+    @property
+    def retain(self) -> bool: ...
 
 
 AckHandler = Callable[[str, dict[str, object], int], None]
@@ -91,8 +93,12 @@ class Ingest:
             self._reject("internal_error", kind, vehicle_id, msg, now_ms, token, repr(e))
             return
         self.stats.accepted += 1
-        self.state.update(reading, now_ms)
-        point = reading_line(reading, model)
+        # A retained message (the status a car left behind, often its will) is delivered
+        # when we subscribe: it says nothing about the car being heard from now, and
+        # without its own ts it has no time of its own to be stored at.
+        stale = msg.retain and "ts" not in doc
+        self.state.update(reading, None if msg.retain else now_ms)
+        point = None if stale else reading_line(reading, model)
         if point is None:
             self.journal.add_mid(token)
         else:

@@ -104,10 +104,14 @@ def connect(
 
 
 def subscribe(packet_id: int, filters: Iterable[tuple[str, int, bool]]) -> bytes:
-    """`filters`: (topic filter, max QoS, no_local)."""
+    """`filters`: (topic filter, max QoS, no_local).
+
+    Retain handling 1: retained messages come only with a new subscription,
+    not again at every reconnect of a persistent session.
+    """
     body = struct.pack("!H", packet_id) + b"\x00"
     for topic, qos, no_local in filters:
-        body += _str(topic) + bytes([qos | (0x04 if no_local else 0)])
+        body += _str(topic) + bytes([qos | (0x04 if no_local else 0) | 0x10])
     return _packet(SUBSCRIBE, body)
 
 

@@ -39,9 +39,11 @@ class FleetState:
         self.fleet = fleet
         self.vehicles = {vid: VehicleState() for vid in fleet.vehicles}
 
-    def update(self, r: Reading, received_ms: int) -> None:
+    def update(self, r: Reading, received_ms: int | None) -> None:
+        """Keep `r` unless a newer reading of its kind is known; `received_ms` None: not heard from now."""
         st = self.vehicles[r.vehicle_id]
-        st.last_seen_ms = received_ms
+        if received_ms is not None:
+            st.last_seen_ms = received_ms
         old = st.readings.get(r.kind)
         if old is None or r.ts_ms >= old.ts_ms:
             st.readings[r.kind] = r

@@ -7,6 +7,7 @@ maps onto /write (Debian's InfluxDB 1.6 has no v2 API).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,23 @@ async def test_a_background_task_that_dies_is_logged_and_shown_in_healthz(
     body = await r.json()
     assert r.status == 503 and "a bug in a sink" in body["degraded"]["task influx-writer"]
     assert "background task influx-writer stopped" in caplog.text
+
+
+async def test_a_retained_will_sets_online_but_is_not_news(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(stack.broker.port), "-q", "1", "-r",
+        "-t", f"{unique.prefix}/ZOE-007/status", "-m", '{"online": false}',
+    )  # fmt: skip
+    assert await proc.wait() == 0
+    url = f"http://127.0.0.1:{stack.influx.port}"
+    settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
+    client = await aiohttp_client(init_app(settings, FLEET))
+    rt = client.app[RUNTIME]
+    await async_wait_for(lambda: rt.ingest.stats.accepted == 1, what="the retained status delivered")
+    car = await (await client.get("/v1/vehicles/ZOE-007", headers=AUTH)).json()
+    assert car["online"] is False and car["last_seen"] is None  # known offline, not "seen just now"
+    await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-007/battery", '{"soc_pct": 50}')
+    await async_wait_for(lambda: influx_query(stack.influx.port, unique.database, "SELECT * FROM battery"), what="row")
+    assert influx_query(stack.influx.port, unique.database, "SELECT * FROM status") == []

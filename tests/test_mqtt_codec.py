@@ -53,6 +53,6 @@ def test_publish_round_trip_with_expiry_and_split_across_chunks() -> None:
 def test_subscribe_options_and_batched_pubacks() -> None:
     pkt = codec.subscribe(3, [("fleet/#", 1, True), ("$share/g/fleet/#", 1, False)])
     assert pkt[0] == 0x82
-    assert pkt.endswith(b"\x00\x10$share/g/fleet/#\x01")
-    assert b"\x00\x07fleet/#\x05" in pkt  # QoS 1 + no local
+    assert pkt.endswith(b"\x00\x10$share/g/fleet/#\x11")  # QoS 1, retained only for a new subscription
+    assert b"\x00\x07fleet/#\x15" in pkt  # QoS 1 + no local + retain handling 1
     assert codec.pubacks([1, 258]) == b"\x40\x02\x00\x01\x40\x02\x01\x02"
