@@ -21,7 +21,7 @@ import orjson
 
 from gateway.errors import PayloadError
 from gateway.journal import Journal
-from gateway.lineproto import line
+from gateway.lineproto import DistinctTimes, line
 from gateway.mqtt import MqttLink
 from gateway.signing import sign, vehicle_key
 
@@ -100,6 +100,7 @@ class CommandDispatcher:
         self.qos = qos
         self._waiting: dict[str, tuple[str, asyncio.Future[Ack]]] = {}
         self.results: Counter[str] = Counter()
+        self._times = DistinctTimes()
 
     @property
     def in_flight(self) -> int:
@@ -147,7 +148,8 @@ class CommandDispatcher:
         if reservation_id is not None:
             values["reservation_id"] = reservation_id
         tags = {"vehicle_id": o.vehicle_id, "action": o.action, "result": o.result}
-        self.journal.append(line("commands", tags, values, int(time.time() * 1000)))
+        ts = self._times.next((o.vehicle_id, o.action, o.result), int(time.time() * 1000))
+        self.journal.append(line("commands", tags, values, ts))
 
 
 def _ms(t0: float) -> float:

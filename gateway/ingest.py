@@ -17,7 +17,7 @@ from typing import Protocol
 from gateway.errors import PayloadError
 from gateway.fleet import Fleet
 from gateway.journal import Journal
-from gateway.lineproto import excerpt, line, reading_line
+from gateway.lineproto import DistinctTimes, excerpt, line, reading_line
 from gateway.state import FleetState
 from gateway.telemetry import ACK, COMMANDS, KINDS, Limits, check_vehicle_id, decode_object, parse_topic, validate
 
@@ -59,7 +59,7 @@ class Ingest:
         self.on_ack = on_ack
         self.stats = IngestStats()
         self._models = {vid: v.model for vid, v in fleet.vehicles.items()}
-        self._last_rejected_ts: dict[tuple[str, str], int] = {}
+        self._times = DistinctTimes()
 
     def handle(self, msg: Message, token: int) -> None:
         now_ms = int(time.time() * 1000)
@@ -109,11 +109,8 @@ class Ingest:
     ) -> None:
         self.stats.rejected += 1
         self.stats.rejected_by[(reason, kind)] += 1
-        # Points with equal tags and time overwrite each other in InfluxDB; give
-        # every rejection its own millisecond so none is lost from the count.
         key = (reason, kind)
-        ts = max(now_ms, self._last_rejected_ts.get(key, 0) + 1)
-        self._last_rejected_ts[key] = ts
+        ts = self._times.next(key, now_ms)  # every rejection its own point, so the count is right
         values = {
             "vehicle_id": vehicle_id[:64],
             "topic": msg.topic[:200],

@@ -52,3 +52,20 @@ def reading_line(r: Reading, model: str) -> bytes | None:
 
 def excerpt(payload: bytes | bytearray, limit: int = 200) -> str:
     return payload[:limit].decode("utf-8", errors="replace")[:limit]
+
+
+class DistinctTimes:
+    """Millisecond timestamps that never repeat for the same key.
+
+    Points with equal measurement, tags and time overwrite each other in
+    InfluxDB. For events that must each count (rejections, commands) the
+    timestamp is moved on by a millisecond when it would collide.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[object, int] = {}
+
+    def next(self, key: object, ms: int) -> int:
+        ts = max(ms, self._last.get(key, 0) + 1)
+        self._last[key] = ts
+        return ts

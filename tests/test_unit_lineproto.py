@@ -135,3 +135,12 @@ def test_excerpt_cut_inside_a_multibyte_character() -> None:
 
 def test_excerpt_custom_limit() -> None:
     assert excerpt(b"abcdef", limit=3) == "abc"
+
+
+def test_distinct_times_never_repeat_per_key() -> None:
+    from gateway.lineproto import DistinctTimes
+
+    t = DistinctTimes()
+    assert [t.next("a", 100), t.next("a", 100), t.next("a", 100), t.next("b", 100)] == [100, 101, 102, 100]
+    assert t.next("a", 50) == 103  # a clock step back never reuses a time
+    assert t.next("a", 500) == 500
