@@ -89,7 +89,7 @@ def prometheus(s: Snapshot) -> str:
     )
     metric("gateway_broker_connected", "gauge", "1 if connected to the MQTT broker.", [({}, int(s.broker_connected))])
     metric("gateway_broker_connects_total", "counter", "Successful MQTT connections.", [({}, s.broker_connects)])
-    reporting = [({}, float(s.vehicles_reporting))]
+    reporting: list[tuple[dict[str, str], float]] = [({}, s.vehicles_reporting)]
     metric("gateway_vehicles_reporting", "gauge", "Cars heard from, saved state included.", reporting)
     metric("gateway_vehicles_online", "gauge", "Cars whose last status says online.", [({}, s.vehicles_online)])
     metric(
