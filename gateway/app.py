@@ -53,7 +53,8 @@ class Runtime:
     state: FleetState
     journal: Journal
     writer: Writer
-    link: MqttLink
+    link: MqttLink  # telemetry
+    command_link: MqttLink  # commands out, acks in
     ingest: Ingest
     commands: CommandDispatcher
     booking: Booking
@@ -65,7 +66,7 @@ class Runtime:
             ingest=self.ingest.stats,
             writer=self.writer.stats,
             journal=self.journal,
-            broker_connected=self.link.connected,
+            broker_connected=self.link.connected and self.command_link.connected,
             broker_connects=self.link.connects,
             vehicles_reporting=self.state.reporting_count(),
             vehicles_online=self.state.online_count(),
@@ -96,18 +97,33 @@ def build_runtime(settings: Settings, fleet: Fleet, sink: Sink) -> Runtime:
         max_age_ms=int(settings.ingest.max_age_s * 1000),
         max_future_ms=int(settings.ingest.max_future_s * 1000),
     )
-    # The link needs ingest's callback and ingest needs the dispatcher, which needs the link.
+    # The links need ingest's callbacks and ingest needs the dispatcher, which needs a link.
     holder: list[Ingest] = []
     link = MqttLink(settings.mqtt, lambda msg, token: holder[0].handle(msg, token), [f"{prefix}/#"])
+    # Commands and acks have a connection of their own: an ack must not wait behind a backlog of
+    # unacknowledged telemetry (after a restart, or while the journal is full). Every instance sees
+    # every ack (no shared subscription), since only the sender waits for it.
+    command_settings = settings.mqtt.model_copy(
+        update={"client_id": f"{settings.mqtt.client_id}-cmd", "session_expiry_s": 0}
+    )
+    command_link = MqttLink(
+        command_settings,
+        lambda msg, token: holder[0].handle_ack(msg, token),
+        [f"{prefix}/+/commands/ack"],
+        auto_ack=True,
+        shared=False,
+    )
     master = settings.commands.master_key.get_secret_value() if settings.commands.master_key else ""
-    commands = CommandDispatcher(link, journal, master, prefix, settings.commands.ack_timeout_s, settings.commands.qos)
+    commands = CommandDispatcher(
+        command_link, journal, master, prefix, settings.commands.ack_timeout_s, settings.commands.qos
+    )
     ingest = Ingest(fleet, state, journal, prefix, limits, commands.on_ack)
     holder.append(ingest)
     journal.set_ack(link.ack)
     store = Store(settings.state.dir / "gateway.sqlite3")
     booking = Booking(store, fleet, commands, journal, settings.commands.early_grace_s)
     limiter = RateLimiter(settings.api.rate_limit_per_min)
-    return Runtime(settings, fleet, state, journal, writer, link, ingest, commands, booking, limiter)
+    return Runtime(settings, fleet, state, journal, writer, link, command_link, ingest, commands, booking, limiter)
 
 
 def _spawn(rt: Runtime, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -148,12 +164,14 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    task = _spawn(rt, rt.link.run(), "mqtt-link")
+    tasks = [_spawn(rt, rt.link.run(), "mqtt-link"), _spawn(rt, rt.command_link.run(), "mqtt-command-link")]
     yield
-    await _cancel(task)
+    for task in tasks:
+        await _cancel(task)
     # Seal and acknowledge what is open before saying goodbye to the broker.
     rt.journal.seal()
     await rt.link.close()
+    await rt.command_link.close()
 
 
 async def booking_ctx(app: web.Application) -> AsyncIterator[None]:

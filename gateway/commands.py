@@ -100,6 +100,7 @@ class CommandDispatcher:
         self.qos = qos
         self._waiting: dict[str, tuple[str, asyncio.Future[Ack]]] = {}
         self.results: Counter[str] = Counter()
+        self.unmatched_acks = 0
         self._times = DistinctTimes()
 
     @property
@@ -135,7 +136,9 @@ class CommandDispatcher:
         ack = parse_ack(doc)
         waiting = self._waiting.get(ack.command_id)
         if waiting is None:
-            raise PayloadError("unknown_command", f"no command {ack.command_id[:40]} is waiting (late or foreign ack)")
+            # Late (after the timeout) or another gateway instance's: not bad input, just not ours.
+            self.unmatched_acks += 1
+            return
         expected_vehicle, fut = waiting
         if expected_vehicle != vehicle_id:
             raise PayloadError("vehicle_mismatch", f"ack for a command to {expected_vehicle} came from {vehicle_id}")

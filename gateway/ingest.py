@@ -62,28 +62,21 @@ class Ingest:
         self._times = DistinctTimes()
 
     def handle(self, msg: Message, token: int) -> None:
+        """A message of the telemetry connection: stored, or rejected with a reason."""
         now_ms = int(time.time() * 1000)
         topic = parse_topic(msg.topic, self.prefix)
-        if topic is not None and topic.kind == COMMANDS:
-            # Commands (ours or another instance's on a shared subscription) are not car data.
+        if topic is not None and topic.kind in (COMMANDS, ACK):
+            # Commands are not car data, and acks travel on the command connection (handle_ack).
             self.journal.add_mid(token)
             return
         self.stats.received += 1
-        kind = topic.kind if topic is not None and (topic.kind in KINDS or topic.kind == ACK) else "unknown"
+        kind = topic.kind if topic is not None and topic.kind in KINDS else "unknown"
         vehicle_id = topic.vehicle_id if topic is not None else ""
         try:
             if kind == "unknown":
                 raise PayloadError("unknown_topic", f"{msg.topic[:100]!r} is not a car topic")
-            check_vehicle_id(vehicle_id)
-            model = self._models.get(vehicle_id)
-            if model is None:
-                raise PayloadError("unknown_vehicle", f"{vehicle_id} is not in the fleet registry")
+            model = self._model(vehicle_id)
             doc = decode_object(msg.payload, self.limits)
-            if kind == ACK:
-                self.on_ack(vehicle_id, doc, now_ms)
-                self.stats.accepted += 1
-                self.journal.add_mid(token)
-                return
             reading = validate(kind, vehicle_id, doc, now_ms, self.limits)
         except PayloadError as e:
             self._reject(e.reason, kind, vehicle_id, msg, now_ms, token, e.detail)
@@ -103,6 +96,35 @@ class Ingest:
             self.journal.add_mid(token)
         else:
             self.journal.append(point, token, msg.qos)
+
+    def handle_ack(self, msg: Message, token: int) -> None:
+        """A car's command acknowledgement, from the command connection; rejected like telemetry if invalid.
+
+        The command connection acknowledges it to the broker itself (`token` is unused):
+        an ack has nothing to make durable, and must never wait behind telemetry.
+        """
+        now_ms = int(time.time() * 1000)
+        topic = parse_topic(msg.topic, self.prefix)
+        vehicle_id = topic.vehicle_id if topic is not None else ""
+        self.stats.received += 1
+        try:
+            self._model(vehicle_id)
+            self.on_ack(vehicle_id, decode_object(msg.payload, self.limits), now_ms)
+        except PayloadError as e:
+            self._reject(e.reason, ACK, vehicle_id, msg, now_ms, 0, e.detail)
+            return
+        except Exception as e:  # the same boundary as handle()
+            log.exception("unexpected error handling an ack on %s", msg.topic[:100])
+            self._reject("internal_error", ACK, vehicle_id, msg, now_ms, 0, repr(e))
+            return
+        self.stats.accepted += 1
+
+    def _model(self, vehicle_id: str) -> str:
+        check_vehicle_id(vehicle_id)
+        model = self._models.get(vehicle_id)
+        if model is None:
+            raise PayloadError("unknown_vehicle", f"{vehicle_id} is not in the fleet registry")
+        return model
 
     def _reject(
         self, reason: str, kind: str, vehicle_id: str, msg: Message, now_ms: int, token: int, detail: str

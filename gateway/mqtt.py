@@ -95,10 +95,21 @@ class _Protocol(asyncio.Protocol):
 
 
 class MqttLink:
-    def __init__(self, settings: MqttSettings, on_message: MessageHandler, topic_filters: Iterable[str]) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        on_message: MessageHandler,
+        topic_filters: Iterable[str],
+        *,
+        auto_ack: bool = False,
+        shared: bool = True,
+    ) -> None:
         self.settings = settings
         self._on_message = on_message
         self._filters = list(topic_filters)
+        # auto_ack: acknowledge each message as soon as it is handled, for traffic with nothing to make durable.
+        self._auto_ack = auto_ack
+        self._shared = shared and settings.shared_group is not None
         self.connected = False
         self.connects = 0
         # Packet ids only mean something within one connection's window of
@@ -113,9 +124,13 @@ class MqttLink:
     def _deliver(self, msg: codec.Message) -> None:
         token = (self.generation << 16) | msg.mid if msg.qos else 0
         self._on_message(msg, token)
+        if self._auto_ack and token:
+            self.ack([token])
 
     def _on_suback(self, body: bytes) -> None:
-        failed = [b for b in body[3:] if b >= 0x80]
+        parsed = codec.read_varint(body, 2)  # packet id, then the properties' length
+        codes = body[parsed[0] + parsed[1] :] if parsed else b""
+        failed = [b for b in codes if b >= 0x80]
         if failed:
             log.error(
                 "broker refused %d subscription(s) (reason 0x%02x): check the broker's ACL", len(failed), failed[0]
@@ -214,10 +229,10 @@ class MqttLink:
         if rc >= 0x80:
             proto.transport.abort()
             raise BrokerUnavailable(f"broker refused the connection: {CONNACK_REASONS.get(rc, hex(rc))}")
-        shared = f"$share/{s.shared_group}/" if s.shared_group else ""
+        shared = f"$share/{s.shared_group}/" if self._shared else ""
         # no_local keeps our own command publications away from us; MQTT 5
         # forbids it on shared subscriptions, where ingest ignores them instead.
-        filters = [(shared + f, 1, not s.shared_group) for f in self._filters]
+        filters = [(shared + f, 1, not self._shared) for f in self._filters]
         proto.transport.write(codec.subscribe(self._packet_id(), filters))
         return proto
 

@@ -154,7 +154,7 @@ async def test_command_rejected_by_the_car_is_502(env: Env) -> None:
     from gateway.commands import CommandDispatcher
 
     rt = env.rt
-    forged = CommandDispatcher(rt.link, rt.journal, "some-other-master-key", env.unique.prefix, ACK_TIMEOUT_S)
+    forged = CommandDispatcher(rt.command_link, rt.journal, "some-other-master-key", env.unique.prefix, ACK_TIMEOUT_S)
     rt.booking.commands = forged
     rt.ingest.on_ack = forged.on_ack
     assert (await env.put("R-f", body("ZOE-010")))[0] == 201

@@ -137,7 +137,6 @@ def test_sigterm_flushes_and_exits_within_the_deadline(
 def test_mosquitto_restarted_under_load_and_unlock_fails_fast_meanwhile(
     gateway: GatewayProcess, broker: services.Service, influx: services.Service
 ) -> None:
-    import urllib.error
     import urllib.request
 
     from tests.helpers import AUTH
@@ -167,3 +166,57 @@ def test_mosquitto_restarted_under_load_and_unlock_fails_fast_meanwhile(
         assert gateway.metrics()["gateway_broker_connects_total"] >= 2
     finally:
         pub.close()
+
+
+def test_unlock_still_works_while_the_journal_is_full(
+    tmp_path: Path, broker: services.Service, influx: services.Service
+) -> None:
+    import subprocess
+    import sys
+    import urllib.request
+    from datetime import UTC, datetime, timedelta
+
+    from tests.helpers import AUTH, MASTER_KEY, REPO
+
+    small = {"GATEWAY__JOURNAL__MAX_BYTES": str(1 << 20), "GATEWAY__MQTT__RECEIVE_MAXIMUM": "2000"}
+    gw = GatewayProcess(tmp_path, broker.port, influx.port, PREFIX, DB, **small)
+    gw.start()
+    cars = subprocess.Popen(
+        [sys.executable, "-m", "device_sim", "--port", str(broker.port), "--prefix", PREFIX,
+         "--master-key", MASTER_KEY, "--start-hour", "3", "--quiet"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    pub = TrackingPublisher(broker.port, "pub-full")
+    try:
+        influx.kill()
+        publish(pub, 0, 20000)
+        pub.wait_all_acked()
+        wait_for(lambda: "buffer" in (gw.health() or {}).get("degraded", {}), 30, "journal full")
+
+        def call(method: str, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{gw.http_port}{path}",
+                data=orjson.dumps(body),
+                method=method,
+                headers={**AUTH, "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=15) as r:
+                    return r.status, orjson.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, orjson.loads(e.read())
+
+        now = datetime.now(UTC)
+        reservation = {
+            "vehicle_id": "ZOE-020", "user_id": "U-1", "kind": "staff",
+            "starts_at": (now - timedelta(minutes=1)).isoformat(), "ends_at": (now + timedelta(hours=1)).isoformat(),
+        }  # fmt: skip
+        assert call("PUT", "/v1/reservations/R-full", reservation)[0] == 201
+        # Telemetry waits at the broker behind 2,000 unacknowledged messages; the car's ack must not.
+        status, answer = call("POST", "/v1/vehicles/ZOE-020/unlock", {"reservation_id": "R-full"})
+        assert status == 200 and answer["status"] == "done", answer
+    finally:
+        pub.close()
+        cars.terminate()
+        cars.wait()
+        gw.stop()
