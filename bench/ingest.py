@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import select
 import statistics
 import subprocess
@@ -31,9 +30,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import REPO, gateway_env, start_gateway
 from scripts import services
 
-REPO = Path(__file__).resolve().parent.parent
 T0_MS = 1795683600000
 
 
@@ -183,28 +182,16 @@ class Run:
     def gateway(self) -> tuple[float, int]:
         prefix, db = self._names("gw")
         http_port = services.free_port()
-        env = dict(os.environ)
-        env.update(
-            GATEWAY__MQTT__PORT=str(self.broker.port),
+        env = gateway_env(
+            self.broker.port,
+            self.influx.port,
+            http_port,
+            self.work / f"state-{db}",
             GATEWAY__MQTT__TOPIC_PREFIX=prefix,
             GATEWAY__MQTT__CLIENT_ID=f"gw-{prefix}",
-            GATEWAY__INFLUX__URL=f"http://127.0.0.1:{self.influx.port}",
             GATEWAY__INFLUX__DATABASE=db,
-            GATEWAY__HTTP__PORT=str(http_port),
-            GATEWAY__STATE__DIR=str(self.work / f"state-{db}"),
-            GATEWAY__LOG_LEVEL="WARNING",
         )
-        c = self._consumer([sys.executable, "-m", "gateway", "--config", str(REPO / "config" / "gateway.yaml")], env)
-
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1) as r:
-                    return bool(json.load(r)["broker"] == "connected")
-            except (OSError, ValueError):
-                return False
-
-        if not wait_until(up, 30):
-            raise SystemExit("the gateway did not come up")
+        c = start_gateway(env, http_port)
         try:
             return self._timed_storage(prefix, db)
         finally:

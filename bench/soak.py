@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import subprocess
@@ -37,12 +36,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import MASTER, REPO, gateway_env, start_gateway
 from gateway.fleet import load_fleet
 from scripts import services
 
-REPO = Path(__file__).resolve().parent.parent
-MASTER = "soak-master-key-0123456789"
-API_KEY = "soak-api-key-0123456789"
 PREFIX = "fleet"
 DB = "soak"
 MEASUREMENTS = {"battery": "soc_pct", "location": "lat", "doors": "locked", "status": "online"}
@@ -178,24 +175,19 @@ def run(args: argparse.Namespace, work: Path, broker: services.Service, influx: 
     fleet_file = work / "fleet.yaml"
     fleet_file.write_text(load_fleet(REPO / "config" / "fleet.yaml").with_generated(args.vehicles).to_yaml())
     http_port = services.free_port()
-    env = dict(os.environ)
-    env.update(
-        GATEWAY__MQTT__PORT=str(broker.port),
+    env = gateway_env(
+        broker.port,
+        influx.port,
+        http_port,
+        work / "state",
         GATEWAY__MQTT__TOPIC_PREFIX=PREFIX,
-        GATEWAY__INFLUX__URL=f"http://127.0.0.1:{influx.port}",
         GATEWAY__INFLUX__DATABASE=DB,
-        GATEWAY__HTTP__PORT=str(http_port),
-        GATEWAY__STATE__DIR=str(work / "state"),
         GATEWAY__FLEET__FILE=str(fleet_file),
-        GATEWAY__COMMANDS__MASTER_KEY=MASTER,
-        GATEWAY__API__KEYS=API_KEY,
-        GATEWAY__LOG_LEVEL="WARNING",
     )
-    gw = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO, env=env)
+    gw = start_gateway(env, http_port)
     sim_log = work / "sim.log"
     sim: subprocess.Popen[bytes] | None = None
     try:
-        wait_until(lambda: metrics(http_port)["gateway_broker_connected"] == 1, 60, "the gateway to connect")
         argv = [sys.executable, "-m", "device_sim", "--port", str(broker.port), "--prefix", PREFIX]
         argv += ["--fleet", str(fleet_file), "--vehicles", str(args.vehicles), "--connections", str(args.connections)]
         argv += ["--rate", str(args.rate), "--master-key", MASTER, "--seed", "7", "--progress-every", "2"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench.common import API_KEY, MASTER, REPO, gateway_env, start_gateway
 from gateway.commands import build_command
 from gateway.fleet import Fleet, load_fleet
 from gateway.mqtt import MqttLink
@@ -42,9 +42,6 @@ from gateway.mqtt_codec import Message
 from gateway.settings import MqttSettings
 from scripts import services
 
-REPO = Path(__file__).resolve().parent.parent
-MASTER = "bench-master-key-0123456789"
-API_KEY = "bench-api-key-0123456789"
 PREFIX = "fleet"
 
 
@@ -145,43 +142,24 @@ def sim(port: int, fleet: Path, extra: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
-async def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise SystemExit(f"{url} did not become healthy")
-
-
 async def measure(args: argparse.Namespace, work: Path, broker: services.Service, influx: services.Service) -> int:
     cars_file, load_file, cars = write_fleets(work, args.cars, 400)
     http_port = services.free_port()
-    env = dict(os.environ)
-    env.update(
-        GATEWAY__MQTT__PORT=str(broker.port),
-        GATEWAY__INFLUX__URL=f"http://127.0.0.1:{influx.port}",
+    env = gateway_env(
+        broker.port,
+        influx.port,
+        http_port,
+        work / "state",
         GATEWAY__INFLUX__DATABASE="bench",
-        GATEWAY__HTTP__PORT=str(http_port),
-        GATEWAY__STATE__DIR=str(work / "state"),
         GATEWAY__FLEET__FILE=str(work / "fleet-all.yaml"),
-        GATEWAY__COMMANDS__MASTER_KEY=MASTER,
-        GATEWAY__API__KEYS=API_KEY,
         GATEWAY__API__RATE_LIMIT_PER_MIN="1000000",
-        GATEWAY__LOG_LEVEL="WARNING",
     )
-    procs = [subprocess.Popen([sys.executable, "-m", "gateway"], cwd=REPO, env=env)]  # noqa: ASYNC220 - starts at once
+    procs = [start_gateway(env, http_port)]
     procs.append(sim(broker.port, cars_file, []))
     baseline = Baseline(broker.port, cars)
     link_task = asyncio.create_task(baseline.link.run())
     headers = {"Authorization": f"Bearer {API_KEY}"}
     try:
-        await wait_http(f"http://127.0.0.1:{http_port}/healthz")
         async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=200)) as http:
             now = datetime.now(UTC)
             for car in cars:
