@@ -71,6 +71,7 @@ class Runtime:
             vehicles_reporting=self.state.reporting_count(),
             vehicles_online=self.state.online_count(),
             commands=dict(self.commands.results),
+            unmatched_acks=self.commands.unmatched_acks,
             dead_tasks=dict(self.dead_tasks),
         )
 

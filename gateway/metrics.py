@@ -23,6 +23,7 @@ class Snapshot:
     vehicles_reporting: int
     vehicles_online: int
     commands: dict[str, int]
+    unmatched_acks: int = 0
     dead_tasks: dict[str, str] = field(default_factory=dict)
 
 
@@ -97,6 +98,12 @@ def prometheus(s: Snapshot) -> str:
         "counter",
         "Commands sent to cars, by result.",
         [({"result": r}, n) for r, n in sorted(s.commands.items())] or [({}, 0)],
+    )
+    metric(
+        "gateway_acks_unmatched_total",
+        "counter",
+        "Car acks for no waiting command: late (after the timeout) or another instance's.",
+        [({}, s.unmatched_acks)],
     )
     return "\n".join(out) + "\n"
 

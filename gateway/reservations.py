@@ -17,7 +17,6 @@ from gateway.telemetry import rfc3339_ms
 
 RESERVATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 Kind = Literal["staff", "public"]
-BODY_FIELDS = {"vehicle_id", "user_id", "starts_at", "ends_at", "kind", "unlock_at_start"}
 EARLIEST_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 LATEST_MS = 7_258_118_400_000  # 2200-01-01T00:00:00Z
 

@@ -51,12 +51,10 @@ SPECS: Final[dict[str, _Spec]] = {
         ("firmware", False, "str", None, None),
     ),
 }
-# Fields that go to InfluxDB; anything else in a spec is kept in the latest state only.
+# Fields kept in the latest state but not written to InfluxDB (the contract's schema has no column for them).
+STATE_ONLY: Final = frozenset({"firmware"})
 STORED: Final[dict[str, frozenset[str]]] = {
-    "battery": frozenset({"soc_pct", "range_km", "charging", "plugged", "temp_c"}),
-    "location": frozenset({"lat", "lon", "speed_kmh", "heading_deg", "odometer_km"}),
-    "doors": frozenset({"locked", "closed"}),
-    "status": frozenset({"online"}),
+    kind: frozenset(name for name, *_ in spec if name not in STATE_ONLY) for kind, spec in SPECS.items()
 }
 
 

@@ -109,3 +109,18 @@ async def mosquitto_pub(port: int, topic: str, *payloads: str | bytes, qos: int 
     _, err = await proc.communicate(data)
     if proc.returncode != 0:
         raise AssertionError(f"mosquitto_pub failed: {err.decode()}")
+
+
+def make_journal(directory: Path, **kw: Any) -> Any:
+    """A journal for unit tests: no fsync, no timer-driven seals, a large bound unless `kw` says otherwise."""
+    from gateway.journal import Journal
+
+    opts: dict[str, Any] = {
+        "batch_size": 1000,
+        "flush_interval_s": 60.0,
+        "max_bytes": 1 << 30,
+        "memory_bytes": 1 << 20,
+        "fsync": False,
+    }
+    opts.update(kw)
+    return Journal(directory, **opts)

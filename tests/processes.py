@@ -23,13 +23,14 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from scripts.services import free_port
 from tests.helpers import API_KEY, MASTER_KEY, REPO
 
 
 class GatewayProcess:
     def __init__(self, workdir: Path, broker_port: int, influx_port: int, prefix: str, database: str, **env: str):
         self.workdir = workdir
-        self.http_port = _free_port()
+        self.http_port = free_port()
         self.env = dict(os.environ)
         self.env.update(
             GATEWAY__MQTT__PORT=str(broker_port),
@@ -139,9 +140,3 @@ class TrackingPublisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def _free_port() -> int:
-    from scripts.services import free_port
-
-    return free_port()

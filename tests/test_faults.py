@@ -8,15 +8,20 @@ then waits until InfluxDB holds exactly as many points as were published.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 import pytest
 
 from scripts import services
-from tests.helpers import influx_query, wait_for
+from tests.helpers import AUTH, MASTER_KEY, REPO, influx_query, wait_for
 from tests.processes import GatewayProcess, TrackingPublisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,6 +54,34 @@ def gateway(tmp_path: Path, broker: services.Service, influx: services.Service) 
     g.stop()
 
 
+@pytest.fixture
+def small_gateway(tmp_path: Path, broker: services.Service, influx: services.Service) -> Iterator[GatewayProcess]:
+    """A 1 MiB journal and a receive window of 2,000: an outage fills them in seconds."""
+    small = {"GATEWAY__JOURNAL__MAX_BYTES": str(1 << 20), "GATEWAY__MQTT__RECEIVE_MAXIMUM": "2000"}
+    g = GatewayProcess(tmp_path, broker.port, influx.port, PREFIX, DB, **small)
+    g.start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def pub(broker: services.Service) -> Iterator[TrackingPublisher]:
+    p = TrackingPublisher(broker.port, "fault-publisher")
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def cars(broker: services.Service) -> Iterator[subprocess.Popen[bytes]]:
+    """The 29 simulated cars, parked at night, answering commands."""
+    argv = [sys.executable, "-m", "device_sim", "--port", str(broker.port), "--prefix", PREFIX]
+    argv += ["--master-key", MASTER_KEY, "--start-hour", "3", "--quiet"]
+    p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield p
+    p.terminate()
+    p.wait()
+
+
 def publish(pub: TrackingPublisher, start: int, count: int) -> None:
     for i in range(start, start + count):
         car = CARS[i % len(CARS)]
@@ -68,155 +101,106 @@ def wait_stored(influx: services.Service, expected: int, timeout: float = 60) ->
     wait_for(lambda: stored(influx) == expected, timeout, f"{expected} points in InfluxDB (have {stored(influx)})")
 
 
-def test_influxdb_killed_under_load_then_back_and_journal_fills(
-    tmp_path: Path, broker: services.Service, influx: services.Service
-) -> None:
-    # A small journal (1 MiB): this outage fills it, so the gateway must stop acknowledging
-    # and let the broker keep the rest, then catch up once InfluxDB is back.
-    small = {"GATEWAY__JOURNAL__MAX_BYTES": str(1 << 20), "GATEWAY__MQTT__RECEIVE_MAXIMUM": "2000"}
-    gw = GatewayProcess(tmp_path, broker.port, influx.port, PREFIX, DB, **small)
-    gw.start()
-    pub = TrackingPublisher(broker.port, "pub-influx")
+def call(gw: GatewayProcess, method: str, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    """One JSON call to the gateway's API with the test key: (status, body)."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{gw.http_port}{path}",
+        data=orjson.dumps(body),
+        method=method,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
     try:
-        publish(pub, 0, 5000)
-        wait_for(lambda: stored(influx) > 0, 20, "first points stored")
-        influx.kill()
-        publish(pub, 5000, 25000)
-        published = pub.wait_all_acked()
-        wait_for(lambda: (h := gw.health()) is not None and "influxdb" in h.get("degraded", {}), 20, "influx degraded")
-        wait_for(lambda: "buffer" in (gw.health() or {}).get("degraded", {}), 30, "journal reported full")
-        m = gw.metrics()
-        assert m["gateway_journal_bytes"] >= m["gateway_journal_max_bytes"]
-        # Unacknowledged messages are bounded by our receive window; the broker holds the rest.
-        assert m["gateway_messages_received_total"] < published
-        influx.restart()
-        wait_stored(influx, published, timeout=90)
-        wait_for(lambda: (gw.health() or {}).get("status") == "ok", 20, "healthy again")
-        log = gw.log()
-        assert log.count("InfluxDB unavailable") == 1 and "InfluxDB writes resumed" in log
-    finally:
-        pub.close()
-        gw.stop()
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, orjson.loads(e.read())
+
+
+def test_influxdb_killed_under_load_then_back_and_journal_fills(
+    small_gateway: GatewayProcess, pub: TrackingPublisher, influx: services.Service
+) -> None:
+    # The outage fills the small journal, so the gateway must stop acknowledging
+    # and let the broker keep the rest, then catch up once InfluxDB is back.
+    gw = small_gateway
+    publish(pub, 0, 5000)
+    wait_for(lambda: stored(influx) > 0, 20, "first points stored")
+    influx.kill()
+    publish(pub, 5000, 25000)
+    published = pub.wait_all_acked()
+    wait_for(lambda: (h := gw.health()) is not None and "influxdb" in h.get("degraded", {}), 20, "influx degraded")
+    wait_for(lambda: "buffer" in (gw.health() or {}).get("degraded", {}), 30, "journal reported full")
+    m = gw.metrics()
+    assert m["gateway_journal_bytes"] >= m["gateway_journal_max_bytes"]
+    # Unacknowledged messages are bounded by our receive window; the broker holds the rest.
+    assert m["gateway_messages_received_total"] < published
+    influx.restart()
+    wait_stored(influx, published, timeout=90)
+    wait_for(lambda: (gw.health() or {}).get("status") == "ok", 20, "healthy again")
+    log = gw.log()
+    assert log.count("InfluxDB unavailable") == 1 and "InfluxDB writes resumed" in log
 
 
 def test_gateway_sigkill_under_load_loses_nothing(
-    gateway: GatewayProcess, broker: services.Service, influx: services.Service
+    gateway: GatewayProcess, pub: TrackingPublisher, influx: services.Service
 ) -> None:
-    pub = TrackingPublisher(broker.port, "pub-kill")
-    try:
-        publish(pub, 0, 30000)
-        wait_for(lambda: stored(influx) > 0, 20, "first points stored")
-        gateway.kill()  # mid-stream: some messages journaled, some in flight, some still at the broker
-        partial = stored(influx)
-        published = pub.wait_all_acked()
-        assert partial < published
-        gateway.start()  # same state dir: the journal is replayed, the broker re-sends what was not acked
-        wait_stored(influx, published)
-    finally:
-        pub.close()
+    publish(pub, 0, 30000)
+    wait_for(lambda: stored(influx) > 0, 20, "first points stored")
+    gateway.kill()  # mid-stream: some messages journaled, some in flight, some still at the broker
+    partial = stored(influx)
+    published = pub.wait_all_acked()
+    assert partial < published
+    gateway.start()  # same state dir: the journal is replayed, the broker re-sends what was not acked
+    wait_stored(influx, published)
 
 
 def test_sigterm_flushes_and_exits_within_the_deadline(
-    gateway: GatewayProcess, broker: services.Service, influx: services.Service
+    gateway: GatewayProcess, pub: TrackingPublisher, influx: services.Service
 ) -> None:
-    pub = TrackingPublisher(broker.port, "pub-term")
-    try:
-        publish(pub, 0, 20000)
-        wait_for(lambda: stored(influx) > 0, 20, "first points stored")
-        took = gateway.terminate()
-        assert gateway.proc is not None and gateway.proc.returncode == 0
-        assert took < 15
-        assert "stopped" in gateway.log()
-        published = pub.wait_all_acked()
-        gateway.start()
-        wait_stored(influx, published)
-    finally:
-        pub.close()
+    publish(pub, 0, 20000)
+    wait_for(lambda: stored(influx) > 0, 20, "first points stored")
+    took = gateway.terminate()
+    assert gateway.proc is not None and gateway.proc.returncode == 0
+    assert took < 15
+    assert "stopped" in gateway.log()
+    published = pub.wait_all_acked()
+    gateway.start()
+    wait_stored(influx, published)
 
 
 def test_mosquitto_restarted_under_load_and_unlock_fails_fast_meanwhile(
-    gateway: GatewayProcess, broker: services.Service, influx: services.Service
+    gateway: GatewayProcess, pub: TrackingPublisher, broker: services.Service, influx: services.Service
 ) -> None:
-    import urllib.request
+    publish(pub, 0, 10000)
+    wait_for(lambda: stored(influx) > 0, 20, "first points stored")
+    broker.stop()  # SIGTERM: Mosquitto saves its persistence file, sessions and queues included
+    wait_for(lambda: (gateway.health() or {}).get("broker") == "disconnected", 10, "gateway sees the broker gone")
 
-    from tests.helpers import AUTH
+    t0 = time.monotonic()
+    status, answer = call(gateway, "POST", "/v1/vehicles/ZOE-001/lock", {})
+    assert status == 503 and answer["error"]["code"] == "broker_unavailable"  # type: ignore[index]
+    assert time.monotonic() - t0 < 1
 
-    pub = TrackingPublisher(broker.port, "pub-broker")
-    try:
-        publish(pub, 0, 10000)
-        wait_for(lambda: stored(influx) > 0, 20, "first points stored")
-        broker.stop()  # SIGTERM: Mosquitto saves its persistence file, sessions and queues included
-        wait_for(lambda: (gateway.health() or {}).get("broker") == "disconnected", 10, "gateway sees the broker gone")
-
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{gateway.http_port}/v1/vehicles/ZOE-001/lock",
-            data=b"{}",
-            headers={**AUTH, "Content-Type": "application/json"},
-        )
-        t0 = time.monotonic()
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(req, timeout=5)
-        assert err.value.code == 503 and orjson.loads(err.value.read())["error"]["code"] == "broker_unavailable"
-        assert time.monotonic() - t0 < 1
-
-        publish(pub, 10000, 10000)  # queued by the publisher until the broker is back
-        broker.restart()
-        published = pub.wait_all_acked()
-        wait_stored(influx, published)
-        assert gateway.metrics()["gateway_broker_connects_total"] >= 2
-    finally:
-        pub.close()
+    publish(pub, 10000, 10000)  # queued by the publisher until the broker is back
+    broker.restart()
+    published = pub.wait_all_acked()
+    wait_stored(influx, published)
+    assert gateway.metrics()["gateway_broker_connects_total"] >= 2
 
 
 def test_unlock_still_works_while_the_journal_is_full(
-    tmp_path: Path, broker: services.Service, influx: services.Service
+    small_gateway: GatewayProcess, cars: subprocess.Popen[bytes], pub: TrackingPublisher, influx: services.Service
 ) -> None:
-    import subprocess
-    import sys
-    import urllib.request
-    from datetime import UTC, datetime, timedelta
-
-    from tests.helpers import AUTH, MASTER_KEY, REPO
-
-    small = {"GATEWAY__JOURNAL__MAX_BYTES": str(1 << 20), "GATEWAY__MQTT__RECEIVE_MAXIMUM": "2000"}
-    gw = GatewayProcess(tmp_path, broker.port, influx.port, PREFIX, DB, **small)
-    gw.start()
-    cars = subprocess.Popen(
-        [sys.executable, "-m", "device_sim", "--port", str(broker.port), "--prefix", PREFIX,
-         "--master-key", MASTER_KEY, "--start-hour", "3", "--quiet"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    pub = TrackingPublisher(broker.port, "pub-full")
-    try:
-        influx.kill()
-        publish(pub, 0, 20000)
-        pub.wait_all_acked()
-        wait_for(lambda: "buffer" in (gw.health() or {}).get("degraded", {}), 30, "journal full")
-
-        def call(method: str, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{gw.http_port}{path}",
-                data=orjson.dumps(body),
-                method=method,
-                headers={**AUTH, "Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=15) as r:
-                    return r.status, orjson.loads(r.read())
-            except urllib.error.HTTPError as e:
-                return e.code, orjson.loads(e.read())
-
-        now = datetime.now(UTC)
-        reservation = {
-            "vehicle_id": "ZOE-020", "user_id": "U-1", "kind": "staff",
-            "starts_at": (now - timedelta(minutes=1)).isoformat(), "ends_at": (now + timedelta(hours=1)).isoformat(),
-        }  # fmt: skip
-        assert call("PUT", "/v1/reservations/R-full", reservation)[0] == 201
-        # Telemetry waits at the broker behind 2,000 unacknowledged messages; the car's ack must not.
-        status, answer = call("POST", "/v1/vehicles/ZOE-020/unlock", {"reservation_id": "R-full"})
-        assert status == 200 and answer["status"] == "done", answer
-    finally:
-        pub.close()
-        cars.terminate()
-        cars.wait()
-        gw.stop()
+    gw = small_gateway
+    influx.kill()
+    publish(pub, 0, 20000)
+    pub.wait_all_acked()
+    wait_for(lambda: "buffer" in (gw.health() or {}).get("degraded", {}), 30, "journal full")
+    now = datetime.now(UTC)
+    reservation = {
+        "vehicle_id": "ZOE-020", "user_id": "U-1", "kind": "staff",
+        "starts_at": (now - timedelta(minutes=1)).isoformat(), "ends_at": (now + timedelta(hours=1)).isoformat(),
+    }  # fmt: skip
+    assert call(gw, "PUT", "/v1/reservations/R-full", reservation)[0] == 201
+    # Telemetry waits at the broker behind 2,000 unacknowledged messages; the car's ack must not.
+    status, answer = call(gw, "POST", "/v1/vehicles/ZOE-020/unlock", {"reservation_id": "R-full"})
+    assert status == 200 and answer["status"] == "done", answer

@@ -139,3 +139,11 @@ def test_parse_ack_rejects(doc: dict[str, Any], reason: str) -> None:
     with pytest.raises(PayloadError) as ei:
         parse_ack(doc)
     assert ei.value.reason == reason
+
+
+def test_an_ack_for_no_waiting_command_is_counted_not_rejected() -> None:
+    from gateway.commands import CommandDispatcher
+
+    d = CommandDispatcher(None, None, "master-key", "fleet", timeout_s=1)  # type: ignore[arg-type]
+    d.on_ack("ZOE-001", {"command_id": "late-one", "status": "done"}, 0)  # late: its caller got 504 already
+    assert d.unmatched_acks == 1

@@ -4,23 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from gateway.journal import Journal
-
-
-def make(directory: Path, **kw: Any) -> Journal:
-    opts: dict[str, Any] = {
-        "batch_size": 1000,
-        "flush_interval_s": 60.0,
-        "max_bytes": 1 << 30,
-        "memory_bytes": 1 << 20,
-        "fsync": False,
-    }
-    opts.update(kw)
-    return Journal(directory, **opts)
+from tests.helpers import make_journal as make
 
 
 class Acks:

@@ -12,12 +12,11 @@ from gateway.ingest import IngestStats
 from gateway.journal import Journal
 from gateway.metrics import Snapshot, health, prometheus, self_report_line
 from gateway.writer import WriterStats
+from tests.helpers import make_journal as new_journal
 
 
 def make_journal(directory: Path, max_bytes: int = 1000) -> Journal:
-    return Journal(
-        directory, batch_size=1000, flush_interval_s=60, max_bytes=max_bytes, memory_bytes=1 << 20, fsync=False
-    )
+    return new_journal(directory, max_bytes=max_bytes)
 
 
 def snap(journal: Journal, **kw: Any) -> Snapshot:
@@ -230,3 +229,8 @@ async def test_self_report_values_are_floats(tmp_path: Path, instance: str) -> N
     for kv in values.split(","):
         _, v = kv.split("=")
         assert not v.endswith("i") and "." in v  # never an integer field: no type conflicts with earlier floats
+
+
+def test_unmatched_acks_are_a_metric(tmp_path: Path) -> None:
+    text = prometheus(snap(make_journal(tmp_path), unmatched_acks=3))
+    assert "gateway_acks_unmatched_total 3" in text

@@ -8,7 +8,6 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,6 +15,7 @@ from gateway.errors import SinkRejected, SinkUnavailable
 from gateway.journal import Journal
 from gateway.sinks import Sink, rejected_count
 from gateway.writer import Writer
+from tests.helpers import make_journal
 
 
 class FakeSink:
@@ -46,18 +46,6 @@ class FakeSink:
 
     async def close(self) -> None:
         self.closed = True
-
-
-def make_journal(directory: Path, **kw: Any) -> Journal:
-    opts: dict[str, Any] = {
-        "batch_size": 1000,
-        "flush_interval_s": 60.0,
-        "max_bytes": 1 << 30,
-        "memory_bytes": 1 << 20,
-        "fsync": False,
-    }
-    opts.update(kw)
-    return Journal(directory, **opts)
 
 
 def pt(i: int) -> bytes:
