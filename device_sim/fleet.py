@@ -11,7 +11,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from types import TracebackType
 
@@ -226,13 +226,17 @@ class SimFleet:
             return True
         return False
 
-    async def _car_link(self, car: Car) -> None:
+    async def _connect(
+        self,
+        client_id: str,
+        on_message: Callable[[str, bytes], None],
+        topics: list[str],
+        will: Will | None,
+        username: str | None,
+        password: str | None,
+    ) -> MqttClient:
+        """Connect and subscribe, retrying with back-off until it works."""
         c = self.config
-        client_id = f"{c.client_id_prefix}-{self._tag}-{car.id}"
-        will = Will(f"{car.topic_base}/status", WILL_PAYLOAD, qos=c.qos, retain=True)
-        username, password = c.username, c.password
-        if c.per_car_credentials and c.master_key:
-            username, password = car.id, mqtt_password(c.master_key, car.id)
         attempt = 0
         while True:
             client: MqttClient | None = None
@@ -240,17 +244,30 @@ class SimFleet:
                 async with self._sem:
                     client = await MqttClient.connect(
                         c.host, c.port, client_id, will=will, keepalive=c.keepalive,
-                        on_message=car.on_message, username=username, password=password,
+                        on_message=on_message, username=username, password=password,
                     )  # fmt: skip
-                    await client.subscribe([(f"{car.topic_base}/commands", 1)])
+                    subs = [(t, 1) for t in topics]
+                    for i in range(0, len(subs), SUBSCRIBE_BATCH):
+                        await client.subscribe(subs[i : i + SUBSCRIBE_BATCH])
+                return client
             except (MqttError, TimeoutError):
                 if client is not None:
                     client.abort()
                 self.stats.connect_failures += 1
                 attempt += 1
                 await asyncio.sleep(self._backoff(attempt))
-                continue
-            attempt = 0
+
+    async def _car_link(self, car: Car) -> None:
+        c = self.config
+        client_id = f"{c.client_id_prefix}-{self._tag}-{car.id}"
+        will = Will(f"{car.topic_base}/status", WILL_PAYLOAD, qos=c.qos, retain=True)
+        username, password = c.username, c.password
+        if c.per_car_credentials and c.master_key:
+            username, password = car.id, mqtt_password(c.master_key, car.id)
+        while True:
+            client = await self._connect(
+                client_id, car.on_message, [f"{car.topic_base}/commands"], will, username, password
+            )
             await self._serve(client, [car])
             if not await self._stay_offline(car.id):
                 await asyncio.sleep(self._backoff(0))
@@ -264,26 +281,9 @@ class SimFleet:
             if car is not None:
                 car.on_command(payload)
 
-        attempt = 0
+        client_id = f"{c.client_id_prefix}-{self._tag}-mux{index}"
         while True:
-            client: MqttClient | None = None
-            try:
-                async with self._sem:
-                    client = await MqttClient.connect(
-                        c.host, c.port, f"{c.client_id_prefix}-{self._tag}-mux{index}", keepalive=c.keepalive,
-                        on_message=dispatch, username=c.username, password=c.password,
-                    )  # fmt: skip
-                    topics = [(t, 1) for t in by_topic]
-                    for i in range(0, len(topics), SUBSCRIBE_BATCH):
-                        await client.subscribe(topics[i : i + SUBSCRIBE_BATCH])
-            except (MqttError, TimeoutError):
-                if client is not None:
-                    client.abort()
-                self.stats.connect_failures += 1
-                attempt += 1
-                await asyncio.sleep(self._backoff(attempt))
-                continue
-            attempt = 0
+            client = await self._connect(client_id, dispatch, list(by_topic), None, c.username, c.password)
             self._clients[index] = client
             await self._serve(client, cars)
             self._clients[index] = None
