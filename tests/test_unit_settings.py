@@ -243,7 +243,8 @@ def test_production_refuses_bad_master_key(master: str | None) -> None:
 
 
 def test_production_accepts_16_char_master_key() -> None:
-    load_settings(None, {**PROD, "GATEWAY__COMMANDS__MASTER_KEY": "x" * 16})
+    s = load_settings(None, {**PROD, "GATEWAY__COMMANDS__MASTER_KEY": "x" * 16})  # raises if refused
+    assert s.commands.master_key is not None and s.commands.master_key.get_secret_value() == "x" * 16
 
 
 @pytest.mark.parametrize("keys", [None, "", " , ", "dev-api-key", "tiny-key", f"{GOOD_KEY},dev-api-key"])
