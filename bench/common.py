@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+from scripts import services
 
 REPO = Path(__file__).resolve().parent.parent
 MASTER = "bench-master-key-0123456789"
@@ -51,3 +56,19 @@ def start_gateway(env: dict[str, str], http_port: int, timeout: float = 60) -> s
         time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"the gateway did not connect to the broker within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def broker_and_database(name: str) -> Iterator[tuple[Path, services.Service, services.Service]]:
+    """A private Mosquitto and InfluxDB for one benchmark run, in a temporary directory: (dir, broker, influx)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        work = Path(tmp)
+        broker = services.start_mosquitto(work / "mosquitto")
+        try:
+            influx = services.start_influxd(work / "influxdb")
+            try:
+                yield work, broker, influx
+            finally:
+                influx.stop()
+        finally:
+            broker.stop()

@@ -28,7 +28,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -36,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import MASTER, REPO, gateway_env, start_gateway
+from bench.common import MASTER, REPO, broker_and_database, gateway_env, start_gateway
 from gateway.fleet import load_fleet
 from scripts import services
 
@@ -247,15 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=8, help="connections the cars share (default 8)")
     p.add_argument("--sample-every", type=float, default=10.0, help="seconds between samples (default 10)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
-        work = Path(tmp)
-        broker = services.start_mosquitto(work / "mosquitto")
-        influx = services.start_influxd(work / "influxdb")
-        try:
-            return run(args, work, broker, influx)
-        finally:
-            influx.stop()
-            broker.stop()
+    with broker_and_database("soak") as (work, broker, influx):
+        return run(args, work, broker, influx)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import asyncio
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,7 +33,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.common import API_KEY, MASTER, REPO, gateway_env, start_gateway
+from bench.common import API_KEY, MASTER, REPO, broker_and_database, gateway_env, start_gateway
 from gateway.commands import build_command
 from gateway.fleet import Fleet, load_fleet
 from gateway.mqtt import MqttLink
@@ -212,15 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cars", type=int, default=100, help="cars answering commands (default 100)")
     p.add_argument("--rate", type=int, default=5000, help="telemetry load in msg/s (default 5000)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-unlock-") as tmp:
-        work = Path(tmp)
-        broker = services.start_mosquitto(work / "mosquitto")
-        influx = services.start_influxd(work / "influxdb")
-        try:
-            return asyncio.run(measure(args, work, broker, influx))
-        finally:
-            influx.stop()
-            broker.stop()
+    with broker_and_database("unlock") as (work, broker, influx):
+        return asyncio.run(measure(args, work, broker, influx))
 
 
 if __name__ == "__main__":
