@@ -21,21 +21,21 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api import auth_middleware, errors_middleware
-from gateway.booking import Booking
-from gateway.commands import CommandDispatcher
+from gateway.booking.dispatcher import CommandDispatcher
+from gateway.booking.service import Booking
 from gateway.fleet import Fleet
-from gateway.ingest import Ingest
-from gateway.journal import Journal
+from gateway.http.middleware import auth_middleware, errors_middleware
+from gateway.http.ratelimit import RateLimiter
+from gateway.ingest.journal import Journal
+from gateway.ingest.pipeline import Ingest
+from gateway.ingest.sinks import Sink, make_sink
+from gateway.ingest.state import FleetState
+from gateway.ingest.telemetry import Limits
+from gateway.ingest.writer import Writer
 from gateway.metrics import Snapshot, self_report_line
-from gateway.mqtt import MqttLink
-from gateway.ratelimit import RateLimiter
+from gateway.mqtt.link import MqttLink
 from gateway.settings import Settings
-from gateway.sinks import Sink, make_sink
-from gateway.state import FleetState
-from gateway.store import Store
-from gateway.telemetry import Limits
-from gateway.writer import Writer
+from gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.Application:
-    from gateway.routes import setup_routes
+    from gateway.http.routes import setup_routes
 
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware(tuple(k.get_secret_value() for k in settings.api.keys))],

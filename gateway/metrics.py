@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.ingest import IngestStats
-from gateway.journal import Journal
-from gateway.lineproto import line
-from gateway.writer import WriterStats
+from gateway.ingest.journal import Journal
+from gateway.ingest.lineproto import line
+from gateway.ingest.pipeline import IngestStats
+from gateway.ingest.writer import WriterStats
 
 
 @dataclass

@@ -113,7 +113,7 @@ async def mosquitto_pub(port: int, topic: str, *payloads: str | bytes, qos: int 
 
 def make_journal(directory: Path, **kw: Any) -> Any:
     """A journal for unit tests: no fsync, no timer-driven seals, a large bound unless `kw` says otherwise."""
-    from gateway.journal import Journal
+    from gateway.ingest.journal import Journal
 
     opts: dict[str, Any] = {
         "batch_size": 1000,

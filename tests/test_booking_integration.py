@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestClient
 from device_sim import Behaviour, SimConfig, SimFleet
 from gateway.app import RUNTIME, init_app
 from gateway.fleet import load_fleet
-from gateway.reservations import parse_body
-from gateway.store import Store
+from gateway.rules.reservations import parse_body
+from gateway.store.sqlite import Store
 from tests.conftest import Stack, Unique
 from tests.helpers import AUTH, MASTER_KEY, REPO, async_wait_for, gateway_settings, influx_query
 
@@ -151,7 +151,7 @@ async def test_every_unlock_error_status(env: Env) -> None:
 
 async def test_command_rejected_by_the_car_is_502(env: Env) -> None:
     # The car checks the signature with its own key: a gateway with another master key is refused.
-    from gateway.commands import CommandDispatcher
+    from gateway.booking.dispatcher import CommandDispatcher
 
     rt = env.rt
     forged = CommandDispatcher(rt.command_link, rt.journal, "some-other-master-key", env.unique.prefix, ACK_TIMEOUT_S)

@@ -26,7 +26,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.routes import setup_routes
+from gateway.http.routes import setup_routes
 from tests.conftest import Stack, Unique
 from tests.helpers import AUTH, MASTER_KEY, REPO, async_wait_for, gateway_settings, influx_query, mosquitto_pub
 

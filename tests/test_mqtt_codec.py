@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import mqtt_codec as codec
+from gateway.mqtt import codec
 
 
 def test_varint_round_trip_and_spec_examples() -> None:

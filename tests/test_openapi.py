@@ -8,7 +8,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gateway.openapi import openapi_document
+from gateway.http.openapi import openapi_document
 from tests.helpers import AUTH
 from tests.test_booking_integration import Env, at, body, env  # noqa: F401  (env is a fixture)
 
@@ -43,7 +43,7 @@ def test_check_catches_a_mismatch() -> None:
 
 def test_document_is_openapi_3_and_lists_every_route() -> None:
     assert SPEC["openapi"].startswith("3.")
-    from gateway.routes import setup_routes
+    from gateway.http.routes import setup_routes
 
     class Router:
         def __init__(self) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway.__main__ import main
+from gateway.http.ratelimit import RateLimiter
 from gateway.provision import car_credentials, mqtt_password, passwd_line, render
-from gateway.ratelimit import RateLimiter
 from gateway.signing import vehicle_key
 from tests.helpers import REPO
 
@@ -195,7 +195,7 @@ async def test_an_ack_from_another_car_does_not_complete_a_command() -> None:
 
     import orjson
 
-    from gateway.commands import CommandDispatcher
+    from gateway.booking.dispatcher import CommandDispatcher
     from gateway.errors import PayloadError
 
     class Link:

@@ -1,4 +1,4 @@
-"""Unit tests for the pure parts of gateway.commands: build_command and parse_ack."""
+"""Unit tests for the pure parts of gateway.booking.dispatcher: build_command and parse_ack."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.commands import Ack, build_command, parse_ack, rfc3339_ms
+from gateway.booking.dispatcher import Ack, build_command, parse_ack, rfc3339_ms
 from gateway.errors import PayloadError
 from gateway.signing import vehicle_key, verify
 
@@ -142,7 +142,7 @@ def test_parse_ack_rejects(doc: dict[str, Any], reason: str) -> None:
 
 
 def test_an_ack_for_no_waiting_command_is_counted_not_rejected() -> None:
-    from gateway.commands import CommandDispatcher
+    from gateway.booking.dispatcher import CommandDispatcher
 
     d = CommandDispatcher(None, None, "master-key", "fleet", timeout_s=1)  # type: ignore[arg-type]
     d.on_ack("ZOE-001", {"command_id": "late-one", "status": "done"}, 0)  # late: its caller got 504 already

@@ -1,4 +1,4 @@
-"""Unit tests for gateway.journal: on-disk batches, acknowledgements, bounds and crash recovery."""
+"""Unit tests for gateway.ingest.journal: on-disk batches, acknowledgements, bounds and crash recovery."""
 
 from __future__ import annotations
 

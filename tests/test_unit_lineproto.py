@@ -1,11 +1,11 @@
-"""Unit tests for gateway.lineproto: hand-written InfluxDB line protocol."""
+"""Unit tests for gateway.ingest.lineproto: hand-written InfluxDB line protocol."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.lineproto import excerpt, field_value, fields, line, reading_line, tag
-from gateway.telemetry import Reading
+from gateway.ingest.lineproto import excerpt, field_value, fields, line, reading_line, tag
+from gateway.ingest.telemetry import Reading
 
 TS = 1795683600123
 
@@ -138,7 +138,7 @@ def test_excerpt_custom_limit() -> None:
 
 
 def test_distinct_times_never_repeat_per_key() -> None:
-    from gateway.lineproto import DistinctTimes
+    from gateway.ingest.lineproto import DistinctTimes
 
     t = DistinctTimes()
     assert [t.next("a", 100), t.next("a", 100), t.next("a", 100), t.next("b", 100)] == [100, 101, 102, 100]

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from gateway.ingest import IngestStats
-from gateway.journal import Journal
+from gateway.ingest.journal import Journal
+from gateway.ingest.pipeline import IngestStats
+from gateway.ingest.writer import WriterStats
 from gateway.metrics import Snapshot, health, prometheus, self_report_line
-from gateway.writer import WriterStats
 from tests.helpers import make_journal as new_journal
 
 

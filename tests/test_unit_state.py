@@ -1,4 +1,4 @@
-"""Unit tests for gateway.state: latest readings per car, never moved backwards by a replay."""
+"""Unit tests for gateway.ingest.state: latest readings per car, never moved backwards by a replay."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from gateway.fleet import Fleet, load_fleet
-from gateway.state import FleetState, iso_ms
-from gateway.telemetry import Reading
+from gateway.ingest.state import FleetState, iso_ms
+from gateway.ingest.telemetry import Reading
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1795683600123  # 2026-11-26T09:00:00.123Z

@@ -1,4 +1,4 @@
-"""Unit tests for gateway.telemetry: topic parsing, payload decoding and validation."""
+"""Unit tests for gateway.ingest.telemetry: topic parsing, payload decoding and validation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import PayloadError
-from gateway.telemetry import (
+from gateway.ingest.telemetry import (
     ACK,
     SPECS,
     STORED,

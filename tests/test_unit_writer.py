@@ -1,4 +1,4 @@
-"""Unit tests for gateway.writer with a fake Sink: retries, drops, order and logging."""
+"""Unit tests for gateway.ingest.writer with a fake Sink: retries, drops, order and logging."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import SinkRejected, SinkUnavailable
-from gateway.journal import Journal
-from gateway.sinks import Sink, rejected_count
-from gateway.writer import Writer
+from gateway.ingest.journal import Journal
+from gateway.ingest.sinks import Sink, rejected_count
+from gateway.ingest.writer import Writer
 from tests.helpers import make_journal
 
 
@@ -168,7 +168,7 @@ async def test_partial_write_counts_dropped_n(tmp_path: Path) -> None:
 async def test_rejection_is_logged_as_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     j = make_journal(tmp_path)
     batch(j, 1, 2)
-    caplog.set_level(logging.INFO, logger="gateway.writer")
+    caplog.set_level(logging.INFO, logger="gateway.ingest.writer")
     await make_writer(j, FakeSink([SinkRejected("bad line dropped=1")])).drain(5)
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "1 of 2" in errors[0].getMessage()
@@ -230,16 +230,16 @@ async def test_outage_logged_once_then_resumed_once(tmp_path: Path, caplog: pyte
         j.append(pt(i))
     sink = FakeSink([SinkUnavailable("Connection refused")] * 6)
     w = make_writer(j, sink)
-    caplog.set_level(logging.INFO, logger="gateway.writer")
+    caplog.set_level(logging.INFO, logger="gateway.ingest.writer")
     assert await w.drain(5)
-    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.writer"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.ingest.writer"]
     unavailable = [m for m in messages if "unavailable" in m]
     resumed = [m for m in messages if "resumed" in m]
     assert len(unavailable) == 1 and "Connection refused" in unavailable[0]
     assert len(resumed) == 1
     assert "2 batch(es) still queued" in resumed[0]
     assert messages.index(unavailable[0]) < messages.index(resumed[0])
-    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "gateway.writer")
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "gateway.ingest.writer")
     assert w.stats.write_errors == 6
 
 
@@ -248,9 +248,9 @@ async def test_second_outage_is_logged_again(tmp_path: Path, caplog: pytest.LogC
     for i in range(2):
         j.append(pt(i))
     sink = FakeSink([SinkUnavailable("a"), SinkUnavailable("a"), None, SinkUnavailable("b"), None])
-    caplog.set_level(logging.INFO, logger="gateway.writer")
+    caplog.set_level(logging.INFO, logger="gateway.ingest.writer")
     assert await make_writer(j, sink).drain(5)
-    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.writer"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.ingest.writer"]
     assert len([m for m in messages if "unavailable" in m]) == 2
     assert len([m for m in messages if "resumed" in m]) == 2
 
@@ -259,9 +259,9 @@ async def test_no_log_when_everything_works(tmp_path: Path, caplog: pytest.LogCa
     j = make_journal(tmp_path, batch_size=1)
     for i in range(3):
         j.append(pt(i))
-    caplog.set_level(logging.INFO, logger="gateway.writer")
+    caplog.set_level(logging.INFO, logger="gateway.ingest.writer")
     assert await make_writer(j, FakeSink()).drain(5)
-    assert [r for r in caplog.records if r.name == "gateway.writer"] == []
+    assert [r for r in caplog.records if r.name == "gateway.ingest.writer"] == []
 
 
 async def test_unhealthy_during_outage(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from gateway.fleet import Fleet
-from gateway.telemetry import KINDS, Reading
+from gateway.ingest.telemetry import KINDS, Reading
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any, Literal
 import orjson
 
 from gateway.errors import PayloadError
-from gateway.journal import Journal
-from gateway.lineproto import DistinctTimes, line
-from gateway.mqtt import MqttLink
+from gateway.ingest.journal import Journal
+from gateway.ingest.lineproto import DistinctTimes, line
+from gateway.mqtt.link import MqttLink
 from gateway.signing import sign, vehicle_key
 
 Action = Literal["unlock", "lock"]

@@ -6,13 +6,13 @@ import time
 
 from aiohttp import web
 
-from gateway.api import API_KEY_ID, json_response, read_json
 from gateway.app import RUNTIME
-from gateway.commands import Action
+from gateway.booking.dispatcher import Action
 from gateway.errors import ApiError
+from gateway.http.middleware import API_KEY_ID, json_response, read_json
+from gateway.http.openapi import openapi_document
 from gateway.metrics import health, prometheus
-from gateway.openapi import openapi_document
-from gateway.reservations import check_id, parse_time, to_json
+from gateway.rules.reservations import check_id, parse_time, to_json
 
 
 async def list_vehicles(request: web.Request) -> web.Response:

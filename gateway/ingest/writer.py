@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 
 from gateway.errors import SinkRejected, SinkUnavailable
-from gateway.journal import Journal, Segment
-from gateway.sinks import Sink, rejected_count
+from gateway.ingest.journal import Journal, Segment
+from gateway.ingest.sinks import Sink, rejected_count
 
 log = logging.getLogger(__name__)
 

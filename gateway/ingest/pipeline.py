@@ -16,10 +16,19 @@ from typing import Protocol
 
 from gateway.errors import PayloadError
 from gateway.fleet import Fleet
-from gateway.journal import Journal
-from gateway.lineproto import DistinctTimes, excerpt, line, reading_line
-from gateway.state import FleetState
-from gateway.telemetry import ACK, COMMANDS, KINDS, Limits, check_vehicle_id, decode_object, parse_topic, validate
+from gateway.ingest.journal import Journal
+from gateway.ingest.lineproto import DistinctTimes, excerpt, line, reading_line
+from gateway.ingest.state import FleetState
+from gateway.ingest.telemetry import (
+    ACK,
+    COMMANDS,
+    KINDS,
+    Limits,
+    check_vehicle_id,
+    decode_object,
+    parse_topic,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 

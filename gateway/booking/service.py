@@ -19,13 +19,13 @@ from typing import Any
 
 import orjson
 
-from gateway.commands import Action, CommandDispatcher, Outcome
+from gateway.booking.dispatcher import Action, CommandDispatcher, Outcome
 from gateway.errors import ApiError, BrokerUnavailable
 from gateway.fleet import Fleet
-from gateway.journal import Journal
-from gateway.lineproto import line
-from gateway.reservations import Reservation, StartUnlock, check_opens, merge_update, parse_body, to_json
-from gateway.store import Store
+from gateway.ingest.journal import Journal
+from gateway.ingest.lineproto import line
+from gateway.rules.reservations import Reservation, StartUnlock, check_opens, merge_update, parse_body, to_json
+from gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

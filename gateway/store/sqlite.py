@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.errors import ConfigError
-from gateway.reservations import Reservation, StartUnlock
+from gateway.rules.reservations import Reservation, StartUnlock
 
 MIGRATIONS = [
     # version 1
@@ -135,7 +135,7 @@ class Store:
 
     def put_checked(self, r: Reservation, now_ms: int) -> Reservation | None:
         """Store `r` unless a live reservation of its car overlaps; return the one that does."""
-        from gateway.reservations import conflict
+        from gateway.rules.reservations import conflict
 
         with self._tx():
             clash = conflict(r, self.of_vehicle(r.vehicle_id, now_ms), now_ms)

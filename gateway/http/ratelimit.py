@@ -3,7 +3,7 @@
 Each key may spend ``per_min`` calls in a burst, and gets them back at
 ``per_min / 60`` a second. A leaked key can then open at most that many cars a
 minute before somebody revokes it, instead of the whole fleet at once. Buckets
-are keyed by the non-secret key id (``gateway.api.API_KEY_ID``) of an
+are keyed by the non-secret key id (``gateway.http.middleware.API_KEY_ID``) of an
 authenticated caller, so there are only as many as configured keys: memory stays
 bounded whatever callers send.
 """

@@ -24,8 +24,8 @@ import random
 import ssl
 from collections.abc import Callable, Iterable
 
-from gateway import mqtt_codec as codec
 from gateway.errors import BrokerUnavailable
+from gateway.mqtt import codec
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from gateway.errors import ApiError
-from gateway.telemetry import rfc3339_ms
+from gateway.ingest.telemetry import rfc3339_ms
 
 RESERVATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 Kind = Literal["staff", "public"]

@@ -1,0 +1,1 @@
+"""The booking side's services: reservations, commands to the cars, the start-time unlock."""

@@ -1,0 +1,1 @@
+"""The HTTP API: routes, middleware, request and response schemas, the OpenAPI document."""

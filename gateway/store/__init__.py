@@ -1,0 +1,1 @@
+"""Everything durable on the booking side, behind one protocol."""
