@@ -34,10 +34,10 @@ import aiohttp
 import orjson
 
 from bench.common import API_KEY, MASTER, REPO, broker_and_database, gateway_env, start_gateway
-from gateway.booking.dispatcher import build_command
 from gateway.fleet import Fleet, load_fleet
 from gateway.mqtt.codec import Message
 from gateway.mqtt.link import MqttLink
+from gateway.rules.commands import build_command
 from gateway.settings import MqttSettings
 from scripts import services
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StartupError
 from gateway.fleet import Fleet, load_fleet
 from gateway.settings import Settings, load_settings
 
@@ -87,9 +87,17 @@ async def serve(settings: Settings, fleet: Fleet) -> None:
 
     app = init_app(settings, fleet)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()  # runs the cleanup contexts' start-up halves
-    site = web.TCPSite(runner, settings.http.host, settings.http.port)
-    await site.start()
+    try:
+        await runner.setup()  # runs the cleanup contexts' start-up halves
+        site = web.TCPSite(runner, settings.http.host, settings.http.port)
+        try:
+            await site.start()
+        except OSError as e:
+            where = f"{settings.http.host}:{settings.http.port}"
+            raise StartupError(f"http.port: cannot listen on {where}: {e.strerror or e}") from e
+    except BaseException:
+        await runner.cleanup()  # closes whatever was opened, in reverse order
+        raise
     log.info(
         "gateway %s up: HTTP on %s:%d, MQTT %s:%d prefix %r, InfluxDB v%d at %s, %d vehicles",
         settings.instance,
@@ -176,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         asyncio.run(serve(settings, fleet))
-    except OSError as e:  # e.g. the HTTP port is taken
-        log.error("cannot start: %s", e)
-        return 1
+    except StartupError as e:
+        print(f"gateway: cannot start: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

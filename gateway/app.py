@@ -1,12 +1,23 @@
-"""The app factory: every resource opened in a cleanup context, closed in reverse order.
+"""The app factory: every resource opened in its own cleanup context, closed in reverse order.
 
-Start-up order: journal and writer (so anything left from a crash is
-replayed first), then the MQTT link (messages start flowing into the
-journal), then the start-time unlocks, then housekeeping (the self-report
-and saving the latest state of the cars). Shutdown runs the other way: stop taking
-messages, seal and acknowledge what is open, drain the journal to InfluxDB
-within a deadline, close the sink. What does not drain stays in the journal
-for the next start.
+Start-up order, each step a context below:
+
+1. the journal (anything left from a crash is replayed first) — a state
+   directory that cannot be written stops start-up here;
+2. the InfluxDB sink, with its HTTP client session, checked reachable;
+3. the writer and the journal's sealer;
+4. the store (SQLite) — a corrupt or unreadable file stops start-up here;
+5. the cars' latest state, restored from the last save;
+6. the two MQTT links (telemetry; commands and acks) and ingest;
+7. the booking service and the start-time unlocks;
+8. housekeeping: the self-report, saving the state, pruning the store.
+
+Shutdown runs the other way: stop the schedulers, stop taking messages,
+seal and acknowledge what is open, save the state, close the store, drain
+the journal to InfluxDB within a deadline, close the sink. What does not
+drain stays in the journal for the next start. A step that fails raises
+:class:`~gateway.errors.StartupError`; aiohttp then closes the steps
+already open, and ``python -m gateway`` prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -14,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,198 +33,269 @@ from aiohttp import web
 
 from gateway.booking.dispatcher import CommandDispatcher
 from gateway.booking.service import Booking
+from gateway.booking.start_unlocks import StartUnlocks
+from gateway.errors import StartupError, StoreError
 from gateway.fleet import Fleet
+from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, STATE
 from gateway.http.middleware import auth_middleware, errors_middleware
 from gateway.http.ratelimit import RateLimiter
+from gateway.http.routes import setup_routes
 from gateway.ingest.journal import Journal
 from gateway.ingest.pipeline import Ingest
 from gateway.ingest.sinks import Sink, make_sink
 from gateway.ingest.state import FleetState
 from gateway.ingest.telemetry import Limits
 from gateway.ingest.writer import Writer
-from gateway.metrics import Snapshot, self_report_line
+from gateway.metrics import Monitor, Snapshot, self_report_line
 from gateway.mqtt.link import MqttLink
 from gateway.settings import Settings
-from gateway.store.sqlite import Store
+from gateway.store.base import Store
+from gateway.store.sqlite import open_sqlite
+from gateway.times import now_ms
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "COMMAND_LINK",
+    "DISPATCHER",
+    "INGEST",
+    "JOURNAL",
+    "LINK",
+    "SETTINGS",
+    "SINK",
+    "START_UNLOCKS",
+    "STORE",
+    "SUPERVISOR",
+    "WRITER",
+    "init_app",
+]
+
 SELF_REPORT_INTERVAL_S = 10.0
+PRUNE_INTERVAL_S = 3600.0
 STATE_FILE = "vehicles.json"
+STORE_FILE = "gateway.sqlite3"
 DRAIN_DEADLINE_S = 10.0
 
 
 @dataclass
-class Runtime:
-    """Everything a request handler may need, built once per app."""
+class Supervisor:
+    """Background tasks whose death is logged at once and shown in /healthz, not found at shutdown."""
 
-    settings: Settings
-    fleet: Fleet
-    state: FleetState
-    journal: Journal
-    writer: Writer
-    link: MqttLink  # telemetry
-    command_link: MqttLink  # commands out, acks in
-    ingest: Ingest
-    commands: CommandDispatcher
-    booking: Booking
-    limiter: RateLimiter
-    dead_tasks: dict[str, str] = field(default_factory=dict)  # background tasks that stopped on an error
+    dead: dict[str, str] = field(default_factory=dict)
 
-    def snapshot(self) -> Snapshot:
-        return Snapshot(
-            ingest=self.ingest.stats,
-            writer=self.writer.stats,
-            journal=self.journal,
-            broker_connected=self.link.connected and self.command_link.connected,
-            broker_connects=self.link.connects,
-            vehicles_reporting=self.state.reporting_count(),
-            vehicles_online=self.state.online_count(),
-            commands=dict(self.commands.results),
-            unmatched_acks=self.commands.unmatched_acks,
-            dead_tasks=dict(self.dead_tasks),
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                log.error("background task %s stopped: %r", name, exc, exc_info=exc)
+                self.dead[name] = repr(exc)[:200]
+
+        task.add_done_callback(done)
+        return task
+
+    @staticmethod
+    async def cancel(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        # A task that died was logged when it did; shutdown goes on regardless.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+SETTINGS = web.AppKey("settings", Settings)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+JOURNAL = web.AppKey("journal", Journal)
+SINK = web.AppKey("sink", Sink)
+WRITER = web.AppKey("writer", Writer)
+STORE = web.AppKey("store", Store)
+LINK = web.AppKey("link", MqttLink)  # telemetry in
+COMMAND_LINK = web.AppKey("command_link", MqttLink)  # commands out, acks in
+DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)
+INGEST = web.AppKey("ingest", Ingest)
+START_UNLOCKS = web.AppKey("start_unlocks", StartUnlocks)
+
+
+async def journal_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    j = s.journal
+    directory = s.state.dir / "journal"
+    try:
+        app[JOURNAL] = Journal(
+            directory,
+            batch_size=j.batch_size,
+            flush_interval_s=j.flush_interval_s,
+            max_bytes=j.max_bytes,
+            memory_bytes=j.memory_bytes,
+            fsync=j.fsync,
+        )
+    except OSError as e:
+        raise StartupError(f"state.dir: cannot use {directory}: {e.strerror or e}") from e
+    yield
+
+
+def sink_ctx(sink: Sink | None) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        s = app[SETTINGS].influx
+        app[SINK] = the_sink = sink or make_sink(s)
+        try:
+            await the_sink.check(s.start_timeout_s)
+        except BaseException:
+            await the_sink.close()
+            raise
+        yield
+        await the_sink.close()
+
+    return ctx
+
+
+async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    sup, journal = app[SUPERVISOR], app[JOURNAL]
+    app[WRITER] = writer = Writer(journal, app[SINK], observe=app[MONITOR].write_duration.observe)
+    writer_task = sup.spawn(writer.run(), "influx-writer")
+    sealer_task = sup.spawn(journal.run_sealer(), "journal-sealer")
+    yield
+    await sup.cancel(sealer_task)
+    await sup.cancel(writer_task)
+    if not await writer.drain(DRAIN_DEADLINE_S):
+        log.warning(
+            "shutdown: %d batch(es) not yet in InfluxDB stay in the journal for the next start", len(journal.segments)
         )
 
 
-RUNTIME = web.AppKey("runtime", Runtime)
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[STORE] = store = open_sqlite(app[SETTINGS].state.dir / STORE_FILE)
+    yield
+    await store.close()
 
 
-def build_runtime(settings: Settings, fleet: Fleet, sink: Sink) -> Runtime:
-    j = settings.journal
-    journal = Journal(
-        settings.state.dir / "journal",
-        batch_size=j.batch_size,
-        flush_interval_s=j.flush_interval_s,
-        max_bytes=j.max_bytes,
-        memory_bytes=j.memory_bytes,
-        fsync=j.fsync,
-    )
-    writer = Writer(journal, sink)
-    state = FleetState(fleet)
-    state.load(settings.state.dir / STATE_FILE)
-    prefix = settings.mqtt.topic_prefix
+async def state_ctx(app: web.Application) -> AsyncIterator[None]:
+    path = app[SETTINGS].state.dir / STATE_FILE
+    app[STATE] = state = FleetState(app[FLEET])
+    state.load(path)
+    yield
+    try:
+        state.save(path)
+    except OSError as e:
+        log.warning("cannot save the vehicle state to %s: %s", path, e)
+
+
+async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
+    s, sup, journal = app[SETTINGS], app[SUPERVISOR], app[JOURNAL]
+    prefix = s.mqtt.topic_prefix
     limits = Limits(
-        max_payload_bytes=settings.ingest.max_payload_bytes,
-        max_age_ms=int(settings.ingest.max_age_s * 1000),
-        max_future_ms=int(settings.ingest.max_future_s * 1000),
+        max_payload_bytes=s.ingest.max_payload_bytes,
+        max_age_ms=int(s.ingest.max_age_s * 1000),
+        max_future_ms=int(s.ingest.max_future_s * 1000),
     )
-    # The links need ingest's callbacks and ingest needs the dispatcher, which needs a link.
-    holder: list[Ingest] = []
-    link = MqttLink(settings.mqtt, lambda msg, token: holder[0].handle(msg, token), [f"{prefix}/#"])
     # Commands and acks have a connection of their own: an ack must not wait behind a backlog of
     # unacknowledged telemetry (after a restart, or while the journal is full). Every instance sees
     # every ack (no shared subscription), since only the sender waits for it.
-    command_settings = settings.mqtt.model_copy(
-        update={"client_id": f"{settings.mqtt.client_id}-cmd", "session_expiry_s": 0}
-    )
+    command_settings = s.mqtt.model_copy(update={"client_id": f"{s.mqtt.client_id}-cmd", "session_expiry_s": 0})
     command_link = MqttLink(
         command_settings,
-        lambda msg, token: holder[0].handle_ack(msg, token),
+        lambda msg, token: ingest.handle_ack(msg, token),
         [f"{prefix}/+/commands/ack"],
         auto_ack=True,
         shared=False,
     )
-    master = settings.commands.master_key.get_secret_value() if settings.commands.master_key else ""
-    commands = CommandDispatcher(
-        command_link, journal, master, prefix, settings.commands.ack_timeout_s, settings.commands.qos
+    master = s.commands.master_key.get_secret_value() if s.commands.master_key else ""
+    dispatcher = CommandDispatcher(
+        command_link,
+        journal,
+        master,
+        prefix,
+        s.commands.ack_timeout_s,
+        s.commands.qos,
+        observe=app[MONITOR].command_duration.observe,
     )
-    ingest = Ingest(fleet, state, journal, prefix, limits, commands.on_ack)
-    holder.append(ingest)
+    ingest = Ingest(app[FLEET], app[STATE], journal, prefix, limits, dispatcher.on_ack)
+    link = MqttLink(s.mqtt, ingest.handle, [f"{prefix}/#"])
     journal.set_ack(link.ack)
-    store = Store(settings.state.dir / "gateway.sqlite3")
-    booking = Booking(store, fleet, commands, journal, settings.commands.early_grace_s)
-    limiter = RateLimiter(settings.api.rate_limit_per_min)
-    return Runtime(settings, fleet, state, journal, writer, link, command_link, ingest, commands, booking, limiter)
-
-
-def _spawn(rt: Runtime, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-    """A background task whose death is logged at once and shown in /healthz, not found at shutdown."""
-    task = asyncio.create_task(coro, name=name)
-
-    def done(t: asyncio.Task[None]) -> None:
-        if not t.cancelled() and (exc := t.exception()) is not None:
-            log.error("background task %s stopped: %r", name, exc, exc_info=exc)
-            rt.dead_tasks[name] = repr(exc)[:200]
-
-    task.add_done_callback(done)
-    return task
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    # A task that died was logged when it did; shutdown goes on regardless.
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-
-
-async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
-    writer_task = _spawn(rt, rt.writer.run(), "influx-writer")
-    sealer_task = _spawn(rt, rt.journal.run_sealer(), "journal-sealer")
-    yield
-    await _cancel(sealer_task)
-    await _cancel(writer_task)
-    drained = await rt.writer.drain(DRAIN_DEADLINE_S)
-    if not drained:
-        log.warning(
-            "shutdown: %d batch(es) not yet in InfluxDB stay in the journal for the next start",
-            len(rt.journal.segments),
-        )
-    await rt.writer.sink.close()
-
-
-async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
-    tasks = [_spawn(rt, rt.link.run(), "mqtt-link"), _spawn(rt, rt.command_link.run(), "mqtt-command-link")]
+    app[LINK], app[COMMAND_LINK], app[DISPATCHER], app[INGEST] = link, command_link, dispatcher, ingest
+    tasks = [sup.spawn(link.run(), "mqtt-link"), sup.spawn(command_link.run(), "mqtt-command-link")]
     yield
     for task in tasks:
-        await _cancel(task)
+        await sup.cancel(task)
     # Seal and acknowledge what is open before saying goodbye to the broker.
-    rt.journal.seal()
-    await rt.link.close()
-    await rt.command_link.close()
+    journal.seal()
+    await link.close()
+    await command_link.close()
 
 
 async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
-    task = _spawn(rt, rt.booking.run_start_unlocks(), "start-unlocks")
+    s, sup = app[SETTINGS], app[SUPERVISOR]
+    booking = Booking(app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s)
+    starts = StartUnlocks(app[STORE], booking.send_command)
+    booking.on_change = starts.wake
+    app[BOOKING], app[START_UNLOCKS] = booking, starts
+    task = sup.spawn(starts.run(), "start-unlocks")
     yield
-    await _cancel(task)
-    await rt.booking.close()
-    rt.booking.store.close()
+    await sup.cancel(task)
+    await starts.close()
 
 
 async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
+    s, sup, journal, state, store = app[SETTINGS], app[SUPERVISOR], app[JOURNAL], app[STATE], app[STORE]
+    state_file = s.state.dir / STATE_FILE
+    link, command_link, dispatcher, ingest, writer = (
+        app[LINK], app[COMMAND_LINK], app[DISPATCHER], app[INGEST], app[WRITER],
+    )  # fmt: skip
 
-    state_file = rt.settings.state.dir / STATE_FILE
+    def snapshot() -> Snapshot:
+        return Snapshot(
+            ingest=ingest.stats,
+            writer=writer.stats,
+            journal=journal,
+            broker_connected=link.connected and command_link.connected,
+            broker_connects=link.connects,
+            vehicles_reporting=state.reporting_count(),
+            vehicles_online=state.online_count(),
+            commands=dict(dispatcher.results),
+            unmatched_acks=dispatcher.unmatched_acks,
+            dead_tasks=dict(sup.dead),
+        )
+
+    app[MONITOR].watch(snapshot)
 
     async def report() -> None:
         while True:
             await asyncio.sleep(SELF_REPORT_INTERVAL_S)
-            rt.journal.append(self_report_line(rt.snapshot(), rt.settings.instance, int(time.time() * 1000)))
-            save_state()
+            journal.append(self_report_line(snapshot(), s.instance, now_ms()))
+            try:
+                state.save(state_file)
+            except OSError as e:
+                log.warning("cannot save the vehicle state to %s: %s", state_file, e)
 
-    def save_state() -> None:
-        try:
-            rt.state.save(state_file)
-        except OSError as e:
-            log.warning("cannot save the vehicle state to %s: %s", state_file, e)
+    async def prune() -> None:
+        while True:
+            try:
+                gone = await store.prune(now_ms())
+            except StoreError as e:
+                log.error("pruning the store: %s", e)
+            else:
+                if gone:
+                    log.info("pruned %d idempotency keys and audit records past their retention", gone)
+            await asyncio.sleep(PRUNE_INTERVAL_S)
 
-    task = _spawn(rt, report(), "self-report")
+    tasks = [sup.spawn(report(), "self-report"), sup.spawn(prune(), "prune-store")]
     yield
-    await _cancel(task)
-    save_state()
+    for task in tasks:
+        await sup.cancel(task)
 
 
 def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.Application:
-    from gateway.http.routes import setup_routes
-
+    """The whole gateway as an aiohttp app; nothing is opened until it starts."""
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware(tuple(k.get_secret_value() for k in settings.api.keys))],
+        middlewares=[errors_middleware, auth_middleware(settings.api.keys)],
         client_max_size=settings.http.max_body_bytes,
     )
-    app[RUNTIME] = build_runtime(settings, fleet, sink or make_sink(settings.influx))
-    app.cleanup_ctx.extend([storage_ctx, mqtt_ctx, booking_ctx, housekeeping_ctx])
+    app[SETTINGS] = settings
+    app[FLEET] = fleet
+    app[SUPERVISOR] = Supervisor()
+    app[MONITOR] = Monitor()
+    app[LIMITER] = RateLimiter(settings.api.rate_limit_per_min)
+    app.cleanup_ctx.extend(
+        [journal_ctx, sink_ctx(sink), writer_ctx, store_ctx, state_ctx, mqtt_ctx, booking_ctx, housekeeping_ctx]
+    )
     setup_routes(app)
     return app

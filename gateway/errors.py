@@ -1,16 +1,35 @@
 """The gateway's errors, in one small tree.
 
     GatewayError
-     ├── ConfigError            invalid settings or fleet file; start-up stops (exit 2)
-     ├── PayloadError           a car message broke the contract; carries `reason`
-     ├── SinkError              InfluxDB did not take a batch
-     │    ├── SinkUnavailable   connection refused, timeout, 5xx: retry later
-     │    └── SinkRejected      4xx, the data itself is bad: drop and count
-     ├── BrokerUnavailable      the MQTT broker is not connected right now
-     └── ApiError               an HTTP request cannot be served; carries status and code
+     ├── ConfigError              invalid settings or fleet file; start-up stops (exit 2)
+     ├── StartupError             a resource cannot be opened at start; start-up stops (exit 2)
+     ├── PayloadError             a car message broke the contract; carries `reason`
+     ├── SinkError                InfluxDB did not take a batch
+     │    ├── SinkUnavailable     connection refused, timeout, 5xx: retry later
+     │    └── SinkRejected        4xx, the data itself is bad: drop and count
+     ├── BrokerUnavailable        the MQTT broker is not connected right now
+     ├── StoreError               the store (database) failed an operation
+     └── DomainError              a request the booking rules refuse
+          ├── NotFound
+          │    ├── UnknownVehicle
+          │    └── UnknownReservation
+          ├── InvalidInput         carries `field`
+          │    ├── InvalidReservation
+          │    ├── InvalidBody
+          │    ├── InvalidQuery
+          │    └── InvalidIdempotencyKey
+          ├── IdempotencyKeyReused
+          ├── Conflict
+          │    ├── ReservationConflict     carries the reservation in the way
+          │    ├── ReservationCancelled
+          │    └── ReservationNotActive
+          └── RateLimited          carries `retry_after_s`
 
-Errors from libraries below (paho, aiohttp, sqlite3) are converted at the
-boundary where they are caught, with ``raise … from``.
+Domain errors say what is wrong in the booking system's terms and know
+nothing of HTTP: ``gateway/http/problems.py`` holds the one table that maps
+each to a status and the contract's ``code``. Errors from libraries below
+(sqlite3, aiohttp, OS) are converted at the boundary where they are caught,
+with ``raise … from``.
 """
 
 from __future__ import annotations
@@ -22,6 +41,10 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError):
     """The configuration is invalid. The message names the key and the problem."""
+
+
+class StartupError(GatewayError):
+    """Something the gateway needs could not be opened at start. The message names it and why."""
 
 
 class PayloadError(GatewayError):
@@ -49,15 +72,84 @@ class BrokerUnavailable(GatewayError):
     """The MQTT connection is down, so a command cannot be sent."""
 
 
-class ApiError(GatewayError):
-    """An HTTP request that is answered with an error body.
+class StoreError(GatewayError):
+    """The store could not carry out an operation (disk, database)."""
 
-    ``code`` is the snake_case code of the contract's error body.
-    """
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+class DomainError(GatewayError):
+    """A request that the booking rules refuse. ``message`` is for a person."""
+
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.status = status
-        self.code = code
         self.message = message
-        self.headers = headers or {}
+
+
+class NotFound(DomainError):
+    pass
+
+
+class UnknownVehicle(NotFound):
+    def __init__(self, vehicle_id: str) -> None:
+        super().__init__(f"no vehicle {vehicle_id[:40]!r} in the fleet registry")
+        self.vehicle_id = vehicle_id
+
+
+class UnknownReservation(NotFound):
+    def __init__(self, reservation_id: str) -> None:
+        super().__init__(f"no reservation {reservation_id[:64]!r}")
+        self.reservation_id = reservation_id
+
+
+class InvalidInput(DomainError):
+    """A field of a request is wrong; the message starts with the field's name."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class InvalidReservation(InvalidInput):
+    """A reservation's body or id breaks the rules."""
+
+
+class InvalidBody(InvalidInput):
+    """An unlock or lock body is wrong."""
+
+
+class InvalidQuery(InvalidInput):
+    """A query parameter is unknown or out of range."""
+
+
+class InvalidIdempotencyKey(InvalidInput):
+    pass
+
+
+class IdempotencyKeyReused(DomainError):
+    """The key was used, or is in use, for a different request."""
+
+
+class Conflict(DomainError):
+    pass
+
+
+class ReservationConflict(Conflict):
+    """The car is already reserved by ``other_id`` for an overlapping span."""
+
+    def __init__(self, message: str, other_id: str) -> None:
+        super().__init__(message)
+        self.other_id = other_id
+
+
+class ReservationCancelled(Conflict):
+    """A cancelled reservation cannot be changed; the booking system must use a new id."""
+
+
+class ReservationNotActive(Conflict):
+    """The reservation cannot open this car now (not started, ended, cancelled, or another car)."""
+
+
+class RateLimited(DomainError):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,14 +1,37 @@
-"""Counters as Prometheus text, the `gateway` self-report point, and the health verdict."""
+"""What the gateway says about itself: ``/metrics``, ``/healthz`` and the `gateway` self-report point.
+
+``/metrics`` follows Prometheus's own conventions through ``prometheus_client``:
+``text/plain; version=0.0.4``, durations as histograms in seconds, counters
+ending in ``_total``, and a labelled family that has no sample yet shows no
+sample at all (never one without its labels). Each app has its own registry,
+so two gateways in one test process never share a counter.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from gateway.ingest.journal import Journal
 from gateway.ingest.lineproto import line
 from gateway.ingest.pipeline import IngestStats
 from gateway.ingest.writer import WriterStats
+
+__all__ = ["CONTENT_TYPE", "Monitor", "Snapshot", "health", "self_report_line"]
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+# A `_created` series beside every counter is OpenMetrics' idea, not the 0.0.4 format's.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+WRITE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A car answers in tens of milliseconds; the ack timeout is seconds.
+COMMAND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass
@@ -50,62 +73,87 @@ def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
     return not degraded, body
 
 
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus(s: Snapshot) -> str:
-    out: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
-
+def families(s: Snapshot) -> Iterable[Metric]:
+    """The counters and gauges of one snapshot, as Prometheus metric families."""
     i, w, j = s.ingest, s.writer, s.journal
-    metric("gateway_messages_received_total", "counter", "Car messages received.", [({}, i.received)])
-    metric("gateway_messages_accepted_total", "counter", "Car messages that passed validation.", [({}, i.accepted)])
-    metric(
-        "gateway_messages_rejected_total",
-        "counter",
-        "Car messages rejected, by reason and kind.",
-        [({"reason": r, "kind": k}, n) for (r, k), n in sorted(i.rejected_by.items())] or [({}, 0)],
+
+    def counter(name: str, help_: str, value: float) -> Metric:
+        return CounterMetricFamily(name.removesuffix("_total"), help_, value=value)
+
+    def gauge(name: str, help_: str, value: float) -> Metric:
+        return GaugeMetricFamily(name, help_, value=value)
+
+    yield counter("gateway_messages_received_total", "Car messages received.", i.received)
+    yield counter("gateway_messages_accepted_total", "Car messages that passed validation.", i.accepted)
+    rejected = CounterMetricFamily(
+        "gateway_messages_rejected", "Car messages rejected, by reason and kind.", labels=["reason", "kind"]
     )
-    metric("gateway_points_written_total", "counter", "Points stored in InfluxDB.", [({}, w.points_written)])
-    metric("gateway_points_dropped_total", "counter", "Points InfluxDB refused as invalid.", [({}, w.points_dropped)])
-    metric("gateway_write_errors_total", "counter", "Failed writes to InfluxDB (retried).", [({}, w.write_errors)])
-    metric("gateway_write_latency_ms", "gauge", "Duration of the last InfluxDB write.", [({}, w.last_latency_ms)])
-    metric("gateway_influx_healthy", "gauge", "1 if the last InfluxDB write succeeded.", [({}, int(w.healthy))])
-    metric("gateway_queue_depth", "gauge", "Points not yet stored in InfluxDB.", [({}, j.pending_points)])
-    metric("gateway_journal_bytes", "gauge", "Bytes in the on-disk journal.", [({}, j.disk_bytes)])
-    metric("gateway_journal_max_bytes", "gauge", "Bound of the on-disk journal.", [({}, j.max_bytes)])
-    metric("gateway_journal_batches", "gauge", "Sealed batches waiting for InfluxDB.", [({}, len(j.segments))])
-    metric(
-        "gateway_qos0_dropped_total",
-        "counter",
-        "QoS 0 messages dropped while the journal was full.",
-        [({}, j.dropped_qos0)],
-    )
-    metric("gateway_broker_connected", "gauge", "1 if connected to the MQTT broker.", [({}, int(s.broker_connected))])
-    metric("gateway_broker_connects_total", "counter", "Successful MQTT connections.", [({}, s.broker_connects)])
-    reporting: list[tuple[dict[str, str], float]] = [({}, s.vehicles_reporting)]
-    metric("gateway_vehicles_reporting", "gauge", "Cars heard from, saved state included.", reporting)
-    metric("gateway_vehicles_online", "gauge", "Cars whose last status says online.", [({}, s.vehicles_online)])
-    metric(
-        "gateway_commands_total",
-        "counter",
-        "Commands sent to cars, by result.",
-        [({"result": r}, n) for r, n in sorted(s.commands.items())] or [({}, 0)],
-    )
-    metric(
+    for (reason, kind), n in sorted(i.rejected_by.items()):
+        rejected.add_metric([reason, kind], n)
+    yield rejected
+    yield counter("gateway_points_written_total", "Points stored in InfluxDB.", w.points_written)
+    yield counter("gateway_points_dropped_total", "Points InfluxDB refused as invalid.", w.points_dropped)
+    yield counter("gateway_write_errors_total", "Failed writes to InfluxDB (retried).", w.write_errors)
+    yield gauge("gateway_influx_healthy", "1 if the last InfluxDB write succeeded.", int(w.healthy))
+    yield gauge("gateway_queue_depth", "Points not yet stored in InfluxDB.", j.pending_points)
+    yield gauge("gateway_journal_bytes", "Bytes in the on-disk journal.", j.disk_bytes)
+    yield gauge("gateway_journal_max_bytes", "Bound of the on-disk journal.", j.max_bytes)
+    yield gauge("gateway_journal_batches", "Sealed batches waiting for InfluxDB.", len(j.segments))
+    yield counter("gateway_qos0_dropped_total", "QoS 0 messages dropped while the journal was full.", j.dropped_qos0)
+    yield gauge("gateway_broker_connected", "1 if connected to the MQTT broker.", int(s.broker_connected))
+    yield counter("gateway_broker_connects_total", "Successful MQTT connections.", s.broker_connects)
+    yield gauge("gateway_vehicles_reporting", "Cars heard from, saved state included.", s.vehicles_reporting)
+    yield gauge("gateway_vehicles_online", "Cars whose last status says online.", s.vehicles_online)
+    commands = CounterMetricFamily("gateway_commands", "Commands sent to cars, by result.", labels=["result"])
+    for result, n in sorted(s.commands.items()):
+        commands.add_metric([result], n)
+    yield commands
+    yield counter(
         "gateway_acks_unmatched_total",
-        "counter",
         "Car acks for no waiting command: late (after the timeout) or another instance's.",
-        [({}, s.unmatched_acks)],
+        s.unmatched_acks,
     )
-    return "\n".join(out) + "\n"
+
+
+class _SnapshotCollector:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        return families(self.snapshot())
+
+
+class Monitor:
+    """One app's metrics: the histograms the parts observe into, and the snapshot the rest is read from."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.write_duration = Histogram(
+            "gateway_write_duration_seconds",
+            "Duration of each batch written to InfluxDB.",
+            buckets=WRITE_BUCKETS,
+            registry=self.registry,
+        )
+        self.command_duration = Histogram(
+            "gateway_command_duration_seconds",
+            "From publishing a command to the car's ack (or the timeout).",
+            buckets=COMMAND_BUCKETS,
+            registry=self.registry,
+        )
+        self._snapshot: Callable[[], Snapshot] | None = None
+
+    def watch(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Start reporting what `snapshot` returns (once the parts it reads exist)."""
+        self._snapshot = snapshot
+        self.registry.register(_SnapshotCollector(snapshot))
+
+    def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            raise RuntimeError("Monitor.watch() was not called")
+        return self._snapshot()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 def self_report_line(s: Snapshot, instance: str, ts_ms: int) -> bytes:

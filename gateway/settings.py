@@ -8,6 +8,7 @@ Any problem becomes one :class:`ConfigError` whose message names the key.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from gateway.errors import ConfigError
+from gateway.ids import API_KEY_NAME, INSTANCE
 
 ENV_PREFIX = "GATEWAY__"
 
@@ -63,6 +65,9 @@ class InfluxSettings(_Section):
     password: SecretStr | None = None
     timeout_s: float = Field(10.0, gt=0)
     create_database: bool = True
+    # At start, how long to wait for InfluxDB to answer before giving up (exit 2): long enough
+    # for a container started beside it, short enough that a wrong URL is reported at once.
+    start_timeout_s: float = Field(10.0, ge=0)
 
     _api_version = field_validator("api_version", mode="before")(_digits_to_int)
 
@@ -92,8 +97,24 @@ class HttpSettings(_Section):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
 
 
+class ApiKey(_Section):
+    """One API key: ``name`` is the caller in the audit and logs; the secret is never shown."""
+
+    name: str
+    secret: SecretStr
+
+    @classmethod
+    def parse(cls, entry: str) -> ApiKey:
+        """``name:secret``, or a bare secret named by its first 4 characters and a hash."""
+        name, sep, secret = entry.partition(":")
+        if sep and API_KEY_NAME.matches(name) and secret:
+            return cls(name=name, secret=SecretStr(secret))
+        digest = hashlib.sha256(entry.encode()).hexdigest()[:8]
+        return cls(name=f"{entry[:4]}-{digest}", secret=SecretStr(entry))
+
+
 class ApiSettings(_Section):
-    keys: tuple[SecretStr, ...] = ()
+    keys: tuple[ApiKey, ...] = ()
     # Unlock/lock calls allowed per API key per minute.
     rate_limit_per_min: int = Field(600, ge=1)
 
@@ -101,7 +122,18 @@ class ApiSettings(_Section):
     @classmethod
     def _split(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return tuple(k.strip() for k in v.split(",") if k.strip())
+            v = [k.strip() for k in v.split(",") if k.strip()]
+        if isinstance(v, list | tuple):
+            return tuple(ApiKey.parse(k) if isinstance(k, str) else k for k in v)
+        return v
+
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, v: tuple[ApiKey, ...]) -> tuple[ApiKey, ...]:
+        names = [k.name for k in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"two keys share the name {dupes[0]!r}; names must be unique")
         return v
 
 
@@ -123,7 +155,7 @@ class FleetSettings(_Section):
 
 
 class Settings(_Section):
-    instance: str = Field("gw1", pattern=r"^[A-Za-z0-9_.-]+$")
+    instance: str = Field("gw1", pattern=INSTANCE.anchored)
     # Development mode allows empty or example secrets; production refuses them.
     dev_mode: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -215,5 +247,5 @@ def check_secrets(s: Settings) -> None:
     if not s.api.keys:
         raise ConfigError("api.keys: no API key configured (set GATEWAY__API__KEYS)")
     for k in s.api.keys:
-        if k.get_secret_value() in EXAMPLE_SECRETS or len(k.get_secret_value()) < 16:
-            raise ConfigError("api.keys: an API key is an example value or shorter than 16 characters")
+        if k.secret.get_secret_value() in EXAMPLE_SECRETS or len(k.secret.get_secret_value()) < 16:
+            raise ConfigError(f"api.keys: key {k.name!r} is an example value or shorter than 16 characters")

@@ -124,3 +124,32 @@ def make_journal(directory: Path, **kw: Any) -> Any:
     }
     opts.update(kw)
     return Journal(directory, **opts)
+
+
+class Parts:
+    """A running gateway app's parts, read through its typed keys (for assertions and fault injection)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __getattr__(self, name: str) -> Any:
+        from gateway import app as gw
+        from gateway.http import keys
+
+        key = {
+            "link": gw.LINK,
+            "command_link": gw.COMMAND_LINK,
+            "dispatcher": gw.DISPATCHER,
+            "ingest": gw.INGEST,
+            "journal": gw.JOURNAL,
+            "writer": gw.WRITER,
+            "store": gw.STORE,
+            "supervisor": gw.SUPERVISOR,
+            "start_unlocks": gw.START_UNLOCKS,
+            "booking": keys.BOOKING,
+            "state": keys.STATE,
+            "monitor": keys.MONITOR,
+        }.get(name)
+        if key is None:
+            raise AttributeError(name)
+        return self.app[key]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from device_sim import Behaviour, SimConfig, SimFleet
-from gateway.app import RUNTIME, init_app
+from gateway.app import init_app
 from gateway.fleet import load_fleet
-from gateway.rules.reservations import parse_body
-from gateway.store.sqlite import Store
+from gateway.rules.reservations import ReservationRequest, new_reservation
+from gateway.store.sqlite import open_sqlite
+from gateway.times import rfc3339_ms
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, async_wait_for, gateway_settings, influx_query
+from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ class Env:
 
     @property
     def rt(self) -> Any:
-        return self.client.app[RUNTIME]  # type: ignore[index]
+        return Parts(self.client.app)
 
     async def put(self, rid: str, data: dict[str, Any]) -> tuple[int, Any]:
         r = await self.client.put(f"/v1/reservations/{rid}", json=data, headers=AUTH)
@@ -155,7 +155,7 @@ async def test_command_rejected_by_the_car_is_502(env: Env) -> None:
 
     rt = env.rt
     forged = CommandDispatcher(rt.command_link, rt.journal, "some-other-master-key", env.unique.prefix, ACK_TIMEOUT_S)
-    rt.booking.commands = forged
+    rt.booking.sender = forged
     rt.ingest.on_ack = forged.on_ack
     assert (await env.put("R-f", body("ZOE-010")))[0] == 201
     status, answer = await env.post("/v1/vehicles/ZOE-010/unlock", {"reservation_id": "R-f"})
@@ -222,14 +222,14 @@ async def test_reservation_crud_conflicts_and_listing(env: Env) -> None:
 async def test_idempotency_key_replays_the_first_answer_without_a_second_command(env: Env) -> None:
     assert (await env.put("R-i", body("ZOE-012")))[0] == 201
     key = {"Idempotency-Key": "k-1"}
-    sent_before = env.rt.commands.results.total()
+    sent_before = env.rt.dispatcher.results.total()
     first, second = await asyncio.gather(
         env.post("/v1/vehicles/ZOE-012/unlock", {"reservation_id": "R-i"}, key),
         env.post("/v1/vehicles/ZOE-012/unlock", {"reservation_id": "R-i"}, key),
     )
     third = await env.post("/v1/vehicles/ZOE-012/unlock", {"reservation_id": "R-i"}, key)
     assert first == second == third and first[0] == 200
-    assert env.rt.commands.results.total() == sent_before + 1
+    assert env.rt.dispatcher.results.total() == sent_before + 1
     status, answer = await env.post("/v1/vehicles/ZOE-012/lock", {"reservation_id": "R-i"}, key)
     assert status == 422 and answer["error"]["code"] == "idempotency_key_reused"
 
@@ -266,10 +266,14 @@ async def test_unlock_at_start_and_restart_survival(
         await env.client.close()  # the gateway stops (cleanup contexts run)
 
         # While it is down, a reservation's start passes: it must be unlocked exactly once after restart.
-        store = Store(tmp_path / "gateway.sqlite3")
-        missed = parse_body("R-m", body("KANGOO-003", start=-1, end=60, unlock_at_start=True), FLEET.vehicles)
-        assert store.put_checked(replace(missed, created_ms=1, updated_ms=1), 0) is None
-        store.close()
+        store = open_sqlite(tmp_path / "gateway.sqlite3")
+        b = body("KANGOO-003", start=-1, end=60)
+        req = ReservationRequest(
+            "KANGOO-003", "U-42", rfc3339_ms(b["starts_at"]), rfc3339_ms(b["ends_at"]), "public", True
+        )
+        missed = new_reservation("R-m", req, FLEET.vehicles, 1, "booking-test")
+        assert await store.put_reservation(missed, 0) is None
+        await store.close()
 
         env2 = await start_env(stack, unique, tmp_path, aiohttp_client, sim)
         await async_wait_for(lambda: sim.doors("KANGOO-003")[0] is False, timeout=10, what="unlock after restart")
@@ -287,7 +291,7 @@ async def test_an_idempotency_key_in_flight_is_not_shared_with_another_request(e
     # ZOE-003 never answers, so the first call is still waiting when the second arrives.
     key = {"Idempotency-Key": "k-busy"}
     first = asyncio.create_task(env.post("/v1/vehicles/ZOE-003/lock", {}, key))
-    await async_wait_for(lambda: env.rt.commands.in_flight == 1, what="first lock in flight")
+    await async_wait_for(lambda: env.rt.dispatcher.in_flight == 1, what="first lock in flight")
     status, answer = await env.post("/v1/vehicles/ZOE-002/lock", {}, key)
     assert status == 422 and answer["error"]["code"] == "idempotency_key_reused"
     assert (await first)[0] == 504

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.http.routes import setup_routes
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, async_wait_for, gateway_settings, influx_query, mosquitto_pub
+from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query, mosquitto_pub
 
 DASHBOARDS = REPO / "dashboards"
 JSON_DIR = DASHBOARDS / "json"
@@ -217,7 +217,7 @@ class Populated:
 
 async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
     from device_sim import Fault, Intervals, SimConfig, SimFleet
-    from gateway.app import RUNTIME, init_app
+    from gateway.app import init_app
     from gateway.fleet import load_fleet
     from gateway.metrics import self_report_line
 
@@ -228,9 +228,9 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
     now_ms = lambda: int(time.time() * 1000)  # noqa: E731
 
     async with TestClient(TestServer(init_app(settings, fleet))) as client:
-        rt = client.app[RUNTIME]  # type: ignore[index]
+        rt = Parts(client.app)
         await async_wait_for(lambda: rt.link.connected, what="the gateway connected to the broker")
-        first_report = self_report_line(rt.snapshot(), "test", now_ms() - 20_000)
+        first_report = self_report_line(rt.monitor.snapshot(), "test", now_ms() - 20_000)
 
         cfg = SimConfig(
             host="127.0.0.1", port=stack.broker.port, prefix=unique.prefix, fleet=fleet, vehicles=SIM_CARS,
@@ -247,7 +247,7 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
                                       headers=AUTH)  # fmt: skip
                 assert r.status == 200, await r.text()
             else:
-                outcome = await rt.commands.send(VEHICLE, "unlock", "R-DASH-UNLOCK")
+                outcome = await rt.dispatcher.send(VEHICLE, "unlock", "R-DASH-UNLOCK", "dashboards-test")
                 assert outcome.result == "done", outcome
             # Someone must drive for the route, speed and hours-driven panels.
             await async_wait_for(
@@ -283,7 +283,7 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
                              what="the crafted messages in InfluxDB")  # fmt: skip
         await async_wait_for(lambda: len(q('SELECT * FROM "rejected"')) >= 4, what="4 rejected messages")
         rt.journal.append(first_report)
-        rt.journal.append(self_report_line(rt.snapshot(), "test", now_ms()))
+        rt.journal.append(self_report_line(rt.monitor.snapshot(), "test", now_ms()))
         await async_wait_for(lambda: len(q('SELECT * FROM "gateway"')) >= 2, what="2 gateway self-reports")
         await async_wait_for(lambda: q('SELECT * FROM "commands"'), what="the unlock in InfluxDB")
         if HAS_RESERVATIONS:

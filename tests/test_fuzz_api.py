@@ -44,10 +44,10 @@ from schemathesis.checks import (
 from schemathesis.generation import GenerationMode
 
 from device_sim import SimConfig, SimFleet
-from gateway.app import RUNTIME, init_app
+from gateway.app import init_app
 from gateway.fleet import load_fleet
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, async_wait_for, gateway_settings
+from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,7 +80,7 @@ async def api(stack: Stack, unique: Unique, tmp_path: Path, aiohttp_server: Call
     async with SimFleet(sim_cfg) as sim:
         await sim.wait_ready(timeout=15)
         server = await aiohttp_server(init_app(settings_, FLEET), host="127.0.0.1")
-        rt = server.app[RUNTIME]
+        rt = Parts(server.app)
         await async_wait_for(lambda: rt.link.connected, what="gateway connected to the broker")
         yield Api(f"http://127.0.0.1:{server.port}", server.port, rt)
 
@@ -181,8 +181,8 @@ async def test_schemathesis_every_operation_as_served_and_narrowed(api: Api) -> 
     assert not failures, f"{len(failures)} failure(s) in {calls_a + calls_b} calls:\n" + "\n".join(failures[:15])
     assert calls_a + calls_b > 200
     # The narrowed run really reached the cars and the reservations.
-    assert api.rt.commands.results["done"] > 0, dict(api.rt.commands.results)
-    assert api.rt.booking.store.query(None, None, None, 100)
+    assert api.rt.dispatcher.results["done"] > 0, dict(api.rt.dispatcher.results)
+    assert await api.rt.store.list_reservations(None, None, None, 100)
 
 
 # ---- hand-written hostile requests ---------------------------------------------------------------

@@ -34,9 +34,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from gateway.app import RUNTIME, init_app
+from gateway.app import init_app
 from tests.conftest import Stack, Unique
-from tests.helpers import async_wait_for, gateway_settings, influx_query
+from tests.helpers import Parts, async_wait_for, gateway_settings, influx_query
 from tests.payload_strategies import CAP, FLEET, N_MESSAGES, Expect, draw_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -92,7 +92,7 @@ async def test_fuzzed_messages_never_stop_ingest_and_are_all_accounted(
     url = f"http://127.0.0.1:{stack.influx.port}"
     settings_ = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
     client = await aiohttp_client(init_app(settings_, FLEET))
-    rt = client.app[RUNTIME]
+    rt = Parts(client.app)
     await async_wait_for(lambda: rt.link.connected, what="gateway connected to the broker")
 
     now_ms = int(time.time() * 1000)

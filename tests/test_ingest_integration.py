@@ -16,10 +16,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.app import RUNTIME, init_app
+from gateway.app import init_app
 from gateway.fleet import load_fleet
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, REPO, async_wait_for, gateway_settings, influx_query, mosquitto_pub
+from tests.helpers import AUTH, REPO, Parts, async_wait_for, gateway_settings, influx_query, mosquitto_pub
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ class Gw:
         self.client = client
         self.stack = stack
         self.unique = unique
-        self.rt = client.app[RUNTIME]  # type: ignore[index]
+        self.rt = Parts(client.app)
 
     def topic(self, vehicle: str, kind: str) -> str:
         return f"{self.unique.prefix}/{vehicle}/{kind}"
@@ -177,7 +177,7 @@ async def test_health_metrics_and_self_report(gw: Gw) -> None:
 
     from gateway.metrics import self_report_line
 
-    gw.rt.journal.append(self_report_line(gw.rt.snapshot(), "test", 1795683600000))
+    gw.rt.journal.append(self_report_line(gw.rt.monitor.snapshot(), "test", 1795683600000))
     (row,) = await gw.rows("SELECT * FROM gateway", 1)
     assert row["instance"] == "test" and row["received"] == 2 and row["rejected"] == 1
 
@@ -198,9 +198,9 @@ async def test_latest_state_survives_a_restart(
     url = f"http://127.0.0.1:{stack.influx.port}"
     settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
     first = await aiohttp_client(init_app(settings, FLEET))
-    await async_wait_for(lambda: first.app[RUNTIME].link.connected, what="connected")
+    await async_wait_for(lambda: Parts(first.app).link.connected, what="connected")
     await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-009/location", '{"lat": 48.74, "lon": -0.02}')
-    await async_wait_for(lambda: first.app[RUNTIME].state.reporting_count() == 1, what="location received")
+    await async_wait_for(lambda: Parts(first.app).state.reporting_count() == 1, what="location received")
     await first.close()  # shutdown saves the state
 
     second = await aiohttp_client(init_app(settings, FLEET))
@@ -225,7 +225,7 @@ async def test_two_gateways_split_a_fleet_with_a_shared_subscription(
             mqtt__client_id=f"{unique.database}-{name}",
         )
         clients.append(await aiohttp_client(init_app(settings, FLEET)))
-    runtimes = [c.app[RUNTIME] for c in clients]
+    runtimes = [Parts(c.app) for c in clients]
     await async_wait_for(lambda: all(rt.link.connected for rt in runtimes), what="both connected")
     payloads = [orjson.dumps({"soc_pct": 50, "ts": T0 + i}).decode() for i in range(2000)]
     for car in ("ZOE-001", "ZOE-002", "ZOE-003", "ZOE-004"):
@@ -247,6 +247,9 @@ class BrokenSink:
     async def write(self, batch: bytes) -> None:
         raise RuntimeError("a bug in a sink")
 
+    async def check(self, timeout_s: float) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -257,10 +260,10 @@ async def test_a_background_task_that_dies_is_logged_and_shown_in_healthz(
     url = f"http://127.0.0.1:{stack.influx.port}"
     settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
     client = await aiohttp_client(init_app(settings, FLEET, sink=BrokenSink()))
-    rt = client.app[RUNTIME]
+    rt = Parts(client.app)
     await async_wait_for(lambda: rt.link.connected, what="connected")
     await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-001/battery", '{"soc_pct": 50}')
-    await async_wait_for(lambda: "influx-writer" in rt.dead_tasks, what="the writer's death noticed")
+    await async_wait_for(lambda: "influx-writer" in rt.supervisor.dead, what="the writer's death noticed")
     r = await client.get("/healthz")
     body = await r.json()
     assert r.status == 503 and "a bug in a sink" in body["degraded"]["task influx-writer"]
@@ -278,7 +281,7 @@ async def test_a_retained_will_sets_online_but_is_not_news(
     url = f"http://127.0.0.1:{stack.influx.port}"
     settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
     client = await aiohttp_client(init_app(settings, FLEET))
-    rt = client.app[RUNTIME]
+    rt = Parts(client.app)
     await async_wait_for(lambda: rt.ingest.stats.accepted == 1, what="the retained status delivered")
     car = await (await client.get("/v1/vehicles/ZOE-007", headers=AUTH)).json()
     assert car["online"] is False and car["last_seen"] is None  # known offline, not "seen just now"

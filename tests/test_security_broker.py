@@ -30,12 +30,12 @@ import pytest
 from device_sim import SimConfig, SimFleet
 from device_sim.mqtt import MqttClient, MqttConnectError, MqttError
 from device_sim.physics import rfc3339_ms
-from gateway.app import RUNTIME, init_app
+from gateway.app import init_app
 from gateway.fleet import load_fleet
 from gateway.provision import mqtt_password
 from gateway.signing import sign, vehicle_key
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, async_wait_for, gateway_settings, influx_query
+from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
 from tests.secure_broker import SecureBroker, start_secure_broker
 
 pytestmark = pytest.mark.integration
@@ -252,7 +252,7 @@ async def test_the_gateway_and_the_cars_work_through_the_secured_broker(
         **{f"mqtt__{k}": v for k, v in mqtt.items()},
     )
     client = await aiohttp_client(init_app(settings, FLEET))
-    rt = client.app[RUNTIME]
+    rt = Parts(client.app)
     await async_wait_for(lambda: rt.link.connected, 10, "the gateway logged in to the broker")
     # Telemetry: the cars' retained statuses and their reports reach InfluxDB.
     await async_wait_for(

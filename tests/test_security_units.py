@@ -213,7 +213,7 @@ async def test_an_ack_from_another_car_does_not_complete_a_command() -> None:
 
     link = Link()
     d = CommandDispatcher(link, Journal(), MASTER, "fleet", timeout_s=0.5)  # type: ignore[arg-type]
-    task = asyncio.create_task(d.send("ZOE-002", "unlock", "R-1"))
+    task = asyncio.create_task(d.send("ZOE-002", "unlock", "R-1", "test"))
     await asyncio.wait_for(link.published.wait(), 5)
     forged = {"command_id": link.sent[0]["command_id"], "status": "done"}
     with pytest.raises(PayloadError, match="ZOE-001"):

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway.booking.dispatcher import Ack, build_command, parse_ack, rfc3339_ms
 from gateway.errors import PayloadError
+from gateway.rules.commands import Ack, build_command, parse_ack, rfc3339_ms
 from gateway.signing import vehicle_key, verify
 
 MASTER = "a-master-key-of-decent-length"

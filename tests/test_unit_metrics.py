@@ -11,7 +11,7 @@ import pytest
 from gateway.ingest.journal import Journal
 from gateway.ingest.pipeline import IngestStats
 from gateway.ingest.writer import WriterStats
-from gateway.metrics import Snapshot, health, prometheus, self_report_line
+from gateway.metrics import CONTENT_TYPE, Monitor, Snapshot, health, self_report_line
 from tests.helpers import make_journal as new_journal
 
 
@@ -32,6 +32,12 @@ def snap(journal: Journal, **kw: Any) -> Snapshot:
     }
     opts.update(kw)
     return Snapshot(**opts)
+
+
+def prometheus(s: Snapshot, monitor: Monitor | None = None) -> str:
+    m = monitor or Monitor()
+    m.watch(lambda: s)
+    return m.render().decode()
 
 
 def fill(journal: Journal, nbytes: int) -> None:
@@ -122,11 +128,11 @@ async def test_prometheus_empty_is_valid_and_complete(tmp_path: Path) -> None:
     for name in (
         "gateway_messages_received_total",
         "gateway_messages_accepted_total",
-        "gateway_messages_rejected_total",
         "gateway_points_written_total",
         "gateway_points_dropped_total",
         "gateway_write_errors_total",
-        "gateway_write_latency_ms",
+        "gateway_write_duration_seconds_count",
+        "gateway_command_duration_seconds_count",
         "gateway_influx_healthy",
         "gateway_queue_depth",
         "gateway_journal_bytes",
@@ -137,10 +143,14 @@ async def test_prometheus_empty_is_valid_and_complete(tmp_path: Path) -> None:
         "gateway_broker_connects_total",
         "gateway_vehicles_reporting",
         "gateway_vehicles_online",
-        "gateway_commands_total",
     ):
         assert name in s, name
-        assert f"# TYPE {name} " in text and f"# HELP {name} " in text
+        family = name.removesuffix("_count")
+        assert f"# TYPE {family} " in text and f"# HELP {family} " in text
+    # A labelled family with nothing to count yet is declared, with no sample (never an unlabelled one).
+    for family in ("gateway_messages_rejected_total", "gateway_commands_total"):
+        assert f"# TYPE {family} counter" in text
+        assert not [k for k in s if k.startswith(family)], family
     assert s["gateway_influx_healthy"] == 1
     assert s["gateway_broker_connected"] == 1
     assert s["gateway_journal_max_bytes"] == 1000
@@ -150,7 +160,39 @@ async def test_prometheus_types(tmp_path: Path) -> None:
     text = prometheus(snap(make_journal(tmp_path)))
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
     for name, kind in types.items():
-        assert kind == ("counter" if name.endswith("_total") else "gauge"), name
+        if name.endswith("_seconds"):
+            assert kind == "histogram", name
+        else:
+            assert kind in ("counter", "gauge"), name
+    samples_ = samples(text)
+    for key in samples_:
+        name = key.split("{")[0]
+        family = re.sub(r"_(bucket|count|sum)$", "", name)
+        assert name.endswith("_total") == (types[family] == "counter"), name
+
+
+def test_content_type_is_prometheus_0_0_4() -> None:
+    assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
+
+
+async def test_durations_are_histograms_in_seconds(tmp_path: Path) -> None:
+    m = Monitor()
+    m.write_duration.observe(0.003)
+    m.write_duration.observe(0.2)
+    m.command_duration.observe(0.012)
+    s = samples(prometheus(snap(make_journal(tmp_path)), m))
+    assert s["gateway_write_duration_seconds_count"] == 2
+    assert s["gateway_write_duration_seconds_sum"] == pytest.approx(0.203)
+    assert s['gateway_write_duration_seconds_bucket{le="0.005"}'] == 1
+    assert s['gateway_write_duration_seconds_bucket{le="+Inf"}'] == 2
+    assert s['gateway_command_duration_seconds_bucket{le="0.01"}'] == 0
+    assert s['gateway_command_duration_seconds_bucket{le="0.025"}'] == 1
+
+
+def test_two_monitors_share_nothing(tmp_path: Path) -> None:
+    a, b = Monitor(), Monitor()
+    a.command_duration.observe(1.0)
+    assert samples(prometheus(snap(make_journal(tmp_path)), b))["gateway_command_duration_seconds_count"] == 0
 
 
 async def test_prometheus_values(tmp_path: Path) -> None:
@@ -178,13 +220,12 @@ async def test_prometheus_values(tmp_path: Path) -> None:
     )
     assert s["gateway_messages_received_total"] == 10
     assert s["gateway_messages_accepted_total"] == 7
-    assert s['gateway_messages_rejected_total{reason="bad_json",kind="battery"}'] == 2
-    assert s['gateway_messages_rejected_total{reason="unknown_vehicle",kind="unknown"}'] == 1
+    assert s['gateway_messages_rejected_total{kind="battery",reason="bad_json"}'] == 2
+    assert s['gateway_messages_rejected_total{kind="unknown",reason="unknown_vehicle"}'] == 1
     assert "gateway_messages_rejected_total" not in s  # no unlabelled zero once there are labelled series
     assert s["gateway_points_written_total"] == 5
     assert s["gateway_points_dropped_total"] == 1
     assert s["gateway_write_errors_total"] == 2
-    assert s["gateway_write_latency_ms"] == 12.5
     assert s["gateway_influx_healthy"] == 0
     assert s["gateway_queue_depth"] == 2  # one sealed point, one open
     assert s["gateway_journal_bytes"] == 100
@@ -202,7 +243,7 @@ async def test_prometheus_label_escaping(tmp_path: Path) -> None:
     ingest = IngestStats()
     ingest.rejected_by[('we"ird\\re\nason', "ack")] = 1
     text = prometheus(snap(make_journal(tmp_path), ingest=ingest))
-    assert 'gateway_messages_rejected_total{reason="we\\"ird\\\\re\\nason",kind="ack"} 1' in text
+    assert 'gateway_messages_rejected_total{kind="ack",reason="we\\"ird\\\\re\\nason"} 1.0' in text
     samples(text)
 
 
@@ -233,4 +274,4 @@ async def test_self_report_values_are_floats(tmp_path: Path, instance: str) -> N
 
 def test_unmatched_acks_are_a_metric(tmp_path: Path) -> None:
     text = prometheus(snap(make_journal(tmp_path), unmatched_acks=3))
-    assert "gateway_acks_unmatched_total 3" in text
+    assert "gateway_acks_unmatched_total 3.0" in text

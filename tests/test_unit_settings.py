@@ -38,7 +38,7 @@ def test_shipped_config_loads_in_dev_mode() -> None:
     assert s.commands.ack_timeout_s == 10 and s.commands.early_grace_s == 900
     assert s.commands.master_key is not None
     assert s.commands.master_key.get_secret_value() == "dev-master-key"
-    assert [k.get_secret_value() for k in s.api.keys] == ["dev-api-key"]
+    assert [k.secret.get_secret_value() for k in s.api.keys] == ["dev-api-key"]
     assert s.fleet.file == Path("config/fleet.yaml")
 
 
@@ -114,14 +114,14 @@ def test_env_override_is_case_insensitive_on_names() -> None:
 
 def test_api_keys_comma_split() -> None:
     s = load_settings(None, {**DEV, "GATEWAY__API__KEYS": " key-one-aaaaaaaaaaaa, key-two-bbbbbbbbbbbb ,,"})
-    assert [k.get_secret_value() for k in s.api.keys] == ["key-one-aaaaaaaaaaaa", "key-two-bbbbbbbbbbbb"]
+    assert [k.secret.get_secret_value() for k in s.api.keys] == ["key-one-aaaaaaaaaaaa", "key-two-bbbbbbbbbbbb"]
 
 
 def test_api_keys_from_yaml_list_or_string(tmp_path: Path) -> None:
     p = write(tmp_path, "dev_mode: true\napi: {keys: [a, b]}\n")
-    assert [k.get_secret_value() for k in load_settings(p, {}).api.keys] == ["a", "b"]
+    assert [k.secret.get_secret_value() for k in load_settings(p, {}).api.keys] == ["a", "b"]
     p = write(tmp_path, "dev_mode: true\napi: {keys: 'a,b'}\n")
-    assert [k.get_secret_value() for k in load_settings(p, {}).api.keys] == ["a", "b"]
+    assert [k.secret.get_secret_value() for k in load_settings(p, {}).api.keys] == ["a", "b"]
 
 
 def test_secrets_do_not_leak_in_repr() -> None:

@@ -1,93 +1,113 @@
-"""Every HTTP route of the gateway, in one place."""
+"""Every HTTP route of the gateway, in one place.
+
+Handlers parse the request with the models of ``schemas.py``, call one
+service, and render what it returns; errors go up to the middleware.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
-from gateway.app import RUNTIME
-from gateway.booking.dispatcher import Action
-from gateway.errors import ApiError
-from gateway.http.middleware import API_KEY_ID, json_response, read_json
+from gateway.errors import InvalidBody, InvalidInput, InvalidQuery, InvalidReservation, RateLimited, UnknownVehicle
+from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, STATE
+from gateway.http.middleware import CALLER, read_json
 from gateway.http.openapi import openapi_document
-from gateway.metrics import health, prometheus
-from gateway.rules.reservations import check_id, parse_time, to_json
+from gateway.http.problems import json_response, outcome_response, validation_problem
+from gateway.http.schemas import CommandIn, CommandList, CommandOut, ReservationIn, ReservationList, ReservationOut
+from gateway.metrics import CONTENT_TYPE, health
+from gateway.rules.commands import Action
+from gateway.rules.reservations import check_id, check_time
+from gateway.times import rfc3339_ms
+
+MAX_LIMIT = 5000
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], doc: object, error: type[InvalidInput]) -> M:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        raise validation_problem(e, error) from None
+
+
+def _query(
+    q: Mapping[str, str], allowed: set[str], time_error: type[InvalidInput]
+) -> tuple[int | None, int | None, int]:
+    """``from``, ``to`` (ms) and ``limit`` of a listing; anything else asked for is a 400."""
+    unknown = set(q) - allowed
+    if unknown:
+        raise InvalidQuery("query", f"unknown parameter(s): {', '.join(sorted(unknown))}")
+
+    def when(name: str) -> int | None:
+        if name not in q:
+            return None
+        try:
+            ms = rfc3339_ms(q[name])
+        except ValueError as e:
+            raise time_error(name, f"{e}, e.g. 2026-11-26T09:00:00Z") from None
+        return check_time(ms, name)
+
+    limit_s = q.get("limit", "500")
+    if not (limit_s.isascii() and limit_s.isdigit() and len(limit_s) <= 4) or not 1 <= int(limit_s) <= MAX_LIMIT:
+        raise InvalidQuery("limit", f"a whole number from 1 to {MAX_LIMIT}")
+    return when("from"), when("to"), int(limit_s)
 
 
 async def list_vehicles(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    return json_response({"vehicles": [rt.state.view(vid) for vid in rt.fleet.vehicles]})
+    state = request.app[STATE]
+    return json_response({"vehicles": [state.view(vid) for vid in request.app[FLEET].vehicles]})
 
 
 async def get_vehicle(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
     vid = request.match_info["vehicle_id"]
-    if vid not in rt.fleet.vehicles:
-        raise ApiError(404, "unknown_vehicle", f"no vehicle {vid[:40]!r} in the fleet registry")
-    return json_response(rt.state.view(vid))
+    if vid not in request.app[FLEET].vehicles:
+        raise UnknownVehicle(vid)
+    return json_response(request.app[STATE].view(vid))
 
 
 async def put_reservation(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    status, data = request.app[RUNTIME].booking.put(request.match_info["reservation_id"], body)
-    return json_response(data, status)
+    rid = request.match_info["reservation_id"]
+    check_id(rid)
+    body = _parse(ReservationIn, await read_json(request), InvalidReservation)
+    stored, created = await request.app[BOOKING].put(rid, body.request(), request[CALLER])
+    return json_response(ReservationOut.of(stored).model_dump(), 201 if created else 200)
 
 
 async def get_reservation(request: web.Request) -> web.Response:
-    return json_response(to_json(request.app[RUNTIME].booking.get(request.match_info["reservation_id"])))
+    r = await request.app[BOOKING].get(request.match_info["reservation_id"])
+    return json_response(ReservationOut.of(r).model_dump())
 
 
 async def list_reservations(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
     q = request.query
-    unknown = set(q) - {"vehicle_id", "from", "to", "limit"}
-    if unknown:
-        raise ApiError(400, "bad_query", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-    vehicle = q.get("vehicle_id")
-    if vehicle is not None and vehicle not in rt.fleet.vehicles:
-        raise ApiError(404, "unknown_vehicle", f"no vehicle {vehicle[:40]!r} in the fleet registry")
-    start = parse_time(q["from"], "from") if "from" in q else None
-    end = parse_time(q["to"], "to") if "to" in q else None
-    limit_s = q.get("limit", "500")
-    if not (limit_s.isascii() and limit_s.isdigit() and len(limit_s) <= 4) or not 1 <= int(limit_s) <= 5000:
-        raise ApiError(400, "bad_query", "limit: a whole number from 1 to 5000")
-    found = rt.booking.store.query(vehicle, start, end, int(limit_s))
-    return json_response({"reservations": [to_json(r) for r in found]})
+    start, end, limit = _query(q, {"vehicle_id", "from", "to", "limit"}, InvalidReservation)
+    found = await request.app[BOOKING].find(q.get("vehicle_id"), start, end, limit)
+    return json_response(ReservationList(reservations=[ReservationOut.of(r) for r in found]).model_dump())
 
 
 async def delete_reservation(request: web.Request) -> web.Response:
-    request.app[RUNTIME].booking.cancel(request.match_info["reservation_id"])
+    await request.app[BOOKING].cancel(request.match_info["reservation_id"])
     return web.Response(status=204)
 
 
 async def _command(request: web.Request, action: Action) -> web.Response:
-    limiter = request.app[RUNTIME].limiter
-    wait = limiter.take(request[API_KEY_ID], time.monotonic())
+    limiter = request.app[LIMITER]
+    caller = request[CALLER]
+    wait = limiter.take(caller, time.monotonic())
     if wait:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"more than {limiter.per_min} unlock/lock calls a minute with this API key; retry later",
-            {"Retry-After": limiter.retry_after(wait)},
+        raise RateLimited(
+            f"more than {limiter.per_min} unlock/lock calls a minute with this API key; retry later", wait
         )
-    body = await read_json(request)
-    unknown = set(body) - {"reservation_id"}
-    if unknown:
-        raise ApiError(422, "invalid_body", f"unknown field(s): {', '.join(sorted(unknown))}")
-    rid = body.get("reservation_id")
-    if rid is not None:
-        if not isinstance(rid, str):
-            raise ApiError(422, "invalid_body", "reservation_id: must be a string")
-        check_id(rid)
-    status, payload = await request.app[RUNTIME].booking.command(
-        request.match_info["vehicle_id"],
-        action,
-        rid,
-        request[API_KEY_ID],
-        request.headers.get("Idempotency-Key"),
+    body = _parse(CommandIn, await read_json(request), InvalidBody)
+    outcome = await request.app[BOOKING].command(
+        request.match_info["vehicle_id"], action, body.reservation_id, caller, request.headers.get("Idempotency-Key")
     )
-    return web.Response(body=payload, status=status, content_type="application/json")
+    return outcome_response(outcome)
 
 
 async def unlock(request: web.Request) -> web.Response:
@@ -98,14 +118,19 @@ async def lock(request: web.Request) -> web.Response:
     return await _command(request, "lock")
 
 
+async def vehicle_commands(request: web.Request) -> web.Response:
+    start, end, limit = _query(request.query, {"from", "to", "limit"}, InvalidQuery)
+    found = await request.app[BOOKING].commands_of(request.match_info["vehicle_id"], start, end, limit)
+    return json_response(CommandList(commands=[CommandOut.of(c) for c in found]).model_dump())
+
+
 async def healthz(request: web.Request) -> web.Response:
-    ok, body = health(request.app[RUNTIME].snapshot())
+    ok, body = health(request.app[MONITOR].snapshot())
     return json_response(body, 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = prometheus(request.app[RUNTIME].snapshot())
-    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Format": "prometheus-0.0.4"})
+    return web.Response(body=request.app[MONITOR].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -121,6 +146,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/vehicles/{vehicle_id}", get_vehicle)
     r.add_post("/v1/vehicles/{vehicle_id}/unlock", unlock)
     r.add_post("/v1/vehicles/{vehicle_id}/lock", lock)
+    r.add_get("/v1/vehicles/{vehicle_id}/commands", vehicle_commands)
     r.add_get("/v1/reservations", list_reservations)
     r.add_put("/v1/reservations/{reservation_id}", put_reservation)
     r.add_get("/v1/reservations/{reservation_id}", get_reservation)

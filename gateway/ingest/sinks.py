@@ -8,12 +8,15 @@ batch is dropped and counted, since no retry can fix it.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import aiohttp
 
-from gateway.errors import SinkRejected, SinkUnavailable
+from gateway.errors import SinkRejected, SinkUnavailable, StartupError
 from gateway.settings import InfluxSettings
 
 _DROPPED_RE = re.compile(r"dropped=(\d+)")
@@ -24,7 +27,23 @@ class Sink(Protocol):
 
     async def write(self, batch: bytes) -> None: ...
 
+    async def check(self, timeout_s: float) -> None:
+        """At start: return once InfluxDB answers, or raise StartupError after `timeout_s`."""
+        ...
+
     async def close(self) -> None: ...
+
+
+async def wait_reachable(url: str, ping: Callable[[], Awaitable[str | None]], timeout_s: float) -> None:
+    """Call `ping` (None when InfluxDB answered, else what went wrong) until it answers or time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        problem = await ping()
+        if problem is None:
+            return
+        if time.monotonic() >= deadline:
+            raise StartupError(f"influx.url: InfluxDB at {url} is not reachable ({problem})")
+        await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def rejected_count(message: str, lines: int) -> int:
@@ -51,6 +70,16 @@ class InfluxV1Sink:
             if r.status >= 300:
                 raise SinkUnavailable(f"CREATE DATABASE answered {r.status}: {(await r.text())[:200]}")
         self._db_ready = True
+
+    async def check(self, timeout_s: float) -> None:
+        async def ping() -> str | None:
+            try:
+                async with self._session.get(f"{self._url}/ping", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    return None if r.status < 500 else f"HTTP {r.status}"
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+        await wait_reachable(self._url, ping, timeout_s)
 
     async def write(self, batch: bytes) -> None:
         try:
@@ -86,6 +115,15 @@ class InfluxV2Sink:
             url=settings.url, token=token, org=settings.org, timeout=int(settings.timeout_s * 1000)
         )
         self._api = self._client.write_api()
+
+    async def check(self, timeout_s: float) -> None:
+        async def ping() -> str | None:
+            try:
+                return None if await self._client.ping() else "no answer to ping"
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                return f"{type(e).__name__}: {e}"
+
+        await wait_reachable(self._s.url, ping, timeout_s)
 
     async def write(self, batch: bytes) -> None:
         from influxdb_client.domain.write_precision import WritePrecision

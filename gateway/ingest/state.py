@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,9 @@ import orjson
 
 from gateway.fleet import Fleet
 from gateway.ingest.telemetry import KINDS, Reading
+from gateway.times import iso_ms
 
 log = logging.getLogger(__name__)
-
-
-def iso_ms(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)

@@ -11,15 +11,14 @@ Numbers are always stored as floats so that a car sending ``81`` once and
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
 
 from gateway.errors import PayloadError
 from gateway.fleet import VEHICLE_ID_RE
+from gateway.times import rfc3339_ms
 
 KINDS: Final = ("battery", "location", "doors", "status")
 ACK = "ack"
@@ -108,28 +107,6 @@ def decode_object(payload: bytes | bytearray, limits: Limits) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise PayloadError("not_object", f"payload is a JSON {type(doc).__name__}, not an object")
     return doc
-
-
-_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z")
-
-
-def rfc3339_ms(value: str) -> int:
-    """RFC 3339 date-time -> ms since the epoch; ValueError for anything else.
-
-    Stricter than ``datetime.fromisoformat``, which also takes ISO week dates
-    and times without a date. A leap second (``:60``) counts as ``:59.999``.
-    """
-    m = _RFC3339.match(value)
-    if m is None:
-        raise ValueError(f"{value[:40]!r} is not an RFC 3339 date-time with offset")
-    year, month, day, hour, minute, second, frac, offset = m.groups()
-    leap = second == "60"
-    dt = datetime(
-        int(year), int(month), int(day), int(hour), int(minute), 59 if leap else int(second),
-        int(((frac or ".0")[1:] + "000000")[:6]) if not leap else 999_000,
-        tzinfo=UTC if offset in ("Z", "z") else datetime.strptime(offset, "%z").tzinfo,
-    )  # fmt: skip
-    return int(dt.timestamp() * 1000)
 
 
 def parse_ts(value: Any, now_ms: int, limits: Limits) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import SinkRejected, SinkUnavailable
@@ -34,9 +35,16 @@ class WriterStats:
 
 class Writer:
     def __init__(
-        self, journal: Journal, sink: Sink, *, backoff_min_s: float = 0.2, backoff_max_s: float = 10.0
+        self,
+        journal: Journal,
+        sink: Sink,
+        *,
+        backoff_min_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        observe: Callable[[float], None] | None = None,
     ) -> None:
         self.journal = journal
+        self._observe = observe  # the write-duration histogram, in seconds
         self.sink = sink
         self.stats = WriterStats()
         self._backoff_min = backoff_min_s
@@ -79,7 +87,10 @@ class Writer:
             else:
                 self.stats.points_written += points
             break
-        self.stats.last_latency_ms = (time.perf_counter() - t0) * 1000
+        elapsed = time.perf_counter() - t0
+        self.stats.last_latency_ms = elapsed * 1000
+        if self._observe is not None:
+            self._observe(elapsed)
         self.stats.batches_written += 1
         if not self.stats.healthy:
             self.stats.healthy = True

@@ -1,34 +1,51 @@
-"""Reservation rules: parsing a request body, overlaps, and when a car may be opened. Pure.
+"""Reservation rules: what a valid reservation is, overlaps, and when a car may be opened. Pure.
 
 A reservation is *live* while it is not cancelled and has not ended. Two
 live reservations of one car may not overlap. A reservation opens its car
-from ``early_grace`` before ``starts_at`` until ``ends_at``.
+from ``early_grace`` before ``starts_at`` until ``ends_at``. Every function
+takes the time it needs as an argument; none does I/O.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
-from gateway.errors import ApiError
-from gateway.ingest.telemetry import rfc3339_ms
+from gateway.errors import InvalidReservation, ReservationNotActive
+from gateway.ids import RESERVATION_ID
+from gateway.times import iso_ms
 
-RESERVATION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 Kind = Literal["staff", "public"]
+KINDS: tuple[Kind, ...] = ("staff", "public")
+StartUnlockStatus = Literal["pending", "done", "rejected", "failed", "timeout"]
+# Outside this window a time cannot be shown back in UTC or stored in InfluxDB.
 EARLIEST_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 LATEST_MS = 7_258_118_400_000  # 2200-01-01T00:00:00Z
+MAX_SPAN_MS = 31 * 86_400_000
+USER_ID_MAX = 128
 
 
 @dataclass(frozen=True)
 class StartUnlock:
     """What the gateway did at ``starts_at`` for an ``unlock_at_start`` reservation."""
 
-    status: str  # pending | done | rejected | failed | timeout
+    status: StartUnlockStatus
     at_ms: int
     command_id: str | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ReservationRequest:
+    """What the booking system asks for in a PUT, already of the right types."""
+
+    vehicle_id: str
+    user_id: str
+    starts_ms: int
+    ends_ms: int
+    kind: Kind
+    unlock_at_start: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class Reservation:
     created_ms: int = 0
     updated_ms: int = 0
     start_unlock: StartUnlock | None = None
+    created_by: str | None = None  # the API key name that created it; the caller of its start unlock
 
     def live(self, now_ms: int) -> bool:
         return not self.cancelled and self.ends_ms > now_ms
@@ -56,57 +74,44 @@ class Reservation:
         return (self.ends_ms - self.starts_ms) / 3_600_000
 
 
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_time(value: Any, field: str) -> int:
-    if not isinstance(value, str):
-        raise invalid(field, "must be an RFC 3339 date-time string with offset")
-    try:
-        ms = rfc3339_ms(value)
-    except ValueError as e:
-        raise invalid(field, f"{e}, e.g. 2026-11-26T09:00:00Z") from None
-    # Outside this window a time cannot be shown back in UTC or stored in InfluxDB.
+def check_time(ms: int, field: str) -> int:
     if not EARLIEST_MS <= ms < LATEST_MS:
-        raise invalid(field, "must be between the years 2000 and 2199")
+        raise InvalidReservation(field, "must be between the years 2000 and 2199")
     return ms
 
 
-def invalid(field: str, problem: str) -> ApiError:
-    return ApiError(422, "invalid_reservation", f"{field}: {problem}")
-
-
 def check_id(reservation_id: str) -> None:
-    if not RESERVATION_ID_RE.match(reservation_id):
-        raise invalid("reservation_id", "1 to 64 characters: letters, digits and . _ : - (not first)")
+    if not RESERVATION_ID.matches(reservation_id):
+        raise InvalidReservation("reservation_id", RESERVATION_ID.describe)
 
 
-def parse_body(reservation_id: str, body: dict[str, Any], vehicles: set[str] | dict[str, Any]) -> Reservation:
-    """A validated reservation from a PUT body; 422 naming the first bad field."""
+def new_reservation(
+    reservation_id: str, req: ReservationRequest, vehicles: Container[str], now_ms: int, caller: str | None = None
+) -> Reservation:
+    """A valid reservation from a request, or InvalidReservation naming the first bad field."""
     check_id(reservation_id)
-    for f in ("vehicle_id", "user_id", "starts_at", "ends_at", "kind"):
-        if f not in body or body[f] is None:
-            raise invalid(f, "is required")
-    vehicle_id = body["vehicle_id"]
-    if not isinstance(vehicle_id, str) or vehicle_id not in vehicles:
-        raise invalid("vehicle_id", f"{str(vehicle_id)[:40]!r} is not a vehicle of the fleet")
-    user_id = body["user_id"]
-    if not isinstance(user_id, str) or not 0 < len(user_id) <= 128:
-        raise invalid("user_id", "must be a string of 1 to 128 characters")
-    starts = parse_time(body["starts_at"], "starts_at")
-    ends = parse_time(body["ends_at"], "ends_at")
-    if ends <= starts:
-        raise invalid("ends_at", "must be after starts_at")
-    if ends - starts > 31 * 86_400_000:
-        raise invalid("ends_at", "a reservation lasts at most 31 days")
-    kind = body["kind"]
-    if kind not in ("staff", "public"):
-        raise invalid("kind", 'must be "staff" or "public"')
-    unlock = body.get("unlock_at_start", False)
-    if not isinstance(unlock, bool):
-        raise invalid("unlock_at_start", "must be true or false")
-    return Reservation(reservation_id, vehicle_id, user_id, starts, ends, kind, unlock)
+    if req.vehicle_id not in vehicles:
+        raise InvalidReservation("vehicle_id", f"{req.vehicle_id[:40]!r} is not a vehicle of the fleet")
+    if not 0 < len(req.user_id) <= USER_ID_MAX:
+        raise InvalidReservation("user_id", f"must be a string of 1 to {USER_ID_MAX} characters")
+    check_time(req.starts_ms, "starts_at")
+    check_time(req.ends_ms, "ends_at")
+    if req.ends_ms <= req.starts_ms:
+        raise InvalidReservation("ends_at", "must be after starts_at")
+    if req.ends_ms - req.starts_ms > MAX_SPAN_MS:
+        raise InvalidReservation("ends_at", "a reservation lasts at most 31 days")
+    return Reservation(
+        reservation_id,
+        req.vehicle_id,
+        req.user_id,
+        req.starts_ms,
+        req.ends_ms,
+        req.kind,
+        req.unlock_at_start,
+        created_ms=now_ms,
+        updated_ms=now_ms,
+        created_by=caller,
+    )
 
 
 def merge_update(old: Reservation, new: Reservation, now_ms: int) -> Reservation:
@@ -115,10 +120,16 @@ def merge_update(old: Reservation, new: Reservation, now_ms: int) -> Reservation
     moved = new.starts_ms != old.starts_ms or new.vehicle_id != old.vehicle_id or not new.unlock_at_start
     # An unlock in flight right now keeps its record; otherwise a moved start is armed again.
     keep = su is not None and (su.status == "pending" or not moved)
-    return replace(new, created_ms=old.created_ms, updated_ms=now_ms, start_unlock=su if keep else None)
+    return replace(
+        new,
+        created_ms=old.created_ms,
+        updated_ms=now_ms,
+        start_unlock=su if keep else None,
+        created_by=old.created_by,
+    )
 
 
-def conflict(candidate: Reservation, others: list[Reservation], now_ms: int) -> Reservation | None:
+def conflict(candidate: Reservation, others: Iterable[Reservation], now_ms: int) -> Reservation | None:
     """The first live reservation of the same car that `candidate` overlaps, if any."""
     for o in others:
         if o.id != candidate.id and o.vehicle_id == candidate.vehicle_id and o.live(now_ms) and o.overlaps(candidate):
@@ -127,40 +138,27 @@ def conflict(candidate: Reservation, others: list[Reservation], now_ms: int) -> 
 
 
 def check_opens(r: Reservation, vehicle_id: str, now_ms: int, early_grace_ms: int) -> None:
-    """Raise 409 reservation_not_active unless `r` may open `vehicle_id` now."""
+    """Raise ReservationNotActive unless `r` may open `vehicle_id` at `now_ms`."""
     if r.vehicle_id != vehicle_id:
-        raise ApiError(409, "reservation_not_active", f"reservation {r.id} is for {r.vehicle_id}, not {vehicle_id}")
+        raise ReservationNotActive(f"reservation {r.id} is for {r.vehicle_id}, not {vehicle_id}")
     if r.cancelled:
-        raise ApiError(409, "reservation_not_active", f"reservation {r.id} was cancelled")
+        raise ReservationNotActive(f"reservation {r.id} was cancelled")
     if now_ms < r.starts_ms - early_grace_ms:
-        raise ApiError(
-            409,
-            "reservation_not_active",
-            f"reservation {r.id} starts at {iso(r.starts_ms)}; the car opens from {early_grace_ms // 60000} min before",
+        grace_min = early_grace_ms // 60000
+        raise ReservationNotActive(
+            f"reservation {r.id} starts at {iso_ms(r.starts_ms)}; the car opens from {grace_min} min before"
         )
     if now_ms >= r.ends_ms:
-        raise ApiError(409, "reservation_not_active", f"reservation {r.id} ended at {iso(r.ends_ms)}")
+        raise ReservationNotActive(f"reservation {r.id} ended at {iso_ms(r.ends_ms)}")
 
 
-def to_json(r: Reservation) -> dict[str, Any]:
-    su = r.start_unlock
-    return {
-        "reservation_id": r.id,
-        "vehicle_id": r.vehicle_id,
-        "user_id": r.user_id,
-        "starts_at": iso(r.starts_ms),
-        "ends_at": iso(r.ends_ms),
-        "kind": r.kind,
-        "unlock_at_start": r.unlock_at_start,
-        "status": "cancelled" if r.cancelled else "active",
-        "created_at": iso(r.created_ms),
-        "updated_at": iso(r.updated_ms),
-        "start_unlock": None
-        if su is None
-        else {
-            "status": su.status,
-            "at": iso(su.at_ms),
-            "command_id": su.command_id,
-            "reason": su.reason,
-        },
-    }
+def check_locks(r: Reservation, vehicle_id: str) -> None:
+    """Locking never lets anyone in, so a reservation may lock its car at any time, even after it ended."""
+    if r.vehicle_id != vehicle_id:
+        raise ReservationNotActive(f"reservation {r.id} is for {r.vehicle_id}, not {vehicle_id}")
+    if r.cancelled:
+        raise ReservationNotActive(f"reservation {r.id} was cancelled")
+
+
+def status(r: Reservation) -> Literal["active", "cancelled"]:
+    return "cancelled" if r.cancelled else "active"

@@ -1,97 +1,201 @@
-"""Reservations and idempotent answers in SQLite, in the state directory.
+"""The embedded store: one SQLite file in the state directory.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS`
-brings any older file up to date at start-up. Every call is a short local
-transaction (well under a millisecond), so it runs on the event loop
-instead of a thread pool: one loop, no threads beside it.
+brings any older file up to date at start-up, each step in its own
+transaction. Every call is a short local transaction, so it runs on the
+event loop instead of a thread pool: one loop, no threads beside it. WAL
+with ``synchronous=FULL``: a change is on disk before the call returns.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from gateway.errors import ConfigError
-from gateway.rules.reservations import Reservation, StartUnlock
+import orjson
 
-MIGRATIONS = [
-    # version 1
-    """
-    CREATE TABLE reservations (
-        id TEXT PRIMARY KEY,
-        vehicle_id TEXT NOT NULL,
-        user_id TEXT NOT NULL,
-        starts_ms INTEGER NOT NULL,
-        ends_ms INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        unlock_at_start INTEGER NOT NULL,
-        cancelled INTEGER NOT NULL DEFAULT 0,
-        created_ms INTEGER NOT NULL,
-        updated_ms INTEGER NOT NULL,
-        su_status TEXT,
-        su_at_ms INTEGER,
-        su_command_id TEXT,
-        su_reason TEXT
-    );
-    CREATE INDEX reservations_vehicle ON reservations (vehicle_id, ends_ms);
-    CREATE INDEX reservations_due ON reservations (unlock_at_start, su_status, starts_ms);
-    CREATE TABLE idempotency (
-        key TEXT NOT NULL,
-        caller TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        status INTEGER NOT NULL,
-        body BLOB NOT NULL,
-        created_ms INTEGER NOT NULL,
-        PRIMARY KEY (caller, key)
-    );
-    """,
+from gateway.errors import StartupError, StoreError
+from gateway.rules.commands import CommandRecord, Outcome
+from gateway.rules.reservations import Reservation, StartUnlock, conflict
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS
+
+__all__ = ["MIGRATIONS", "SqliteStore", "open_sqlite"]
+
+
+def _idempotency_as_outcomes(db: sqlite3.Connection) -> None:
+    """Version 1 kept the HTTP answer; version 2 keeps the outcome, and HTTP renders it."""
+    db.execute(
+        "CREATE TABLE idempotency2 (caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, "
+        "outcome BLOB NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (caller, key))"
+    )
+    for caller, key, fp, status, body, created in db.execute(
+        "SELECT caller, key, fingerprint, status, body, created_ms FROM idempotency"
+    ).fetchall():
+        doc = orjson.loads(body)
+        err = doc.get("error") or {}
+        # The old answer holds neither the vehicle nor the action: the fingerprint stands for them.
+        result = {200: "done", 504: "timeout"}.get(status) or (
+            "rejected" if err.get("code") == "command_rejected" else "failed"
+        )
+        outcome = {
+            "command_id": doc.get("command_id") or err.get("command_id") or "",
+            "vehicle_id": "",
+            "action": "unlock",
+            "result": result,
+            "reason": err.get("reason") if status != 504 else "vehicle_timeout",
+            "latency_ms": doc.get("latency_ms", 0.0),
+            "locked": doc.get("locked"),
+        }
+        db.execute("INSERT INTO idempotency2 VALUES (?,?,?,?,?)", (caller, key, fp, orjson.dumps(outcome), created))
+    db.execute("DROP TABLE idempotency")
+    db.execute("ALTER TABLE idempotency2 RENAME TO idempotency")
+
+
+Migration = str | Callable[[sqlite3.Connection], None]
+
+MIGRATIONS: list[tuple[str, list[Migration]]] = [
+    (
+        "reservations and idempotent answers",
+        [
+            """CREATE TABLE reservations (
+                id TEXT PRIMARY KEY,
+                vehicle_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                starts_ms INTEGER NOT NULL,
+                ends_ms INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                unlock_at_start INTEGER NOT NULL,
+                cancelled INTEGER NOT NULL DEFAULT 0,
+                created_ms INTEGER NOT NULL,
+                updated_ms INTEGER NOT NULL,
+                su_status TEXT,
+                su_at_ms INTEGER,
+                su_command_id TEXT,
+                su_reason TEXT
+            )""",
+            "CREATE INDEX reservations_vehicle ON reservations (vehicle_id, ends_ms)",
+            "CREATE INDEX reservations_due ON reservations (unlock_at_start, su_status, starts_ms)",
+            """CREATE TABLE idempotency (
+                key TEXT NOT NULL,
+                caller TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                body BLOB NOT NULL,
+                created_ms INTEGER NOT NULL,
+                PRIMARY KEY (caller, key)
+            )""",
+        ],
+    ),
+    (
+        "the command audit, who created a reservation, idempotent outcomes",
+        [
+            "ALTER TABLE reservations ADD COLUMN created_by TEXT",
+            """CREATE TABLE commands (
+                command_id TEXT PRIMARY KEY,
+                vehicle_id TEXT NOT NULL,
+                action TEXT NOT NULL,
+                reservation_id TEXT,
+                caller TEXT NOT NULL,
+                source TEXT NOT NULL,
+                issued_ms INTEGER NOT NULL,
+                result TEXT NOT NULL,
+                reason TEXT,
+                latency_ms REAL
+            )""",
+            "CREATE INDEX commands_vehicle ON commands (vehicle_id, issued_ms)",
+            "CREATE INDEX commands_issued ON commands (issued_ms)",
+            _idempotency_as_outcomes,
+        ],
+    ),
 ]
 
 _COLUMNS = (
     "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
-    "su_status, su_at_ms, su_command_id, su_reason"
+    "su_status, su_at_ms, su_command_id, su_reason, created_by"
+)
+_COMMAND_COLUMNS = (
+    "command_id, vehicle_id, action, reservation_id, caller, source, issued_ms, result, reason, latency_ms"
 )
 
 
-def _row(r: tuple[object, ...]) -> Reservation:
-    su = None
-    if r[10] is not None:
-        su = StartUnlock(str(r[10]), int(r[11]), r[12], r[13])  # type: ignore[call-overload, arg-type]
+def _reservation(r: Any) -> Reservation:
+    su = None if r[10] is None else StartUnlock(r[10], int(r[11]), r[12], r[13])
     return Reservation(
-        id=str(r[0]),
-        vehicle_id=str(r[1]),
-        user_id=str(r[2]),
-        starts_ms=int(r[3]),  # type: ignore[call-overload]
-        ends_ms=int(r[4]),  # type: ignore[call-overload]
+        id=r[0],
+        vehicle_id=r[1],
+        user_id=r[2],
+        starts_ms=int(r[3]),
+        ends_ms=int(r[4]),
         kind="staff" if r[5] == "staff" else "public",
         unlock_at_start=bool(r[6]),
         cancelled=bool(r[7]),
-        created_ms=int(r[8]),  # type: ignore[call-overload]
-        updated_ms=int(r[9]),  # type: ignore[call-overload]
+        created_ms=int(r[8]),
+        updated_ms=int(r[9]),
         start_unlock=su,
+        created_by=r[14],
     )
 
 
-class Store:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise ConfigError(f"state.dir: cannot open {path}: {e}") from e
+def _command(r: Any) -> CommandRecord:
+    return CommandRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8], r[9])
 
-    def _migrate(self) -> None:
-        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise ConfigError(f"state.dir: the reservations database is version {version}, newer than this gateway")
-        for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-            # executescript commits on its own, so the transaction is part of the script.
-            self.db.executescript(f"BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {i}; COMMIT;")
+
+@contextmanager
+def _errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise StoreError(f"the store could not {what}: {e}") from e
+
+
+def open_sqlite(path: Path) -> SqliteStore:
+    """Open (creating and migrating as needed) the store at `path`; StartupError naming the problem if not."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"state.dir: cannot create {path.parent}: {e.strerror or e}") from e
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as e:
+        raise StartupError(f"store: cannot open {path}: {e}") from e
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        _migrate(db)
+    except sqlite3.Error as e:
+        db.close()
+        raise StartupError(f"store: {path} is not a usable SQLite database ({e})") from e
+    except StartupError:
+        db.close()
+        raise
+    return SqliteStore(db)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise StartupError(f"store: the database is at schema version {version}, newer than this gateway knows")
+    for i, (_, steps) in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in steps:
+                if isinstance(step, str):
+                    db.execute(step)
+                else:
+                    step(db)
+            db.execute(f"PRAGMA user_version = {i}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+class SqliteStore:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -103,21 +207,48 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.db.close()
 
-    def get(self, reservation_id: str) -> Reservation | None:
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
-        return None if row is None else _row(row)
+    # -- reservations --
 
-    def of_vehicle(self, vehicle_id: str, ending_after_ms: int) -> list[Reservation]:
-        rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM reservations WHERE vehicle_id = ? AND ends_ms > ? AND NOT cancelled",
-            (vehicle_id, ending_after_ms),
-        ).fetchall()
-        return [_row(r) for r in rows]
+    async def get_reservation(self, reservation_id: str) -> Reservation | None:
+        with _errors("read a reservation"):
+            row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+        return None if row is None else _reservation(row)
 
-    def query(self, vehicle_id: str | None, from_ms: int | None, to_ms: int | None, limit: int) -> list[Reservation]:
+    async def put_reservation(self, r: Reservation, now_ms: int) -> Reservation | None:
+        with _errors("store a reservation"), self._tx():
+            rows = self.db.execute(
+                f"SELECT {_COLUMNS} FROM reservations WHERE vehicle_id = ? AND ends_ms > ? AND NOT cancelled",
+                (r.vehicle_id, now_ms),
+            ).fetchall()
+            clash = conflict(r, map(_reservation, rows), now_ms)
+            if clash is not None:
+                return clash
+            su = r.start_unlock
+            self.db.execute(
+                f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    r.id, r.vehicle_id, r.user_id, r.starts_ms, r.ends_ms, r.kind, int(r.unlock_at_start),
+                    int(r.cancelled), r.created_ms, r.updated_ms,
+                    su.status if su else None, su.at_ms if su else None, su.command_id if su else None,
+                    su.reason if su else None, r.created_by,
+                ),
+            )  # fmt: skip
+        return None
+
+    async def cancel_reservation(self, reservation_id: str, now_ms: int) -> bool:
+        with _errors("cancel a reservation"):
+            cur = self.db.execute(
+                "UPDATE reservations SET cancelled = 1, updated_ms = ? WHERE id = ? AND NOT cancelled",
+                (now_ms, reservation_id),
+            )
+        return cur.rowcount == 1
+
+    async def list_reservations(
+        self, vehicle_id: str | None, from_ms: int | None, to_ms: int | None, limit: int
+    ) -> list[Reservation]:
         sql = f"SELECT {_COLUMNS} FROM reservations WHERE 1=1"
         args: list[object] = []
         if vehicle_id is not None:
@@ -131,87 +262,100 @@ class Store:
             args.append(to_ms)
         sql += " ORDER BY starts_ms, id LIMIT ?"
         args.append(limit)
-        return [_row(r) for r in self.db.execute(sql, args).fetchall()]
+        with _errors("list reservations"):
+            return [_reservation(r) for r in self.db.execute(sql, args).fetchall()]
 
-    def put_checked(self, r: Reservation, now_ms: int) -> Reservation | None:
-        """Store `r` unless a live reservation of its car overlaps; return the one that does."""
-        from gateway.rules.reservations import conflict
+    # -- the start-time unlock --
 
-        with self._tx():
-            clash = conflict(r, self.of_vehicle(r.vehicle_id, now_ms), now_ms)
-            if clash is not None:
-                return clash
-            self._put(r)
-        return None
+    async def due_start_unlocks(self, now_ms: int) -> list[Reservation]:
+        with _errors("read due start unlocks"):
+            rows = self.db.execute(
+                f"SELECT {_COLUMNS} FROM reservations WHERE unlock_at_start = 1 AND su_status IS NULL "
+                "AND NOT cancelled AND starts_ms <= ? AND ends_ms > ? ORDER BY starts_ms",
+                (now_ms, now_ms),
+            ).fetchall()
+        return [_reservation(r) for r in rows]
 
-    def _put(self, r: Reservation) -> None:
-        su = r.start_unlock
-        self.db.execute(
-            f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                r.id,
-                r.vehicle_id,
-                r.user_id,
-                r.starts_ms,
-                r.ends_ms,
-                r.kind,
-                int(r.unlock_at_start),
-                int(r.cancelled),
-                r.created_ms,
-                r.updated_ms,
-                su.status if su else None,
-                su.at_ms if su else None,
-                su.command_id if su else None,
-                su.reason if su else None,
-            ),
-        )
-
-    def cancel(self, reservation_id: str, now_ms: int) -> None:
-        self.db.execute("UPDATE reservations SET cancelled = 1, updated_ms = ? WHERE id = ?", (now_ms, reservation_id))
-
-    def due_start_unlocks(self, now_ms: int) -> list[Reservation]:
-        """unlock_at_start reservations whose start has come, not yet handled, still running."""
-        rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM reservations WHERE unlock_at_start = 1 AND su_status IS NULL "
-            "AND NOT cancelled AND starts_ms <= ? AND ends_ms > ? ORDER BY starts_ms",
-            (now_ms, now_ms),
-        ).fetchall()
-        return [_row(r) for r in rows]
-
-    def next_start_unlock_ms(self, now_ms: int) -> int | None:
-        row = self.db.execute(
-            "SELECT min(starts_ms) FROM reservations "
-            "WHERE unlock_at_start = 1 AND su_status IS NULL AND NOT cancelled AND ends_ms > ?",
-            (now_ms,),
-        ).fetchone()
+    async def next_start_unlock_ms(self, now_ms: int) -> int | None:
+        with _errors("read the next start unlock"):
+            row = self.db.execute(
+                "SELECT min(starts_ms) FROM reservations "
+                "WHERE unlock_at_start = 1 AND su_status IS NULL AND NOT cancelled AND ends_ms > ?",
+                (now_ms,),
+            ).fetchone()
         return None if row[0] is None else int(row[0])
 
-    def interrupted_start_unlocks(self) -> list[Reservation]:
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE su_status = 'pending'").fetchall()
-        return [_row(r) for r in rows]
+    async def pending_start_unlocks(self) -> list[Reservation]:
+        with _errors("read pending start unlocks"):
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE su_status = 'pending'").fetchall()
+        return [_reservation(r) for r in rows]
 
-    def set_start_unlock(self, reservation_id: str, su: StartUnlock | None, only_if_unset: bool = False) -> bool:
-        """Record the start unlock; with `only_if_unset`, claim it atomically (False if already claimed)."""
-        sql = "UPDATE reservations SET su_status = ?, su_at_ms = ?, su_command_id = ?, su_reason = ? WHERE id = ?"
-        if only_if_unset:
-            sql += " AND su_status IS NULL"
+    async def claim_start_unlock(self, reservation_id: str, claim: StartUnlock) -> bool:
+        return self._set_start_unlock(reservation_id, claim, " AND su_status IS NULL")
+
+    async def set_start_unlock(self, reservation_id: str, su: StartUnlock | None) -> None:
+        self._set_start_unlock(reservation_id, su, "")
+
+    def _set_start_unlock(self, reservation_id: str, su: StartUnlock | None, where: str) -> bool:
         values = (su.status, su.at_ms, su.command_id, su.reason) if su else (None, None, None, None)
-        cur = self.db.execute(sql, (*values, reservation_id))
+        with _errors("record a start unlock"):
+            cur = self.db.execute(
+                "UPDATE reservations SET su_status = ?, su_at_ms = ?, su_command_id = ?, su_reason = ? WHERE id = ?"
+                + where,
+                (*values, reservation_id),
+            )
         return cur.rowcount == 1
 
     # -- idempotency --
 
-    def idempotent_answer(self, caller: str, key: str) -> tuple[str, int, bytes] | None:
-        row = self.db.execute(
-            "SELECT fingerprint, status, body FROM idempotency WHERE caller = ? AND key = ?", (caller, key)
-        ).fetchone()
-        return None if row is None else (str(row[0]), int(row[1]), bytes(row[2]))
+    async def idempotent_outcome(self, caller: str, key: str) -> tuple[str, Outcome] | None:
+        with _errors("read an idempotency key"):
+            row = self.db.execute(
+                "SELECT fingerprint, outcome FROM idempotency WHERE caller = ? AND key = ?", (caller, key)
+            ).fetchone()
+        return None if row is None else (str(row[0]), Outcome.from_doc(orjson.loads(row[1])))
 
-    def save_idempotent_answer(
-        self, caller: str, key: str, fingerprint: str, status: int, body: bytes, now_ms: int
+    async def save_idempotent_outcome(
+        self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
     ) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,?)", (key, caller, fingerprint, status, body, now_ms)
-        )
-        # Keys are kept a day; a retry comes within minutes.
-        self.db.execute("DELETE FROM idempotency WHERE created_ms < ?", (now_ms - 86_400_000,))
+        with _errors("save an idempotency key"):
+            self.db.execute(
+                "INSERT OR REPLACE INTO idempotency (caller, key, fingerprint, outcome, created_ms) VALUES (?,?,?,?,?)",
+                (caller, key, fingerprint, orjson.dumps(outcome.to_doc()), now_ms),
+            )
+
+    # -- the command audit --
+
+    async def record_command(self, rec: CommandRecord) -> None:
+        with _errors("record a command"):
+            self.db.execute(
+                f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.command_id, rec.vehicle_id, rec.action, rec.reservation_id, rec.caller, rec.source,
+                    rec.issued_ms, rec.result, rec.reason, rec.latency_ms,
+                ),
+            )  # fmt: skip
+
+    async def list_commands(
+        self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int
+    ) -> list[CommandRecord]:
+        sql = f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE vehicle_id = ?"
+        args: list[object] = [vehicle_id]
+        if from_ms is not None:
+            sql += " AND issued_ms >= ?"
+            args.append(from_ms)
+        if to_ms is not None:
+            sql += " AND issued_ms < ?"
+            args.append(to_ms)
+        sql += " ORDER BY issued_ms DESC, command_id DESC LIMIT ?"
+        args.append(limit)
+        with _errors("list commands"):
+            return [_command(r) for r in self.db.execute(sql, args).fetchall()]
+
+    # -- housekeeping --
+
+    async def prune(self, now_ms: int) -> int:
+        with _errors("prune old rows"), self._tx():
+            a = self.db.execute("DELETE FROM idempotency WHERE created_ms < ?", (now_ms - IDEMPOTENCY_RETENTION_MS,))
+            b = self.db.execute("DELETE FROM commands WHERE issued_ms < ?", (now_ms - AUDIT_RETENTION_MS,))
+        return a.rowcount + b.rowcount

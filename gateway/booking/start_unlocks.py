@@ -1,0 +1,91 @@
+"""The start-time unlock: each ``unlock_at_start`` reservation is unlocked once, at its start.
+
+A start that passed while the gateway was down is unlocked at the next
+start. A claim is written to the store before the command is sent, so two
+schedulers never send the same unlock; a claim left by a crash (sent, but
+the outcome never recorded) is sent again, since unlocking twice is
+harmless and not opening for a waiting user is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from gateway.errors import BrokerUnavailable, StoreError
+from gateway.rules.commands import Action, Outcome, Source
+from gateway.rules.reservations import Reservation, StartUnlock
+from gateway.store.base import Store
+from gateway.times import now_ms
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StartUnlocks"]
+
+Send = Callable[[str, Action, str | None, str, Source], Awaitable[Outcome]]
+# Overdue unlocks left unclaimed (the broker was down) are tried again this often.
+RETRY_S = 1.0
+IDLE_S = 5.0
+
+
+class StartUnlocks:
+    def __init__(self, store: Store, send: Send, clock: Callable[[], int] = now_ms) -> None:
+        self.store = store
+        self.send = send
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """A reservation changed: look again now instead of at the next tick."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        for r in await self.store.pending_start_unlocks():
+            log.warning("start unlock of %s was interrupted by a restart; sending it again", r.id)
+            await self.store.set_start_unlock(r.id, None)
+        while True:
+            try:
+                await self._start_due()
+                nxt = await self.store.next_start_unlock_ms(self.clock())
+            except StoreError as e:
+                log.error("start unlocks: %s; trying again", e)
+                nxt = self.clock()
+            now = self.clock()
+            wait = IDLE_S if nxt is None else min(IDLE_S, max(RETRY_S if nxt <= now else 0.01, (nxt - now) / 1000))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    async def _start_due(self) -> None:
+        for r in await self.store.due_start_unlocks(self.clock()):
+            if await self.store.claim_start_unlock(r.id, StartUnlock("pending", self.clock())):
+                task = asyncio.create_task(self._unlock(r), name=f"start-unlock-{r.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _unlock(self, r: Reservation) -> None:
+        caller = r.created_by or "gateway"
+        try:
+            try:
+                o = await self.send(r.vehicle_id, "unlock", r.id, caller, "start_unlock")
+            except BrokerUnavailable:
+                # Not sent: release the claim so the scheduler tries again while the reservation runs.
+                await self.store.set_start_unlock(r.id, None)
+                return
+            su = StartUnlock(o.result, self.clock(), o.command_id, o.reason)
+            await self.store.set_start_unlock(r.id, su)
+        except StoreError as e:
+            # The claim stays "pending" and is sent again at the next start.
+            log.error("start unlock of %s: %s", r.id, e)
+            return
+        log.info("start unlock of reservation %s on %s: %s", r.id, r.vehicle_id, su.status)
+
+    async def close(self) -> None:
+        """Cancel start unlocks still waiting for a car; their claims are sent again at the next start."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

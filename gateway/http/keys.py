@@ -1,0 +1,17 @@
+"""The typed keys under which the app keeps what request handlers use."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.booking.service import Booking
+from gateway.fleet import Fleet
+from gateway.http.ratelimit import RateLimiter
+from gateway.ingest.state import FleetState
+from gateway.metrics import Monitor
+
+FLEET = web.AppKey("fleet", Fleet)
+STATE = web.AppKey("state", FleetState)
+BOOKING = web.AppKey("booking", Booking)
+LIMITER = web.AppKey("limiter", RateLimiter)
+MONITOR = web.AppKey("monitor", Monitor)

@@ -1,0 +1,209 @@
+"""Request and response bodies of the HTTP API, as pydantic models.
+
+They are the API's one definition: requests are validated by them, answers
+are built through them, and the OpenAPI document's schemas are generated
+from them (``gateway/http/openapi.py``). Identifier patterns come from
+``gateway/ids.py``. Times travel as RFC 3339 strings with an offset;
+inside the gateway they are milliseconds since the epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
+
+from gateway.ids import RESERVATION_ID, VEHICLE_ID
+from gateway.rules.commands import AuditResult, CommandRecord, Outcome, Source
+from gateway.rules.reservations import USER_ID_MAX, Kind, Reservation, ReservationRequest, StartUnlockStatus, status
+from gateway.times import iso_ms, rfc3339_ms
+
+__all__ = [
+    "CommandDone",
+    "CommandIn",
+    "CommandList",
+    "CommandOut",
+    "Error",
+    "ReservationIn",
+    "ReservationList",
+    "ReservationOut",
+    "Vehicle",
+    "VehicleList",
+]
+
+
+def _to_ms(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 date-time string with offset")
+    try:
+        return rfc3339_ms(value)
+    except ValueError as e:
+        raise ValueError(f"{e}, e.g. 2026-11-26T09:00:00Z") from None
+
+
+DATE_TIME = {"type": "string", "format": "date-time"}
+# A time in a request: an RFC 3339 string outside, milliseconds inside.
+TimeIn = Annotated[int, BeforeValidator(_to_ms), WithJsonSchema(DATE_TIME)]
+TimeOut = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+VehicleId = Annotated[str, StringConstraints(pattern=VEHICLE_ID.anchored)]
+ReservationId = Annotated[str, StringConstraints(pattern=RESERVATION_ID.anchored)]
+
+
+class _In(BaseModel):
+    # Strict: "yes" is not a boolean and 5 is not a string.
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ErrorDetail(_Out):
+    code: str = Field(description="snake_case, stable: what a program tests")
+    message: str = Field(description="for a person")
+
+
+class Error(_Out):
+    error: ErrorDetail
+
+
+class ReservationIn(_In):
+    """The body of ``PUT /v1/reservations/{reservation_id}``. Unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    vehicle_id: VehicleId
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=USER_ID_MAX)]
+    starts_at: TimeIn
+    ends_at: TimeIn
+    kind: Kind
+    unlock_at_start: bool = False
+
+    def request(self) -> ReservationRequest:
+        return ReservationRequest(
+            self.vehicle_id, self.user_id, self.starts_at, self.ends_at, self.kind, self.unlock_at_start
+        )
+
+
+class StartUnlockOut(_Out):
+    status: StartUnlockStatus
+    at: TimeOut
+    command_id: str | None
+    reason: str | None
+
+
+class ReservationOut(_Out):
+    reservation_id: str
+    vehicle_id: str
+    user_id: str
+    starts_at: TimeOut
+    ends_at: TimeOut
+    kind: Kind
+    unlock_at_start: bool
+    status: Literal["active", "cancelled"]
+    created_at: TimeOut
+    updated_at: TimeOut
+    start_unlock: StartUnlockOut | None
+
+    @classmethod
+    def of(cls, r: Reservation) -> ReservationOut:
+        su = r.start_unlock
+        return cls(
+            reservation_id=r.id,
+            vehicle_id=r.vehicle_id,
+            user_id=r.user_id,
+            starts_at=iso_ms(r.starts_ms),
+            ends_at=iso_ms(r.ends_ms),
+            kind=r.kind,
+            unlock_at_start=r.unlock_at_start,
+            status=status(r),
+            created_at=iso_ms(r.created_ms),
+            updated_at=iso_ms(r.updated_ms),
+            start_unlock=None
+            if su is None
+            else StartUnlockOut(status=su.status, at=iso_ms(su.at_ms), command_id=su.command_id, reason=su.reason),
+        )
+
+
+class ReservationList(_Out):
+    reservations: list[ReservationOut]
+
+
+class CommandIn(_In):
+    """The body of unlock and lock. ``reservation_id`` is required to unlock."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    reservation_id: ReservationId | None = None
+
+
+class CommandDone(_Out):
+    command_id: str
+    status: Literal["done"]
+    latency_ms: float = Field(ge=0)
+    locked: bool | None = Field(None, description="the car's lock state after the command, when it says")
+
+    @classmethod
+    def of(cls, o: Outcome) -> CommandDone:
+        return cls(command_id=o.command_id, status="done", latency_ms=round(o.latency_ms, 1), locked=o.locked)
+
+
+class CommandOut(_Out):
+    """One line of the command audit."""
+
+    command_id: str
+    action: Literal["unlock", "lock"]
+    reservation_id: str | None
+    caller: str = Field(description="the name of the API key that asked (never the key itself)")
+    source: Source
+    issued_at: TimeOut
+    result: AuditResult
+    reason: str | None
+    latency_ms: float | None
+
+    @classmethod
+    def of(cls, c: CommandRecord) -> CommandOut:
+        return cls(
+            command_id=c.command_id,
+            action=c.action,
+            reservation_id=c.reservation_id,
+            caller=c.caller,
+            source=c.source,
+            issued_at=iso_ms(c.issued_ms),
+            result=c.result,
+            reason=c.reason,
+            latency_ms=c.latency_ms,
+        )
+
+
+class CommandList(_Out):
+    commands: list[CommandOut]
+
+
+Reading = dict[str, Any] | None
+
+
+class StationOut(_Out):
+    id: str
+    town: str
+    lat: float
+    lon: float
+
+
+class Vehicle(_Out):
+    """Registry data and the latest readings; each reading carries the fields the car last sent and ``ts``."""
+
+    vehicle_id: VehicleId
+    model: str
+    model_name: str
+    station: StationOut
+    battery: Reading
+    location: Reading
+    doors: Reading
+    online: bool | None
+    firmware: str | None
+    last_seen: TimeOut | None
+
+
+class VehicleList(_Out):
+    vehicles: list[Vehicle]

@@ -1,0 +1,92 @@
+"""The `Store` protocol: everything durable on the booking side.
+
+One protocol, one contract suite (``tests/test_store_contract.py``) that
+every backend passes unchanged. Methods are coroutines so that a networked
+backend (PostgreSQL) fits behind the same calls as the embedded SQLite one.
+Each method is one transaction: what it changes is all there or not at all
+after a crash. A backend turns its driver's errors into
+:class:`~gateway.errors.StoreError` (and into
+:class:`~gateway.errors.StartupError` when it cannot be opened).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.rules.commands import CommandRecord, Outcome
+from gateway.rules.reservations import Reservation, StartUnlock
+
+__all__ = ["AUDIT_RETENTION_MS", "IDEMPOTENCY_RETENTION_MS", "Store"]
+
+# The contract keeps the command audit at least 400 days; a little more covers a leap year's report.
+AUDIT_RETENTION_MS = 410 * 86_400_000
+# A retry comes within minutes; a day is plenty.
+IDEMPOTENCY_RETENTION_MS = 86_400_000
+
+
+class Store(Protocol):
+    # -- reservations --
+
+    async def get_reservation(self, reservation_id: str) -> Reservation | None: ...
+
+    async def put_reservation(self, r: Reservation, now_ms: int) -> Reservation | None:
+        """Store `r` (insert or replace) unless a live reservation of its car overlaps it; return that one."""
+        ...
+
+    async def cancel_reservation(self, reservation_id: str, now_ms: int) -> bool:
+        """Mark it cancelled; False if it was not there or already cancelled."""
+        ...
+
+    async def list_reservations(
+        self, vehicle_id: str | None, from_ms: int | None, to_ms: int | None, limit: int
+    ) -> list[Reservation]:
+        """By ``starts_ms`` then id; `from`/`to` select those overlapping ``[from, to)``."""
+        ...
+
+    # -- the start-time unlock --
+
+    async def due_start_unlocks(self, now_ms: int) -> list[Reservation]:
+        """``unlock_at_start`` reservations whose start has come, unclaimed, not cancelled, not ended."""
+        ...
+
+    async def next_start_unlock_ms(self, now_ms: int) -> int | None:
+        """The earliest start of an unclaimed ``unlock_at_start`` reservation that has not ended."""
+        ...
+
+    async def pending_start_unlocks(self) -> list[Reservation]:
+        """Claimed but never recorded: a crash came between sending and recording."""
+        ...
+
+    async def claim_start_unlock(self, reservation_id: str, claim: StartUnlock) -> bool:
+        """Set the start unlock only if none is set; False if another call (or instance) has it."""
+        ...
+
+    async def set_start_unlock(self, reservation_id: str, su: StartUnlock | None) -> None: ...
+
+    # -- idempotency --
+
+    async def idempotent_outcome(self, caller: str, key: str) -> tuple[str, Outcome] | None:
+        """The request fingerprint and the outcome saved under (caller, key), if any."""
+        ...
+
+    async def save_idempotent_outcome(
+        self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
+    ) -> None: ...
+
+    # -- the command audit --
+
+    async def record_command(self, rec: CommandRecord) -> None: ...
+
+    async def list_commands(
+        self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int
+    ) -> list[CommandRecord]:
+        """Newest first; `from` inclusive, `to` exclusive, on ``issued_ms``."""
+        ...
+
+    # -- housekeeping --
+
+    async def prune(self, now_ms: int) -> int:
+        """Forget idempotency keys and audit records past their retention; return how many rows went."""
+        ...
+
+    async def close(self) -> None: ...
