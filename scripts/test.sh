@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 . .venv/bin/activate
 echo "== ruff"; ruff check . && ruff format --check .
+echo "== import layering"; lint-imports --no-cache | tail -n 8
 echo "== mypy"; mypy
 echo "== pytest"; pytest -q -p no:cacheprovider "$@"

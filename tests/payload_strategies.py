@@ -311,9 +311,9 @@ def topics(draw: st.DrawFn, clean: bool) -> tuple[str | None, str, str, bool]:
         vid = draw(odd_vehicle_ids())
         return f"{vid}/{kind}", kind, vid, False
     if shape == "kind":
-        odd = draw(st.one_of(st.sampled_from(["Battery", "BATTERY", "wheels", "", "ack", "command"]), TOPIC_TEXT))
-        odd = odd if odd not in ("battery", "location", "doors", "status", "commands") else odd + "x"
-        return f"{good_vid}/{odd}", kind, good_vid, False
+        name = draw(st.one_of(st.sampled_from(["Battery", "BATTERY", "wheels", "", "ack", "command"]), TOPIC_TEXT))
+        name = name if name not in ("battery", "location", "doors", "status", "commands") else name + "x"
+        return f"{good_vid}/{name}", kind, good_vid, False
     if shape == "extra":
         levels = draw(st.lists(TOPIC_TEXT, min_size=1, max_size=4))
         return "/".join([good_vid, kind, *levels]), kind, good_vid, False

@@ -115,7 +115,7 @@ class TrackingPublisher:
         )
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(1, 1)
         self.client.on_publish = self._on_publish
         self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()

@@ -224,8 +224,12 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
     fleet = load_fleet(REPO / "config" / "fleet.yaml")
     settings = gateway_settings(stack.broker.port, f"http://127.0.0.1:{stack.influx.port}", unique.prefix,
                                 unique.database, state_dir)  # fmt: skip
-    q = lambda text: influx_query(stack.influx.port, unique.database, text)  # noqa: E731
-    now_ms = lambda: int(time.time() * 1000)  # noqa: E731
+
+    def q(text: str) -> list[dict[str, Any]]:
+        return influx_query(stack.influx.port, unique.database, text)
+
+    def now_ms() -> int:
+        return int(time.time() * 1000)
 
     async with TestClient(TestServer(init_app(settings, fleet))) as client:
         rt = Parts(client.app)

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -101,7 +101,7 @@ def wait_stored(influx: services.Service, expected: int, timeout: float = 60) ->
     wait_for(lambda: stored(influx) == expected, timeout, f"{expected} points in InfluxDB (have {stored(influx)})")
 
 
-def call(gw: GatewayProcess, method: str, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+def call(gw: GatewayProcess, method: str, path: str, body: Mapping[str, object]) -> tuple[int, dict[str, object]]:
     """One JSON call to the gateway's API with the test key: (status, body)."""
     req = urllib.request.Request(
         f"http://127.0.0.1:{gw.http_port}{path}",

@@ -33,6 +33,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.app import init_app
 from tests.conftest import Stack, Unique
@@ -46,7 +47,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def publish_blocking(port: int, batch: list[tuple[str, bytes, int]], timeout: float = 60.0) -> int:
     """Publish with paho (its own client, driven by hand in this thread) until the broker has every message."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fuzz-{uuid.uuid4().hex[:8]}")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fuzz-{uuid.uuid4().hex[:8]}")
     client.max_inflight_messages_set(200)
     state = {"connected": False, "lost": None}
 
@@ -115,7 +116,10 @@ async def test_fuzzed_messages_never_stop_ingest_and_are_all_accounted(
     published = 0
     for determinate in (True, False):
         published += await asyncio.to_thread(publish_blocking, stack.broker.port, wire[determinate])
-        await async_wait_for(lambda n=published: stats.received >= n, what=f"{published} messages received")
+        await async_wait_for(
+            lambda target=published: stats.received >= target,  # type: ignore[misc]
+            what=f"{published} messages received",
+        )
         await async_wait_for(lambda: rt.journal.pending_points == 0, what="every point handed to InfluxDB")
         if determinate:
             # Nothing valid dropped, nothing invalid let through.

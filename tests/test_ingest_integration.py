@@ -50,7 +50,10 @@ class Gw:
         return influx_query(self.stack.influx.port, self.unique.database, query)
 
     async def rows(self, query: str, n: int) -> list[dict[str, Any]]:
-        return await async_wait_for(lambda: (r := self.q(query)) and len(r) >= n and r, what=f"{n} rows of {query}")
+        rows: list[dict[str, Any]] = await async_wait_for(
+            lambda: (r := self.q(query)) and len(r) >= n and r, what=f"{n} rows of {query}"
+        )
+        return rows
 
 
 @pytest.fixture(params=[1, 2], ids=["influx-v1", "influx-v2"])
@@ -171,9 +174,12 @@ async def test_health_metrics_and_self_report(gw: Gw) -> None:
     r = await gw.client.get("/healthz")
     body = await r.json()
     assert r.status == 200 and body["status"] == "ok" and body["broker"] == "connected"
-    text = await (await gw.client.get("/metrics")).text()
-    assert "gateway_messages_received_total 2" in text
-    assert 'gateway_messages_rejected_total{reason="out_of_range",kind="battery"} 1' in text
+    r = await gw.client.get("/metrics")
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = await r.text()
+    assert "gateway_messages_received_total 2.0" in text
+    assert 'gateway_messages_rejected_total{kind="battery",reason="out_of_range"} 1.0' in text
+    assert "gateway_write_duration_seconds_count" in text
 
     from gateway.metrics import self_report_line
 

@@ -16,7 +16,8 @@ from tests.helpers import make_journal as new_journal
 
 
 def make_journal(directory: Path, max_bytes: int = 1000) -> Journal:
-    return new_journal(directory, max_bytes=max_bytes)
+    j: Journal = new_journal(directory, max_bytes=max_bytes)
+    return j
 
 
 def snap(journal: Journal, **kw: Any) -> Snapshot:

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from gateway.fleet import Fleet, load_fleet
-from gateway.ingest.state import FleetState, iso_ms
+from gateway.ingest.state import FleetState
 from gateway.ingest.telemetry import Reading
+from gateway.times import iso_ms
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1795683600123  # 2026-11-26T09:00:00.123Z

@@ -28,6 +28,9 @@ class FakeSink:
         self.closed = False
         self._attempted = asyncio.Event()
 
+    async def check(self, timeout_s: float) -> None:
+        return None
+
     async def write(self, batch: bytes) -> None:
         self.attempts.append((asyncio.get_running_loop().time(), batch))
         self._attempted.set()

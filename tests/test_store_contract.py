@@ -1,0 +1,228 @@
+"""The Store contract: every backend passes these tests unchanged.
+
+The ``store`` fixture yields each backend in turn (SQLite today; PostgreSQL
+joins the list when it exists). A test here says only what the protocol in
+``gateway/store/base.py`` promises, never how a backend keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import StartupError
+from gateway.rules.commands import CommandRecord, Outcome
+from gateway.rules.reservations import Reservation, StartUnlock
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Store
+from gateway.store.sqlite import MIGRATIONS, open_sqlite
+
+H = 3_600_000
+T0 = 1_795_680_000_000  # 2026-11-26T05:20:00Z
+
+
+def res(rid: str, vehicle: str = "ZOE-001", start_h: float = 1, end_h: float = 2, **kw: object) -> Reservation:
+    fields: dict[str, object] = {
+        "id": rid,
+        "vehicle_id": vehicle,
+        "user_id": "U-1",
+        "starts_ms": int(T0 + start_h * H),
+        "ends_ms": int(T0 + end_h * H),
+        "kind": "public",
+        "unlock_at_start": False,
+        "created_ms": T0,
+        "updated_ms": T0,
+    }
+    fields.update(kw)
+    return Reservation(**fields)  # type: ignore[arg-type]
+
+
+def rec(cid: str, vehicle: str = "ZOE-001", issued: int = T0, **kw: object) -> CommandRecord:
+    fields: dict[str, object] = {
+        "command_id": cid,
+        "vehicle_id": vehicle,
+        "action": "unlock",
+        "reservation_id": "R-1",
+        "caller": "booking",
+        "source": "api",
+        "issued_ms": issued,
+        "result": "done",
+        "reason": None,
+        "latency_ms": 12.5,
+    }
+    fields.update(kw)
+    return CommandRecord(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = open_sqlite(tmp_path / "store.sqlite3")
+    yield s
+    await s.close()
+
+
+async def test_a_reservation_round_trips(store: Store) -> None:
+    r = res("R-1", start_unlock=StartUnlock("done", T0, "c-1", None), created_by="booking")
+    assert await store.put_reservation(r, T0) is None
+    assert await store.get_reservation("R-1") == r
+    assert await store.get_reservation("R-2") is None
+
+
+async def test_put_refuses_an_overlap_and_returns_the_one_in_the_way(store: Store) -> None:
+    assert await store.put_reservation(res("R-1", start_h=1, end_h=3), T0) is None
+    clash = await store.put_reservation(res("R-2", start_h=2, end_h=4), T0)
+    assert clash is not None and clash.id == "R-1"
+    assert await store.get_reservation("R-2") is None
+    assert await store.put_reservation(res("R-3", start_h=3, end_h=4), T0) is None  # back to back
+    assert await store.put_reservation(res("R-4", vehicle="ZOE-002", start_h=1, end_h=3), T0) is None
+    assert await store.put_reservation(res("R-1", start_h=0, end_h=2), T0) is None  # moving itself is fine
+
+
+async def test_cancelled_and_ended_reservations_block_nothing(store: Store) -> None:
+    assert await store.put_reservation(res("R-1", start_h=1, end_h=3), T0) is None
+    assert await store.cancel_reservation("R-1", T0)
+    assert not await store.cancel_reservation("R-1", T0)  # already
+    assert not await store.cancel_reservation("R-nope", T0)
+    assert await store.put_reservation(res("R-2", start_h=1, end_h=3), T0) is None
+    # R-2 has ended by T0 + 4 h: a new one over its span is allowed then.
+    assert await store.put_reservation(res("R-3", start_h=2, end_h=5), T0 + 4 * H) is None
+    got = await store.get_reservation("R-1")
+    assert got is not None and got.cancelled
+
+
+async def test_two_puts_racing_for_one_slot_cannot_both_win(store: Store) -> None:
+    results = await asyncio.gather(*(store.put_reservation(res(f"R-{i}"), T0) for i in range(8)))
+    assert sum(r is None for r in results) == 1
+
+
+async def test_listing_filters_and_orders(store: Store) -> None:
+    for r in (res("R-b", start_h=2, end_h=3), res("R-a", start_h=1, end_h=2), res("R-c", "ZOE-002", 5, 6)):
+        assert await store.put_reservation(r, T0) is None
+    ids = [r.id for r in await store.list_reservations(None, None, None, 10)]
+    assert ids == ["R-a", "R-b", "R-c"]
+    assert [r.id for r in await store.list_reservations("ZOE-002", None, None, 10)] == ["R-c"]
+    overlapping = await store.list_reservations(None, T0 + 2 * H, T0 + 5 * H, 10)
+    assert [r.id for r in overlapping] == ["R-b"]  # R-a ends at 2 h; R-c starts at 5 h
+    assert len(await store.list_reservations(None, None, None, 2)) == 2
+
+
+async def test_start_unlocks_are_claimed_once(store: Store) -> None:
+    due = res("R-due", start_h=-0.1, end_h=1, unlock_at_start=True)
+    later = res("R-later", "ZOE-002", start_h=1, end_h=2, unlock_at_start=True)
+    plain = res("R-plain", "ZOE-003", start_h=-0.1, end_h=1)
+    for r in (due, later, plain):
+        assert await store.put_reservation(r, T0) is None
+    assert [r.id for r in await store.due_start_unlocks(T0)] == ["R-due"]
+    assert await store.next_start_unlock_ms(T0) == due.starts_ms
+    claim = StartUnlock("pending", T0)
+    assert await store.claim_start_unlock("R-due", claim)
+    assert not await store.claim_start_unlock("R-due", claim)
+    assert await store.due_start_unlocks(T0) == []
+    assert [r.id for r in await store.pending_start_unlocks()] == ["R-due"]
+    assert await store.next_start_unlock_ms(T0) == later.starts_ms
+    done = StartUnlock("done", T0 + 5, "c-9", None)
+    await store.set_start_unlock("R-due", done)
+    assert await store.pending_start_unlocks() == []
+    got = await store.get_reservation("R-due")
+    assert got is not None and got.start_unlock == done
+    await store.set_start_unlock("R-due", None)  # released: due again
+    assert [r.id for r in await store.due_start_unlocks(T0)] == ["R-due"]
+
+
+async def test_a_cancelled_or_ended_reservation_is_never_due(store: Store) -> None:
+    assert await store.put_reservation(res("R-1", start_h=-0.1, end_h=1, unlock_at_start=True), T0) is None
+    assert await store.cancel_reservation("R-1", T0)
+    assert await store.due_start_unlocks(T0) == []
+    assert await store.put_reservation(res("R-2", "ZOE-002", start_h=-2, end_h=-1, unlock_at_start=True), T0) is None
+    assert await store.due_start_unlocks(T0) == [] and await store.next_start_unlock_ms(T0) is None
+
+
+async def test_idempotent_outcomes_are_kept_per_caller(store: Store) -> None:
+    o = Outcome("c-1", "ZOE-001", "unlock", "rejected", "expired", 12.5, None, T0)
+    await store.save_idempotent_outcome("alice", "k", "fp-1", o, T0)
+    assert await store.idempotent_outcome("alice", "k") == ("fp-1", o)
+    assert await store.idempotent_outcome("bob", "k") is None
+    assert await store.idempotent_outcome("alice", "other") is None
+
+
+async def test_the_audit_lists_newest_first_within_a_window(store: Store) -> None:
+    for i in range(5):
+        await store.record_command(rec(f"c-{i}", issued=T0 + i * 1000))
+    await store.record_command(rec("c-other", "ZOE-002", issued=T0))
+    await store.record_command(
+        rec("c-x", issued=T0 + 10, result="broker_unavailable", reason="broker_unavailable", latency_ms=None)
+    )
+    got = await store.list_commands("ZOE-001", None, None, 10)
+    assert [c.command_id for c in got] == ["c-4", "c-3", "c-2", "c-1", "c-x", "c-0"]
+    assert got[-2].latency_ms is None and got[-2].result == "broker_unavailable"
+    window = await store.list_commands("ZOE-001", T0 + 1000, T0 + 3000, 10)
+    assert [c.command_id for c in window] == ["c-2", "c-1"]  # from inclusive, to exclusive
+    assert len(await store.list_commands("ZOE-001", None, None, 2)) == 2
+    assert await store.list_commands("ZOE-003", None, None, 10) == []
+    assert got[0] == rec("c-4", issued=T0 + 4000)
+
+
+async def test_prune_keeps_the_audit_400_days_and_keys_a_day(store: Store) -> None:
+    now = T0 + 500 * 86_400_000
+    await store.record_command(rec("old", issued=now - AUDIT_RETENTION_MS - 1))
+    await store.record_command(rec("kept", issued=now - 400 * 86_400_000))
+    o = Outcome("c-1", "ZOE-001", "unlock", "done", None, 1.0)
+    await store.save_idempotent_outcome("a", "old", "fp", o, now - IDEMPOTENCY_RETENTION_MS - 1)
+    await store.save_idempotent_outcome("a", "new", "fp", o, now - 1000)
+    assert await store.prune(now) == 2
+    assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["kept"]
+    assert await store.idempotent_outcome("a", "old") is None
+    assert await store.idempotent_outcome("a", "new") is not None
+
+
+# ---- the SQLite backend's own promises: migrations and refusing a bad file --------------------------
+
+
+def test_a_version_1_file_is_migrated_with_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in MIGRATIONS[0][1]:
+        assert isinstance(step, str)
+        db.execute(step)
+    db.execute("PRAGMA user_version = 1")
+    db.execute(
+        "INSERT INTO reservations (id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, created_ms, "
+        "updated_ms) VALUES ('R-old', 'ZOE-001', 'U-1', ?, ?, 'staff', 0, 1, 1)",
+        (T0, T0 + H),
+    )
+    db.execute(
+        "INSERT INTO idempotency VALUES ('k', 'caller', 'fp', 502, ?, 1)",
+        (b'{"error": {"code": "command_rejected", "reason": "expired", "command_id": "c-7"}}',),
+    )
+    db.close()
+
+    async def check() -> None:
+        store = open_sqlite(path)
+        r = await store.get_reservation("R-old")
+        assert r is not None and r.kind == "staff" and r.created_by is None
+        saved = await store.idempotent_outcome("caller", "k")
+        assert saved is not None and saved[0] == "fp"
+        assert (saved[1].result, saved[1].reason, saved[1].command_id) == ("rejected", "expired", "c-7")
+        await store.record_command(rec("c-1"))
+        await store.close()
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+    asyncio.run(check())
+
+
+def test_a_corrupt_file_is_a_startup_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StartupError, match=r"gateway\.sqlite3") as e:
+        open_sqlite(path)
+    assert "not a usable SQLite database" in str(e.value)
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.sqlite3"
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StartupError, match="newer than this gateway"):
+        open_sqlite(path)
