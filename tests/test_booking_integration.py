@@ -22,7 +22,7 @@ from gateway.rules.reservations import ReservationRequest, new_reservation
 from gateway.store.sqlite import open_sqlite
 from gateway.times import rfc3339_ms
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
+from tests.helpers import API_KEY, AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ class Env:
 
 
 async def start_env(
-    stack: Stack, unique: Unique, state_dir: Path, aiohttp_client: Callable[..., Any], sim: SimFleet
+    stack: Stack, unique: Unique, state_dir: Path, aiohttp_client: Callable[..., Any], sim: SimFleet, **over: Any
 ) -> Env:
     settings = gateway_settings(
         stack.broker.port,
@@ -77,6 +77,7 @@ async def start_env(
         unique.database,
         state_dir,
         commands__ack_timeout_s=ACK_TIMEOUT_S,
+        **over,
     )
     client = await aiohttp_client(init_app(settings, FLEET))
     env = Env(client, sim, stack, unique)
@@ -295,3 +296,87 @@ async def test_an_idempotency_key_in_flight_is_not_shared_with_another_request(e
     status, answer = await env.post("/v1/vehicles/ZOE-002/lock", {}, key)
     assert status == 422 and answer["error"]["code"] == "idempotency_key_reused"
     assert (await first)[0] == 504
+
+
+FRONT_DESK = "front-desk-secret-0123456789"
+NIGHT_OPS = "night-ops-secret-0123456789"
+
+
+async def test_the_audit_says_which_named_key_opened_which_car(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    async with SimFleet(sim_config(stack, unique)) as sim:
+        await sim.wait_ready(timeout=15)
+        keys = [f"front-desk:{FRONT_DESK}", f"night-ops:{NIGHT_OPS}", API_KEY]
+        env = await start_env(stack, unique, tmp_path, aiohttp_client, sim, api__keys=keys)
+        desk = {"Authorization": f"Bearer {FRONT_DESK}"}
+        ops = {"Authorization": f"Bearer {NIGHT_OPS}"}
+        c = env.client
+        assert (await c.put("/v1/reservations/R-aud", json=body("ZOE-014"), headers=desk)).status == 201
+        r = await c.post("/v1/vehicles/ZOE-014/unlock", json={"reservation_id": "R-aud"}, headers=desk)
+        unlocked = await r.json()
+        assert r.status == 200, unlocked
+        r = await c.post("/v1/vehicles/ZOE-014/lock", json={}, headers=ops)
+        locked = await r.json()
+        assert r.status == 200, locked
+        r = await c.post("/v1/vehicles/ZOE-003/lock", json={}, headers=ops)  # ZOE-003 never answers
+        assert r.status == 504
+
+        r = await c.get("/v1/vehicles/ZOE-014/commands", headers=AUTH)
+        listed = (await r.json())["commands"]
+        assert r.status == 200
+        assert [(x["command_id"], x["action"], x["caller"], x["source"], x["result"]) for x in listed] == [
+            (locked["command_id"], "lock", "night-ops", "api", "done"),
+            (unlocked["command_id"], "unlock", "front-desk", "api", "done"),
+        ]
+        assert listed[1]["reservation_id"] == "R-aud" and listed[0]["reservation_id"] is None
+        assert listed[1]["latency_ms"] > 0 and listed[1]["issued_at"].endswith("Z")
+        assert FRONT_DESK not in await r.text() and NIGHT_OPS not in await r.text()
+        timeout = (await (await c.get("/v1/vehicles/ZOE-003/commands", headers=AUTH)).json())["commands"]
+        assert [(x["caller"], x["result"], x["reason"]) for x in timeout] == [
+            ("night-ops", "timeout", "vehicle_timeout")
+        ]
+
+        # A window and a limit; newest first.
+        after = listed[0]["issued_at"]
+        r = await c.get("/v1/vehicles/ZOE-014/commands", params={"to": after}, headers=AUTH)
+        assert [x["command_id"] for x in (await r.json())["commands"]] == [unlocked["command_id"]]
+        r = await c.get("/v1/vehicles/ZOE-014/commands", params={"limit": "1"}, headers=AUTH)
+        assert [x["command_id"] for x in (await r.json())["commands"]] == [locked["command_id"]]
+        for bad in ({"limit": "0"}, {"from": "yesterday"}, {"bogus": "1"}):
+            r = await c.get("/v1/vehicles/ZOE-014/commands", params=bad, headers=AUTH)
+            assert r.status == 400 and (await r.json())["error"]["code"] == "bad_query", bad
+        r = await c.get("/v1/vehicles/NOPE-1/commands", headers=AUTH)
+        assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_vehicle"
+
+        # The `commands` measurement carries the caller too, for Grafana.
+        rows = await async_wait_for(
+            lambda: len(x := env.q("SELECT * FROM commands WHERE vehicle_id = 'ZOE-014'")) >= 2 and x,
+            what="commands rows",
+        )
+        assert {(row["action"], row["caller"]) for row in rows} == {("unlock", "front-desk"), ("lock", "night-ops")}
+
+        # The audit survives a restart.
+        await c.close()
+        env2 = await start_env(stack, unique, tmp_path, aiohttp_client, sim, api__keys=keys)
+        r = await env2.client.get("/v1/vehicles/ZOE-014/commands", headers=ops)
+        assert [x["caller"] for x in (await r.json())["commands"]] == ["night-ops", "front-desk"]
+
+
+async def test_a_start_unlock_is_audited_as_the_key_that_booked_it(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    async with SimFleet(sim_config(stack, unique)) as sim:
+        await sim.wait_ready(timeout=15)
+        keys = [f"front-desk:{FRONT_DESK}"]
+        env = await start_env(stack, unique, tmp_path, aiohttp_client, sim, api__keys=keys)
+        desk = {"Authorization": f"Bearer {FRONT_DESK}"}
+        data = body("KANGOO-004", start=-1, end=60, unlock_at_start=True)
+        assert (await env.client.put("/v1/reservations/R-sa", json=data, headers=desk)).status == 201
+
+        async def audited() -> Any:
+            r = await env.client.get("/v1/vehicles/KANGOO-004/commands", headers=desk)
+            return (await r.json())["commands"]
+
+        (entry,) = await async_wait_for(audited, timeout=10, what="the start unlock in the audit")
+        assert (entry["caller"], entry["source"], entry["result"]) == ("front-desk", "start_unlock", "done")
