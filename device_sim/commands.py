@@ -8,22 +8,30 @@ A car executes a command only if, in this order of checks:
 4. ``expires_at`` has not passed                   else ``rejected`` / ``expired``
 
 Only commands that pass 1 and 2 are remembered as seen, so a forged command
-cannot burn a real command id. Signatures use ``gateway.signing`` so the car
-and the gateway cannot drift apart.
+cannot burn a real command id.
+
+The key derivation and the signature check below are written from the contract
+(docs/car-integration.md) on purpose, independently of ``gateway/signing.py``:
+the car side and the gateway side are two implementations, and
+tests/test_signature_worked_example.py pins both to the document's worked
+example, so a drift on either side fails a test instead of going unnoticed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from gateway import signing
-
 ACTIONS = ("unlock", "lock")
+# The signed fields, in the order the contract joins them with "|".
+SIGNED_FIELDS = ("command_id", "vehicle_id", "action", "reservation_id", "issued_at", "expires_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,47 @@ class SeenCommands:
         self._ids[command_id] = None
         while len(self._ids) > self.size:
             self._ids.popitem(last=False)
+
+
+def vehicle_key(master_key: str, vehicle_id: str) -> bytes:
+    """A car's command key, as the contract fixes it: HMAC-SHA256(key=master key, msg=vehicle_id), UTF-8, 32 bytes.
+
+    Written from the contract, independently of ``gateway/signing.py``.
+    """
+    return hmac.new(master_key.encode("utf-8"), vehicle_id.encode("utf-8"), hashlib.sha256).digest()
+
+
+def signing_string(cmd: Mapping[str, Any]) -> bytes | None:
+    """``command_id|vehicle_id|action|reservation_id|issued_at|expires_at`` from the payload's own strings, UTF-8.
+
+    ``null`` (or an absent field) is the empty string. Any other non-string value is outside the contract,
+    which signs the payload's exact strings: None then, and such a command never verifies.
+    Written from the contract, independently of ``gateway/signing.py``.
+    """
+    parts: list[str] = []
+    for field in SIGNED_FIELDS:
+        value = cmd.get(field)
+        if value is None:
+            parts.append("")
+        elif isinstance(value, str):
+            parts.append(value)
+        else:
+            return None
+    return "|".join(parts).encode("utf-8")
+
+
+def signature_is_valid(cmd: Mapping[str, Any], key: bytes) -> bool:
+    """Whether ``signature`` is the lowercase hex HMAC-SHA256 of the signing string under `key`; constant-time compare.
+
+    Written from the contract, independently of ``gateway/signing.py``.
+    """
+    sig = cmd.get("signature")
+    msg = signing_string(cmd)
+    if not isinstance(sig, str) or msg is None:
+        return False
+    expected = hmac.new(key, msg, hashlib.sha256).hexdigest()
+    # compared as bytes: compare_digest refuses str with non-ASCII characters, and a forged payload may carry them
+    return hmac.compare_digest(expected.encode("ascii"), sig.encode("utf-8"))
 
 
 def parse_time(value: Any) -> float | None:
@@ -81,7 +130,7 @@ def verify_command(cmd: dict[str, Any], vehicle_id: str, key: bytes | None, now:
     cid = str(cmd["command_id"])
     if cmd.get("vehicle_id") != vehicle_id:
         return Verdict(cid, False, "wrong_vehicle")
-    if key is None or not signing.verify(cmd, key):
+    if key is None or not signature_is_valid(cmd, key):
         return Verdict(cid, False, "bad_signature")
     if cid in seen:
         return Verdict(cid, False, "duplicate")

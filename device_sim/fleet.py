@@ -17,13 +17,13 @@ from types import TracebackType
 
 from device_sim import faults
 from device_sim.car import Car, SimClock, Stats
+from device_sim.commands import vehicle_key
 from device_sim.config import Behaviour, SimConfig
 from device_sim.faults import Fault
 from device_sim.mqtt import MqttClient, MqttError, Will
 from device_sim.physics import rfc3339_ms
 from gateway.fleet import Fleet, load_fleet
 from gateway.provision import mqtt_password
-from gateway.signing import vehicle_key
 
 WILL_PAYLOAD = b'{"online": false}'
 SUBSCRIBE_BATCH = 200

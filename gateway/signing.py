@@ -3,8 +3,10 @@
 vehicle key = HMAC-SHA256(key=master key (UTF-8), msg=vehicle_id (UTF-8)), raw 32 bytes
 signature   = hex HMAC-SHA256(key=vehicle key,
                               msg="command_id|vehicle_id|action|reservation_id|issued_at|expires_at")
-with ``null`` written as the empty string. The simulator uses the same code
-on the car side, so both ends cannot drift apart.
+with ``null`` written as the empty string. The simulator has its own
+implementation, written from the contract (``device_sim/commands.py``);
+``tests/test_signature_worked_example.py`` pins both to the worked example
+of ``docs/car-integration.md``.
 """
 
 from __future__ import annotations
@@ -37,4 +39,5 @@ def verify(command: Mapping[str, Any], key: bytes) -> bool:
     sig = command.get("signature")
     if not isinstance(sig, str):
         return False
-    return hmac.compare_digest(sign(command, key), sig)
+    # Bytes, not str: compare_digest refuses non-ASCII strings with a TypeError.
+    return hmac.compare_digest(sign(command, key).encode(), sig.encode("utf-8", "replace"))

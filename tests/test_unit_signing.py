@@ -137,3 +137,7 @@ def test_verify_rejects_wrong_key_and_bad_signatures() -> None:
     assert not verify(CMD, key)  # no signature at all
     assert not verify({**CMD, "signature": None}, key)
     assert not verify({**CMD, "signature": bytes.fromhex(sig)}, key)
+
+
+def test_verify_refuses_a_non_ascii_signature_instead_of_raising() -> None:
+    assert verify({"command_id": "c", "signature": "é" * 64}, b"k" * 32) is False
