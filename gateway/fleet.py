@@ -6,7 +6,6 @@ drives the same file, so both always agree on ids, models and stations.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,7 @@ from typing import Any
 import yaml
 
 from gateway.errors import ConfigError
-
-VEHICLE_ID_RE = re.compile(r"^[A-Z0-9][A-Z0-9-]{1,31}\Z")
+from gateway.ids import VEHICLE_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +122,8 @@ def parse_fleet(doc: Any, source: str = "fleet") -> Fleet:
         if not isinstance(v, dict):
             raise ConfigError(f"{w}: must be a mapping")
         vid = _req(v, "id", w, str)
-        if not VEHICLE_ID_RE.match(vid):
-            raise ConfigError(f"{w}.id: {vid!r} is not a valid vehicle id (A-Z, 0-9 and '-', 2 to 32 characters)")
+        if not VEHICLE_ID.matches(vid):
+            raise ConfigError(f"{w}.id: {vid!r} is not a valid vehicle id ({VEHICLE_ID.describe})")
         if vid in vehicles:
             raise ConfigError(f"{w}.id: {vid} is listed twice")
         model = _req(v, "model", w, str)

@@ -20,11 +20,11 @@ import base64
 import hashlib
 import hmac
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.ids import VEHICLE_ID
 from gateway.signing import vehicle_key
 
 __all__ = [
@@ -42,7 +42,6 @@ PASSWORD_CHARS = 32  # 192 bits: no iteration count makes a guess any cheaper to
 # Mosquitto 2.0's own default (mosquitto_passwd): each connect checks the hash,
 # and a reconnect storm of 10,000 cars must not turn into 10,000 slow hashes.
 PBKDF2_ITERATIONS = 101
-VEHICLE_ID_RE = re.compile(r"^[A-Z0-9][A-Z0-9-]{1,31}$")
 
 # (suffix under <prefix>/<vehicle id>/, what the car may do) — as config/mosquitto/acl grants.
 CAR_TOPICS = (
@@ -80,8 +79,8 @@ class CarCredentials:
 
 
 def car_credentials(master_key: str, vehicle_id: str) -> CarCredentials:
-    if not VEHICLE_ID_RE.match(vehicle_id):
-        raise ValueError(f"{vehicle_id[:40]!r} is not a vehicle id (A-Z, 0-9 and '-', 2 to 32 characters)")
+    if not VEHICLE_ID.matches(vehicle_id):
+        raise ValueError(f"{vehicle_id[:40]!r} is not a vehicle id ({VEHICLE_ID.describe})")
     return CarCredentials(
         vehicle_id, vehicle_id, mqtt_password(master_key, vehicle_id), vehicle_key(master_key, vehicle_id).hex()
     )

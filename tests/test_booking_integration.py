@@ -343,7 +343,7 @@ async def test_the_audit_says_which_named_key_opened_which_car(
         assert [x["command_id"] for x in (await r.json())["commands"]] == [unlocked["command_id"]]
         r = await c.get("/v1/vehicles/ZOE-014/commands", params={"limit": "1"}, headers=AUTH)
         assert [x["command_id"] for x in (await r.json())["commands"]] == [locked["command_id"]]
-        for bad in ({"limit": "0"}, {"from": "yesterday"}, {"bogus": "1"}):
+        for bad in ({"limit": "0"}, {"from": "yesterday"}, {"from": "4484-06-03T22:00:47Z"}, {"bogus": "1"}):
             r = await c.get("/v1/vehicles/ZOE-014/commands", params=bad, headers=AUTH)
             assert r.status == 400 and (await r.json())["error"]["code"] == "bad_query", bad
         r = await c.get("/v1/vehicles/NOPE-1/commands", headers=AUTH)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from gateway.errors import ConfigError
-from gateway.fleet import VEHICLE_ID_RE, Fleet, load_fleet, parse_fleet
+from gateway.fleet import Fleet, load_fleet, parse_fleet
+from gateway.ids import VEHICLE_ID
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET_YAML = REPO / "config" / "fleet.yaml"
@@ -44,7 +45,7 @@ def test_shipped_fleet_has_29_vehicles(fleet: Fleet) -> None:
     assert len(ids) == 29
     assert len([i for i in ids if i.startswith("ZOE-")]) == 23
     assert len([i for i in ids if i.startswith("KANGOO-")]) == 6
-    assert all(VEHICLE_ID_RE.match(i) for i in ids)
+    assert all(VEHICLE_ID.matches(i) for i in ids)
     assert set(fleet.models) == {"zoe", "kangoo"}
     assert {v.model for v in fleet.vehicles.values() if v.id.startswith("ZOE-")} == {"zoe"}
     assert {v.model for v in fleet.vehicles.values() if v.id.startswith("KANGOO-")} == {"kangoo"}
@@ -183,7 +184,7 @@ def test_with_generated_300(fleet: Fleet) -> None:
     big = fleet.with_generated(300)
     ids = list(big.vehicles)
     assert len(ids) == len(set(ids)) == 300
-    assert all(VEHICLE_ID_RE.match(i) for i in ids)
+    assert all(VEHICLE_ID.matches(i) for i in ids)
     assert ids[:29] == list(fleet.vehicles)  # the real cars first, unchanged
     assert big.vehicles["ZOE-001"] == fleet.vehicles["ZOE-001"]
     generated = ids[29:]

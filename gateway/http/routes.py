@@ -21,7 +21,7 @@ from gateway.http.problems import json_response, outcome_response, validation_pr
 from gateway.http.schemas import CommandIn, CommandList, CommandOut, ReservationIn, ReservationList, ReservationOut
 from gateway.metrics import CONTENT_TYPE, health
 from gateway.rules.commands import Action
-from gateway.rules.reservations import check_id, check_time
+from gateway.rules.reservations import EARLIEST_MS, LATEST_MS, check_id
 from gateway.times import rfc3339_ms
 
 MAX_LIMIT = 5000
@@ -50,7 +50,9 @@ def _query(
             ms = rfc3339_ms(q[name])
         except ValueError as e:
             raise time_error(name, f"{e}, e.g. 2026-11-26T09:00:00Z") from None
-        return check_time(ms, name)
+        if not EARLIEST_MS <= ms < LATEST_MS:
+            raise time_error(name, "must be between the years 2000 and 2199")
+        return ms
 
     limit_s = q.get("limit", "500")
     if not (limit_s.isascii() and limit_s.isdigit() and len(limit_s) <= 4) or not 1 <= int(limit_s) <= MAX_LIMIT:

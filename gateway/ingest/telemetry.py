@@ -17,7 +17,7 @@ from typing import Any, Final
 import orjson
 
 from gateway.errors import PayloadError
-from gateway.fleet import VEHICLE_ID_RE
+from gateway.ids import VEHICLE_ID
 from gateway.times import rfc3339_ms
 
 KINDS: Final = ("battery", "location", "doors", "status")
@@ -169,5 +169,5 @@ def _range(low: float | None, high: float | None) -> str:
 
 
 def check_vehicle_id(vehicle_id: str) -> None:
-    if not VEHICLE_ID_RE.match(vehicle_id):
+    if not VEHICLE_ID.matches(vehicle_id):
         raise PayloadError("bad_vehicle_id", f"{vehicle_id[:40]!r} is not a valid vehicle id")
