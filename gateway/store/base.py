@@ -75,7 +75,10 @@ class Store(Protocol):
 
     # -- the command audit --
 
-    async def record_command(self, rec: CommandRecord) -> None: ...
+    async def record_command(self, rec: CommandRecord) -> None:
+        """Add to the audit. A backend may write it behind (SQLite: within 50 ms, batched), but
+        :meth:`list_commands` and :meth:`close` always see every record added before them."""
+        ...
 
     async def list_commands(
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int

@@ -4,11 +4,16 @@ The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS`
 brings any older file up to date at start-up, each step in its own
 transaction. Every call is a short local transaction, so it runs on the
 event loop instead of a thread pool: one loop, no threads beside it. WAL
-with ``synchronous=FULL``: a change is on disk before the call returns.
+with ``synchronous=FULL``: a reservation is on disk before the call
+returns. The command audit, written on every unlock's path, is written
+behind: within :data:`AUDIT_FLUSH_S`, many records in one transaction
+(see :meth:`SqliteStore.record_command`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +27,13 @@ from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS
 
-__all__ = ["MIGRATIONS", "SqliteStore", "open_sqlite"]
+__all__ = ["AUDIT_FLUSH_S", "MIGRATIONS", "SqliteStore", "open_sqlite"]
+
+log = logging.getLogger(__name__)
+
+# The command audit is written behind the answer, at most this late (see record_command).
+AUDIT_FLUSH_S = 0.05
+AUDIT_MAX_PENDING = 100_000
 
 
 def _idempotency_as_outcomes(db: sqlite3.Connection) -> None:
@@ -196,6 +207,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 class SqliteStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self._audit: list[CommandRecord] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -208,6 +221,13 @@ class SqliteStore:
         self.db.execute("COMMIT")
 
     async def close(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        try:
+            self._flush_audit()
+        except StoreError as e:
+            log.error("%s; %d audit records lost at shutdown", e, len(self._audit))
         self.db.close()
 
     # -- reservations --
@@ -327,18 +347,53 @@ class SqliteStore:
     # -- the command audit --
 
     async def record_command(self, rec: CommandRecord) -> None:
-        with _errors("record a command"):
-            self.db.execute(
-                f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.command_id, rec.vehicle_id, rec.action, rec.reservation_id, rec.caller, rec.source,
-                    rec.issued_ms, rec.result, rec.reason, rec.latency_ms,
-                ),
-            )  # fmt: skip
+        # The one write on every unlock's path, so it is written behind: rows gather for at most
+        # AUDIT_FLUSH_S and go in one transaction (a busy disk must not stall the event loop, and
+        # with it every other unlock and all ingest). Reads, pruning and closing flush first.
+        self._audit.append(rec)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(AUDIT_FLUSH_S, self._flush_audit_soon)
+
+    def _flush_audit_soon(self) -> None:
+        self._flush_handle = None
+        try:
+            self._flush_audit()
+        except StoreError as e:
+            log.error("%s; %d audit records kept in memory, retrying", e, len(self._audit))
+            if len(self._audit) > AUDIT_MAX_PENDING:
+                dropped = len(self._audit) - AUDIT_MAX_PENDING
+                del self._audit[:dropped]
+                log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
+            self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_audit_soon)
+
+    def _flush_audit(self) -> None:
+        if not self._audit:
+            return
+        rows = [
+            (
+                r.command_id,
+                r.vehicle_id,
+                r.action,
+                r.reservation_id,
+                r.caller,
+                r.source,
+                r.issued_ms,
+                r.result,
+                r.reason,
+                r.latency_ms,
+            )
+            for r in self._audit
+        ]
+        with _errors("record commands"), self._tx():
+            self.db.executemany(
+                f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
+            )
+        self._audit.clear()
 
     async def list_commands(
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[CommandRecord]:
+        self._flush_audit()
         sql = f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE vehicle_id = ?"
         args: list[object] = [vehicle_id]
         if from_ms is not None:
@@ -355,6 +410,7 @@ class SqliteStore:
     # -- housekeeping --
 
     async def prune(self, now_ms: int) -> int:
+        self._flush_audit()
         with _errors("prune old rows"), self._tx():
             a = self.db.execute("DELETE FROM idempotency WHERE created_ms < ?", (now_ms - IDEMPOTENCY_RETENTION_MS,))
             b = self.db.execute("DELETE FROM commands WHERE issued_ms < ?", (now_ms - AUDIT_RETENTION_MS,))
