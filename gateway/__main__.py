@@ -98,6 +98,7 @@ async def serve(settings: Settings, fleet: Fleet) -> None:
     except BaseException:
         await runner.cleanup()  # closes whatever was opened, in reverse order
         raise
+    log.info("API keys: %s", ", ".join(k.name for k in settings.api.keys) or "none")
     log.info(
         "gateway %s up: HTTP on %s:%d, MQTT %s:%d prefix %r, InfluxDB v%d at %s, %d vehicles",
         settings.instance,

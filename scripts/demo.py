@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             GATEWAY__HTTP__PORT=str(args.http_port),
             GATEWAY__STATE__DIR=str(run_dir / "state"),
             GATEWAY__COMMANDS__MASTER_KEY=DEMO_MASTER_KEY,
-            GATEWAY__API__KEYS=DEMO_API_KEY,
+            GATEWAY__API__KEYS=f"demo:{DEMO_API_KEY}",
         )
         if args.vehicles != 29:
             fleet_file = run_dir / f"fleet-{args.vehicles}.yaml"

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gateway.fleet import load_fleet
+from gateway.ids import VEHICLE_ID
 from tests.helpers import REPO
 
 FLEET = load_fleet(REPO / "config" / "fleet.yaml")
@@ -288,7 +289,7 @@ TOPIC_TEXT = st.text(TOPIC_CHAR, max_size=40)
 
 def odd_vehicle_ids() -> st.SearchStrategy[str]:
     return st.one_of(
-        st.from_regex(r"[A-Z0-9][A-Z0-9-]{1,31}", fullmatch=True).filter(lambda v: v not in FLEET.vehicles),
+        st.from_regex(VEHICLE_ID.body, fullmatch=True).filter(lambda v: v not in FLEET.vehicles),
         st.sampled_from(KNOWN).map(str.lower),
         st.sampled_from(KNOWN).map(lambda v: v + " "),
         st.sampled_from(KNOWN).map(lambda v: v + "\u200b"),  # zero-width space

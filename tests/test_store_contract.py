@@ -94,6 +94,7 @@ async def test_cancelled_and_ended_reservations_block_nothing(store: Store) -> N
 
 
 async def test_two_puts_racing_for_one_slot_cannot_both_win(store: Store) -> None:
+    # SQLite's calls run one after another on the loop; a networked backend's suspend, and race for real.
     results = await asyncio.gather(*(store.put_reservation(res(f"R-{i}"), T0) for i in range(8)))
     assert sum(r is None for r in results) == 1
 
@@ -181,32 +182,45 @@ async def test_prune_keeps_the_audit_400_days_and_keys_a_day(store: Store) -> No
 # ---- the SQLite backend's own promises: migrations and refusing a bad file --------------------------
 
 
+# The schema of version 1 as it shipped, frozen here: an edit to MIGRATIONS[0] must not go unnoticed.
+V1_SCHEMA = """
+CREATE TABLE reservations (id TEXT PRIMARY KEY, vehicle_id TEXT NOT NULL, user_id TEXT NOT NULL,
+    starts_ms INTEGER NOT NULL, ends_ms INTEGER NOT NULL, kind TEXT NOT NULL, unlock_at_start INTEGER NOT NULL,
+    cancelled INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    su_status TEXT, su_at_ms INTEGER, su_command_id TEXT, su_reason TEXT);
+CREATE INDEX reservations_vehicle ON reservations (vehicle_id, ends_ms);
+CREATE INDEX reservations_due ON reservations (unlock_at_start, su_status, starts_ms);
+CREATE TABLE idempotency (key TEXT NOT NULL, caller TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    status INTEGER NOT NULL, body BLOB NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (caller, key));
+PRAGMA user_version = 1;
+"""
+
+
 def test_a_version_1_file_is_migrated_with_its_data(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path, isolation_level=None)
-    for step in MIGRATIONS[0][1]:
-        assert isinstance(step, str)
-        db.execute(step)
-    db.execute("PRAGMA user_version = 1")
+    db.executescript(V1_SCHEMA)
     db.execute(
         "INSERT INTO reservations (id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, created_ms, "
-        "updated_ms) VALUES ('R-old', 'ZOE-001', 'U-1', ?, ?, 'staff', 0, 1, 1)",
+        "updated_ms, su_status, su_at_ms, su_command_id) VALUES ('R-old', 'ZOE-001', 'U-1', ?, ?, 'staff', 1, 1, 1, "
+        "'done', 5, 'c-0')",
         (T0, T0 + H),
     )
-    db.execute(
-        "INSERT INTO idempotency VALUES ('k', 'caller', 'fp', 502, ?, 1)",
-        (b'{"error": {"code": "command_rejected", "reason": "expired", "command_id": "c-7"}}',),
-    )
+    db.execute("INSERT INTO idempotency VALUES ('k', '0123456789ab', 'fp', 200, ?, 1)", (b'{"command_id": "c-7"}',))
     db.close()
 
     async def check() -> None:
         store = open_sqlite(path)
         r = await store.get_reservation("R-old")
-        assert r is not None and r.kind == "staff" and r.created_by is None
-        saved = await store.idempotent_outcome("caller", "k")
-        assert saved is not None and saved[0] == "fp"
-        assert (saved[1].result, saved[1].reason, saved[1].command_id) == ("rejected", "expired", "c-7")
+        assert r is not None and (r.kind, r.unlock_at_start, r.created_by) == ("staff", True, None)
+        assert r.start_unlock == StartUnlock("done", 5, "c-0", None)
+        # Old answers were kept under the key's hash, which no key name can match: forgotten, not misread.
+        assert await store.idempotent_outcome("0123456789ab", "k") is None
+        o = Outcome("c-1", "ZOE-001", "lock", "done", None, 3.0)
+        await store.save_idempotent_outcome("booking", "k", "fp", o, T0)
+        assert await store.idempotent_outcome("booking", "k") == ("fp", o)
         await store.record_command(rec("c-1"))
+        assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["c-1"]
         await store.close()
         assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 

@@ -46,7 +46,9 @@ class ScriptedSender:
     gate: asyncio.Event | None = None
     sent: list[tuple[str, Action, str | None, str]] = field(default_factory=list)
 
-    async def send(self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str) -> Outcome:
+    async def send(
+        self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str, command_id: str
+    ) -> Outcome:
         if self.down:
             raise BrokerUnavailable("the MQTT broker is not connected")
         self.sent.append((vehicle_id, action, reservation_id, caller))
@@ -54,7 +56,7 @@ class ScriptedSender:
             await self.gate.wait()
         n = len(self.sent)
         reason = None if self.result == "done" else "door_open"
-        return Outcome(f"c-{n}", vehicle_id, action, self.result, reason, 12.0 + n, None, T0)
+        return Outcome(command_id, vehicle_id, action, self.result, reason, 12.0 + n, None, T0)
 
 
 @dataclass

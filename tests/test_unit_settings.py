@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,29 @@ def test_production_refusal_does_not_echo_the_secret() -> None:
 def test_dev_mode_accepts_missing_secrets() -> None:
     s = load_settings(None, DEV)
     assert s.commands.master_key is None and s.api.keys == ()
+
+
+@pytest.mark.parametrize(
+    ("entry", "name", "secret"),
+    [
+        ("front-desk:s3cret-value-0123456789", "front-desk", "s3cret-value-0123456789"),
+        ("ops.night_2:abc:def", "ops.night_2", "abc:def"),  # only the first colon names
+        ("plain-secret-0123456789", "plai-" + hashlib.sha256(b"plain-secret-0123456789").hexdigest()[:8], None),
+        ("-bad name:xyz", "-bad-" + hashlib.sha256(b"-bad name:xyz").hexdigest()[:8], None),  # not a name: bare
+        ("name:", "name-" + hashlib.sha256(b"name:").hexdigest()[:8], None),  # nothing after the colon: bare
+    ],
+)
+def test_an_api_key_entry_is_named_or_bare(entry: str, name: str, secret: str | None) -> None:
+    from gateway.settings import ApiKey
+
+    k = ApiKey.parse(entry)
+    assert k.name == name
+    assert k.secret.get_secret_value() == (secret if secret is not None else entry)
+    assert entry not in repr(k) and (secret or entry) not in str(k)
+
+
+def test_two_keys_with_one_name_are_refused() -> None:
+    with pytest.raises(ConfigError, match="share the name 'ops'"):
+        load_settings(
+            None, {"GATEWAY__DEV_MODE": "true", "GATEWAY__API__KEYS": "ops:aaaaaaaaaaaaaaaa,ops:bbbbbbbbbbbbbbbb"}
+        )

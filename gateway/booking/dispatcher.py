@@ -55,13 +55,15 @@ class CommandDispatcher:
     def in_flight(self) -> int:
         return len(self._waiting)
 
-    async def send(self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str) -> Outcome:
+    async def send(
+        self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str, command_id: str | None = None
+    ) -> Outcome:
         """Publish a signed command and wait for the car's ack or the timeout.
 
         Raises BrokerUnavailable at once if the broker is not connected.
         """
         now = datetime.now(UTC)
-        cmd = build_command(self._master_key, vehicle_id, action, reservation_id, now, self.timeout_s)
+        cmd = build_command(self._master_key, vehicle_id, action, reservation_id, now, self.timeout_s, command_id)
         issued_ms = int(now.timestamp() * 1000)
         cid = cmd["command_id"]
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from gateway.errors import (
     InvalidIdempotencyKey,
     ReservationCancelled,
     ReservationConflict,
+    StoreError,
     UnknownReservation,
     UnknownVehicle,
 )
@@ -47,7 +49,9 @@ __all__ = ["Booking", "CommandSender"]
 class CommandSender(Protocol):
     """Sends one signed command and waits for the car; raises BrokerUnavailable if it cannot be sent."""
 
-    async def send(self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str) -> Outcome: ...
+    async def send(
+        self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str, command_id: str
+    ) -> Outcome: ...
 
 
 class Booking:
@@ -134,13 +138,9 @@ class Booking:
         if not IDEMPOTENCY_KEY.matches(idem_key):
             raise InvalidIdempotencyKey("Idempotency-Key", IDEMPOTENCY_KEY.describe)
         fp = fingerprint(action, vehicle_id, reservation_id)
-        saved = await self.store.idempotent_outcome(caller, idem_key)
-        if saved is not None:
-            if saved[0] != fp:
-                raise IdempotencyKeyReused("this Idempotency-Key was used for another request")
-            return saved[1]
+        # Looked up and claimed before any await, so that two calls with one key never both send.
         pending = self._in_flight.get((caller, idem_key))
-        if pending is not None:  # a retry while the first call still waits for the car
+        if pending is not None:  # a retry while the first call still runs
             first_fp, first = pending
             if first_fp != fp:
                 raise IdempotencyKeyReused("this Idempotency-Key is in use for another request")
@@ -148,9 +148,19 @@ class Booking:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._in_flight[(caller, idem_key)] = (fp, fut)
         try:
-            outcome = await self._checked_command(vehicle_id, action, reservation_id, caller)
-            # Only outcomes that involved a car are kept; a refusal (409, 404) may not hold later.
-            await self.store.save_idempotent_outcome(caller, idem_key, fp, outcome, self.clock())
+            saved = await self.store.idempotent_outcome(caller, idem_key)
+            if saved is not None:
+                if saved[0] != fp:
+                    raise IdempotencyKeyReused("this Idempotency-Key was used for another request")
+                outcome = saved[1]
+            else:
+                outcome = await self._checked_command(vehicle_id, action, reservation_id, caller)
+                # Only outcomes that involved a car are kept; a refusal (409, 404) may not hold later.
+                try:
+                    await self.store.save_idempotent_outcome(caller, idem_key, fp, outcome, self.clock())
+                except StoreError as e:
+                    # The car has acted: its answer goes back all the same; only a retry is unprotected.
+                    log.error("Idempotency-Key of %s on %s not saved: %s", action, vehicle_id, e)
         except BaseException as e:
             # Retries waiting on this call get the same failure instead of hanging.
             fut.set_exception(e if isinstance(e, Exception) else BrokerUnavailable("request cancelled"))
@@ -175,17 +185,31 @@ class Booking:
         return await self.send_command(vehicle_id, action, reservation_id, caller, "api")
 
     async def send_command(
-        self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str, source: Source
+        self,
+        vehicle_id: str,
+        action: Action,
+        reservation_id: str | None,
+        caller: str,
+        source: Source,
+        audit_not_sent: bool = True,
     ) -> Outcome:
-        """Send with no checks, and audit it: the outcome, or that the broker was down."""
+        """Send with no checks, and audit it: the outcome, that the broker was down, or that we stopped waiting."""
+        command_id = str(uuid.uuid4())
+        issued = self.clock()
         try:
-            outcome = await self.sender.send(vehicle_id, action, reservation_id, caller)
+            outcome = await self.sender.send(vehicle_id, action, reservation_id, caller, command_id)
         except BrokerUnavailable:
-            await self.store.record_command(
-                CommandRecord.not_sent(vehicle_id, action, reservation_id, caller, source, self.clock())
-            )
+            if audit_not_sent:
+                rec = CommandRecord.not_sent(command_id, vehicle_id, action, reservation_id, caller, source, issued)
+                await self._audit(rec)
             raise
-        await self.store.record_command(CommandRecord.of(outcome, reservation_id, caller, source))
+        except asyncio.CancelledError:
+            # Shutting down while the car had the command: it may yet act on it before it expires.
+            rec = CommandRecord(command_id, vehicle_id, action, reservation_id, caller, source, issued, "timeout",
+                                "gateway_stopped", None)  # fmt: skip
+            await self._audit(rec)
+            raise
+        await self._audit(CommandRecord.of(outcome, reservation_id, caller, source))
         log.info(
             "%s %s for %s by %s (%s): %s%s",
             action,
@@ -197,6 +221,13 @@ class Booking:
             f" ({outcome.reason})" if outcome.reason and outcome.result != "done" else "",
         )
         return outcome
+
+    async def _audit(self, rec: CommandRecord) -> None:
+        try:
+            await self.store.record_command(rec)
+        except StoreError as e:
+            # Never turn what the car did into an error: the answer stands, the log keeps the record.
+            log.error("command %s not audited (%s): %s", rec.command_id, e, rec)
 
     async def commands_of(
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int

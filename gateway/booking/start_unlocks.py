@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from gateway.errors import BrokerUnavailable, StoreError
 from gateway.rules.commands import Action, Outcome, Source
@@ -24,10 +25,24 @@ log = logging.getLogger(__name__)
 
 __all__ = ["StartUnlocks"]
 
-Send = Callable[[str, Action, str | None, str, Source], Awaitable[Outcome]]
-# Overdue unlocks left unclaimed (the broker was down) are tried again this often.
+
+class Send(Protocol):
+    def __call__(
+        self,
+        vehicle_id: str,
+        action: Action,
+        reservation_id: str | None,
+        caller: str,
+        source: Source,
+        audit_not_sent: bool = True,
+    ) -> Awaitable[Outcome]: ...
+
+
+# An unlock that could not be sent (the broker was down) is tried again this often.
 RETRY_S = 1.0
 IDLE_S = 5.0
+# The caller of a start unlock whose reservation predates named keys: not a possible key name.
+UNKNOWN_CALLER = "(before the audit)"
 
 
 class StartUnlocks:
@@ -37,6 +52,8 @@ class StartUnlocks:
         self.clock = clock
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Reservations whose unlock found the broker down: audited once per outage, not every retry.
+        self._unsent: set[str] = set()
 
     def wake(self) -> None:
         """A reservation changed: look again now instead of at the next tick."""
@@ -68,14 +85,19 @@ class StartUnlocks:
                 task.add_done_callback(self._tasks.discard)
 
     async def _unlock(self, r: Reservation) -> None:
-        caller = r.created_by or "gateway"
+        caller = r.created_by or UNKNOWN_CALLER
         try:
             try:
-                o = await self.send(r.vehicle_id, "unlock", r.id, caller, "start_unlock")
+                o = await self.send(
+                    r.vehicle_id, "unlock", r.id, caller, "start_unlock", audit_not_sent=r.id not in self._unsent
+                )
             except BrokerUnavailable:
                 # Not sent: release the claim so the scheduler tries again while the reservation runs.
+                self._unsent.add(r.id)
                 await self.store.set_start_unlock(r.id, None)
+                asyncio.get_running_loop().call_later(RETRY_S, self.wake)
                 return
+            self._unsent.discard(r.id)
             su = StartUnlock(o.result, self.clock(), o.command_id, o.reason)
             await self.store.set_start_unlock(r.id, su)
         except StoreError as e:

@@ -26,7 +26,7 @@ from gateway.http.schemas import (
     Vehicle,
     VehicleList,
 )
-from gateway.ids import IDEMPOTENCY_KEY, RESERVATION_ID
+from gateway.ids import IDEMPOTENCY_KEY, RESERVATION_ID, VEHICLE_ID
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (ReservationIn, "validation"),
@@ -64,7 +64,12 @@ LIMIT_PARAM = {"type": "integer", "minimum": 1, "maximum": 5000}
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    vid = {"name": "vehicle_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    vid = {
+        "name": "vehicle_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": VEHICLE_ID.anchored},
+    }
     rid = {
         "name": "reservation_id",
         "in": "path",
@@ -83,6 +88,7 @@ def openapi_document() -> dict[str, Any]:
         return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
     unauthorized = _err("missing or invalid API key")
+    store_down = _err("store_unavailable: the store could not be read or written")
     bad_body = _err("malformed body (bad JSON or empty)")
     too_large = _err("body_too_large")
     health = {"type": "object", "required": ["status"]}
@@ -147,6 +153,7 @@ def openapi_document() -> dict[str, Any]:
                     "400": _err("bad_query: unknown parameter, bad time or limit"),
                     "401": unauthorized,
                     "404": _err("unknown_vehicle"),
+                    "503": store_down,
                 },
             }
         },
@@ -176,7 +183,7 @@ def openapi_document() -> dict[str, Any]:
         "get": {
             "summary": "Reservations, optionally of one vehicle and overlapping [from, to)",
             "parameters": [
-                query("vehicle_id", {"type": "string"}, "only this car's"),
+                query("vehicle_id", {"type": "string", "pattern": VEHICLE_ID.anchored}, "only this car's"),
                 query("from", TIME_PARAM, "ending after"),
                 query("to", TIME_PARAM, "starting before"),
                 query("limit", LIMIT_PARAM, "at most this many (default 500)"),
@@ -187,6 +194,7 @@ def openapi_document() -> dict[str, Any]:
                 "401": unauthorized,
                 "404": _err("unknown_vehicle"),
                 "422": _err("invalid_reservation: bad time in from/to"),
+                "503": store_down,
             },
         }
     }
@@ -203,7 +211,7 @@ def openapi_document() -> dict[str, Any]:
                 "409": _err("reservation_conflict (overlaps another live reservation) or reservation_cancelled"),
                 "413": too_large,
                 "422": _err("invalid_reservation, naming the field"),
-                "503": _err("store_unavailable"),
+                "503": store_down,
             },
         },
         "get": {
@@ -213,12 +221,18 @@ def openapi_document() -> dict[str, Any]:
                 "200": _ok("the reservation", ref(ReservationOut)),
                 "401": unauthorized,
                 "404": _err("unknown_reservation"),
+                "503": store_down,
             },
         },
         "delete": {
             "summary": "Cancel a reservation; it opens the car no more",
             "parameters": [rid],
-            "responses": {"204": {"description": "cancelled"}, "401": unauthorized, "404": _err("unknown_reservation")},
+            "responses": {
+                "204": {"description": "cancelled"},
+                "401": unauthorized,
+                "404": _err("unknown_reservation"),
+                "503": store_down,
+            },
         },
     }
     return {

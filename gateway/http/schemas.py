@@ -1,8 +1,12 @@
 """Request and response bodies of the HTTP API, as pydantic models.
 
-They are the API's one definition: requests are validated by them, answers
-are built through them, and the OpenAPI document's schemas are generated
-from them (``gateway/http/openapi.py``). Identifier patterns come from
+They are the API's one definition: requests are validated by them,
+answers about reservations and commands are built through them, and the
+OpenAPI document's schemas are generated from them
+(``gateway/http/openapi.py``). Two answers are built elsewhere for speed
+and checked against their model by ``tests/test_openapi.py``: the vehicle
+view (``FleetState.view``, per reading) and the error body
+(``gateway/http/problems.py``). Identifier patterns come from
 ``gateway/ids.py``. Times travel as RFC 3339 strings with an offset;
 inside the gateway they are milliseconds since the epoch.
 """

@@ -120,8 +120,8 @@ class InfluxV2Sink:
         async def ping() -> str | None:
             try:
                 return None if await self._client.ping() else "no answer to ping"
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                return f"{type(e).__name__}: {e}"
+            except Exception as e:  # influxdb-client raises its own ApiException for any HTTP error
+                return f"{type(e).__name__}: {str(e)[:200]}"
 
         await wait_reachable(self._s.url, ping, timeout_s)
 

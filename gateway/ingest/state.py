@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import StartupError
 from gateway.fleet import Fleet
 from gateway.ingest.telemetry import KINDS, Reading
 from gateway.times import iso_ms
@@ -71,6 +72,8 @@ class FleetState:
                         st.readings[kind] = Reading(kind, vid, int(r["ts_ms"]), dict(r["fields"]))
         except FileNotFoundError:
             return
+        except OSError as e:
+            raise StartupError(f"state.dir: cannot read the saved vehicle state {path}: {e.strerror or e}") from e
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             log.warning("ignoring the saved vehicle state %s (%s); it rebuilds as cars report", path, e)
 

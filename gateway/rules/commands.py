@@ -109,11 +109,18 @@ class CommandRecord:
 
     @classmethod
     def not_sent(
-        cls, vehicle_id: str, action: Action, reservation_id: str | None, caller: str, source: Source, now_ms: int
+        cls,
+        command_id: str,
+        vehicle_id: str,
+        action: Action,
+        reservation_id: str | None,
+        caller: str,
+        source: Source,
+        now_ms: int,
     ) -> CommandRecord:
         """The broker was down: nothing reached the car, and the audit says so."""
         return cls(
-            str(uuid.uuid4()), vehicle_id, action, reservation_id, caller, source, now_ms, "broker_unavailable",
+            command_id, vehicle_id, action, reservation_id, caller, source, now_ms, "broker_unavailable",
             "broker_unavailable", None,
         )  # fmt: skip
 

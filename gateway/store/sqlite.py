@@ -37,32 +37,16 @@ AUDIT_MAX_PENDING = 100_000
 
 
 def _idempotency_as_outcomes(db: sqlite3.Connection) -> None:
-    """Version 1 kept the HTTP answer; version 2 keeps the outcome, and HTTP renders it."""
+    """Version 1 kept the HTTP answer under the key's hash; version 2 keeps the outcome under the key's name.
+
+    An old row cannot be matched to a name (the store never sees the keys), so the old rows are
+    dropped: they live a day at most, and a retry across the upgrade is taken as a new request.
+    """
+    db.execute("DROP TABLE idempotency")
     db.execute(
-        "CREATE TABLE idempotency2 (caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, "
+        "CREATE TABLE idempotency (caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, "
         "outcome BLOB NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (caller, key))"
     )
-    for caller, key, fp, status, body, created in db.execute(
-        "SELECT caller, key, fingerprint, status, body, created_ms FROM idempotency"
-    ).fetchall():
-        doc = orjson.loads(body)
-        err = doc.get("error") or {}
-        # The old answer holds neither the vehicle nor the action: the fingerprint stands for them.
-        result = {200: "done", 504: "timeout"}.get(status) or (
-            "rejected" if err.get("code") == "command_rejected" else "failed"
-        )
-        outcome = {
-            "command_id": doc.get("command_id") or err.get("command_id") or "",
-            "vehicle_id": "",
-            "action": "unlock",
-            "result": result,
-            "reason": err.get("reason") if status != 504 else "vehicle_timeout",
-            "latency_ms": doc.get("latency_ms", 0.0),
-            "locked": doc.get("locked"),
-        }
-        db.execute("INSERT INTO idempotency2 VALUES (?,?,?,?,?)", (caller, key, fp, orjson.dumps(outcome), created))
-    db.execute("DROP TABLE idempotency")
-    db.execute("ALTER TABLE idempotency2 RENAME TO idempotency")
 
 
 Migration = str | Callable[[sqlite3.Connection], None]
