@@ -23,6 +23,7 @@ from gateway.errors import (
     ReservationCancelled,
     ReservationConflict,
     ReservationNotActive,
+    StoreError,
     UnknownReservation,
     UnknownVehicle,
 )
@@ -251,3 +252,57 @@ async def test_broker_down_releases_the_claim_and_a_crash_claim_is_sent_again(w:
 
     await run_until(StartUnlocks(w.store, w.booking.send_command, w.clock), sent)
     assert w.sender.sent == [("ZOE-001", "unlock", "R-s", "booking")]
+
+
+async def test_a_store_error_after_the_car_acted_keeps_the_answer(w: World) -> None:
+    await w.booking.put("R-1", req(), "booking")
+
+    async def broken(*args: object) -> None:
+        raise StoreError("the store could not save an idempotency key: disk I/O error")
+
+    w.booking.store = StoreWithBrokenWrites(w.store, broken)  # type: ignore[assignment]
+    o = await w.booking.command("ZOE-001", "unlock", "R-1", "booking", "k")
+    assert o.result == "done" and len(w.sender.sent) == 1
+
+
+class StoreWithBrokenWrites:
+    """The real store, but saving idempotency keys and audit records fails."""
+
+    def __init__(self, store: SqliteStore, broken: Callable[..., Awaitable[None]]) -> None:
+        self._store = store
+        self.save_idempotent_outcome = broken
+        self.record_command = broken
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+async def test_a_command_cancelled_while_the_car_has_it_is_audited(w: World) -> None:
+    await w.booking.put("R-1", req(), "booking")
+    w.sender.gate = asyncio.Event()  # the car never answers
+    task = asyncio.create_task(w.booking.command("ZOE-001", "unlock", "R-1", "booking"))
+    await async_wait_for(lambda: w.sender.sent, what="the command sent")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (audit,) = await w.store.list_commands("ZOE-001", None, None, 10)
+    assert (audit.result, audit.reason, audit.latency_ms) == ("timeout", "gateway_stopped", None)
+
+
+async def test_while_the_broker_is_down_a_start_unlock_is_audited_once(w: World) -> None:
+    await w.booking.put("R-s", req(unlock=True), "booking")
+    w.sender.down = True
+    tries = 0
+    real_send = w.booking.send_command
+
+    async def counting(*args: object, **kw: object) -> Outcome:
+        nonlocal tries
+        tries += 1
+        return await real_send(*args, **kw)  # type: ignore[arg-type]
+
+    async def retried() -> bool:
+        return tries >= 3
+
+    await run_until(StartUnlocks(w.store, counting, w.clock), retried, timeout=5)
+    audits = await w.store.list_commands("ZOE-001", None, None, 10)
+    assert [a.result for a in audits] == ["broker_unavailable"]
