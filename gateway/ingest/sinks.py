@@ -82,19 +82,25 @@ class InfluxV1Sink:
         await wait_reachable(self._url, ping, timeout_s)
 
     async def write(self, batch: bytes) -> None:
-        try:
-            if not self._db_ready:
-                await self._create_db()
-            params = {"db": self._s.database, "precision": "ms"}
-            async with self._session.post(f"{self._url}/write", params=params, data=batch) as r:
-                if r.status == 204:
-                    return
-                text = (await r.text())[:500]
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            raise SinkUnavailable(f"{type(e).__name__}: {e}") from e
-        if r.status == 404 and "database not found" in text:
-            self._db_ready = False
-            raise SinkUnavailable(f"database {self._s.database} not found; will create it")
+        for attempt in (1, 2):
+            try:
+                if not self._db_ready:
+                    await self._create_db()
+                params = {"db": self._s.database, "precision": "ms"}
+                async with self._session.post(f"{self._url}/write", params=params, data=batch) as r:
+                    if r.status == 204:
+                        return
+                    text = (await r.text())[:500]
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                raise SinkUnavailable(f"{type(e).__name__}: {e}") from e
+            if r.status == 404 and "database not found" in text and self._s.create_database:
+                # Dropped behind our back, or a just-started InfluxDB that has not made it visible yet:
+                # create it and write again at once, rather than report an outage that is not one.
+                self._db_ready = False
+                if attempt == 1:
+                    continue
+                raise SinkUnavailable(f"database {self._s.database} not found; will create it")
+            break
         if r.status in (400, 413, 422):
             raise SinkRejected(text)
         raise SinkUnavailable(f"HTTP {r.status}: {text}")
