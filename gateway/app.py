@@ -32,11 +32,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway.booking.dispatcher import CommandDispatcher
+from gateway.booking.rentals import Rentals, readings_from
 from gateway.booking.service import Booking
 from gateway.booking.start_unlocks import StartUnlocks
 from gateway.errors import StartupError, StoreError
 from gateway.fleet import Fleet
-from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, STATE
+from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, RENTALS, STATE
 from gateway.http.middleware import auth_middleware, errors_middleware
 from gateway.http.ratelimit import RateLimiter
 from gateway.http.routes import setup_routes
@@ -48,6 +49,7 @@ from gateway.ingest.telemetry import Limits
 from gateway.ingest.writer import Writer
 from gateway.metrics import Monitor, Snapshot, self_report_line
 from gateway.mqtt.link import MqttLink
+from gateway.rules.billing import Tariff
 from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.store.sqlite import open_sqlite
@@ -227,10 +229,24 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     booking = Booking(app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s)
     starts = StartUnlocks(app[STORE], booking.send_command)
     booking.on_change = starts.wake
-    app[BOOKING], app[START_UNLOCKS] = booking, starts
-    task = sup.spawn(starts.run(), "start-unlocks")
+    b, t = s.billing, s.trips
+    rentals = Rentals(
+        app[STORE],
+        booking,
+        app[FLEET],
+        readings_from(app[STATE]),
+        app[JOURNAL].append,
+        Tariff(b.hourly_rate_eur, b.monthly_fee_eur, b.increment_min, b.timezone, b.staff_billed),
+        t.end_checks,
+        t.max_state_age_s,
+        t.auto_end_after_s,
+    )
+    booking.on_unlocked = rentals.unlocked
+    app[BOOKING], app[START_UNLOCKS], app[RENTALS] = booking, starts, rentals
+    tasks = [sup.spawn(starts.run(), "start-unlocks"), sup.spawn(rentals.run_auto_end(), "auto-end")]
     yield
-    await sup.cancel(task)
+    for task in tasks:
+        await sup.cancel(task)
     await starts.close()
 
 

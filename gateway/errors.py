@@ -12,17 +12,20 @@
      └── DomainError              a request the booking rules refuse
           ├── NotFound
           │    ├── UnknownVehicle
-          │    └── UnknownReservation
+          │    ├── UnknownReservation
+          │    └── NoTrip
           ├── InvalidInput         carries `field`
           │    ├── InvalidReservation
           │    ├── InvalidBody
           │    ├── InvalidQuery
+          │    ├── InvalidMonth
           │    └── InvalidIdempotencyKey
           ├── IdempotencyKeyReused
           ├── Conflict
           │    ├── ReservationConflict     carries the reservation in the way
           │    ├── ReservationCancelled
-          │    └── ReservationNotActive
+          │    ├── ReservationNotActive
+          │    └── EndChecksFailed     carries the checks that failed
           └── RateLimited          carries `retry_after_s`
 
 Domain errors say what is wrong in the booking system's terms and know
@@ -100,6 +103,10 @@ class UnknownReservation(NotFound):
         self.reservation_id = reservation_id
 
 
+class NoTrip(NotFound):
+    """The reservation exists, but its car was never unlocked."""
+
+
 class InvalidInput(DomainError):
     """A field of a request is wrong; the message starts with the field's name."""
 
@@ -125,6 +132,10 @@ class InvalidIdempotencyKey(InvalidInput):
     pass
 
 
+class InvalidMonth(InvalidInput):
+    """A usage statement's month is not ``YYYY-MM``."""
+
+
 class IdempotencyKeyReused(DomainError):
     """The key was used, or is in use, for a different request."""
 
@@ -147,6 +158,14 @@ class ReservationCancelled(Conflict):
 
 class ReservationNotActive(Conflict):
     """The reservation cannot open this car now (not started, ended, cancelled, or another car)."""
+
+
+class EndChecksFailed(Conflict):
+    """The car cannot be returned yet; ``failed`` names the checks, in the contract's order."""
+
+    def __init__(self, failed: list[str]) -> None:
+        super().__init__(f"the car cannot be returned yet: {', '.join(failed)} (see `failed`)")
+        self.failed = failed
 
 
 class RateLimited(DomainError):

@@ -6,6 +6,7 @@ drives the same file, so both always agree on ids, models and stations.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,27 @@ class Model:
     ac_charge_kw: float
 
 
+DEFAULT_RADIUS_M = 150.0
+
+
 @dataclass(frozen=True, slots=True)
 class Station:
     id: str
     town: str
     lat: float
     lon: float
+    radius_m: float = DEFAULT_RADIUS_M  # a car is at its station within this distance
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceArea:
+    lat_min: float
+    lat_max: float
+    lon_min: float
+    lon_max: float
+
+    def contains(self, lat: float, lon: float) -> bool:
+        return self.lat_min <= lat <= self.lat_max and self.lon_min <= lon <= self.lon_max
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +61,7 @@ class Fleet:
     models: dict[str, Model]
     stations: dict[str, Station]
     vehicles: dict[str, Vehicle]
+    service_area: ServiceArea | None = None
 
     def with_generated(self, total: int) -> Fleet:
         """This fleet grown to `total` cars, the extra ones spread over the stations.
@@ -59,7 +76,7 @@ class Fleet:
             i += 1
             vid = f"SIM-{i:05d}"
             vehicles[vid] = Vehicle(vid, models[i % len(models)], stations[i % len(stations)].id)
-        return Fleet(self.models, self.stations, vehicles)
+        return Fleet(self.models, self.stations, vehicles, self.service_area)
 
     def to_yaml(self) -> str:
         doc = {
@@ -72,9 +89,15 @@ class Fleet:
                 }
                 for m in self.models.values()
             },
-            "stations": [{"id": s.id, "town": s.town, "lat": s.lat, "lon": s.lon} for s in self.stations.values()],
+            "stations": [
+                {"id": s.id, "town": s.town, "lat": s.lat, "lon": s.lon}
+                | ({"radius_m": s.radius_m} if s.radius_m != DEFAULT_RADIUS_M else {})
+                for s in self.stations.values()
+            ],
             "vehicles": [{"id": v.id, "model": v.model, "station": v.station} for v in self.vehicles.values()],
         }
+        if self.service_area is not None:
+            doc["service_area"] = dataclasses.asdict(self.service_area)
         return yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
 
 
@@ -113,8 +136,15 @@ def parse_fleet(doc: Any, source: str = "fleet") -> Fleet:
         if not isinstance(s, dict):
             raise ConfigError(f"{w}: must be a mapping")
         sid = str(_req(s, "id", w, str))
+        radius = float(_req(s, "radius_m", w, (int, float))) if "radius_m" in s else DEFAULT_RADIUS_M
+        if not radius > 0:
+            raise ConfigError(f"{w}.radius_m: must be more than 0")
         stations[sid] = Station(
-            sid, str(s.get("town", sid)), float(_req(s, "lat", w, (int, float))), float(_req(s, "lon", w, (int, float)))
+            sid,
+            str(s.get("town", sid)),
+            float(_req(s, "lat", w, (int, float))),
+            float(_req(s, "lon", w, (int, float))),
+            radius,
         )
     vehicles: dict[str, Vehicle] = {}
     for i, v in enumerate(doc.get("vehicles") or []):
@@ -135,7 +165,20 @@ def parse_fleet(doc: Any, source: str = "fleet") -> Fleet:
         vehicles[vid] = Vehicle(vid, model, station)
     if not vehicles:
         raise ConfigError(f"{source}: vehicles: the fleet has no vehicle")
-    return Fleet(models, stations, vehicles)
+    return Fleet(models, stations, vehicles, _service_area(doc.get("service_area"), source))
+
+
+def _service_area(doc: Any, source: str) -> ServiceArea | None:
+    if doc is None:
+        return None
+    w = f"{source}: service_area"
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{w}: must be a mapping with lat_min, lat_max, lon_min, lon_max")
+    num = (int, float)
+    a = ServiceArea(*(float(_req(doc, k, w, num)) for k in ("lat_min", "lat_max", "lon_min", "lon_max")))
+    if not (-90 <= a.lat_min < a.lat_max <= 90 and -180 <= a.lon_min < a.lon_max <= 180):
+        raise ConfigError(f"{w}: needs lat_min < lat_max within ±90 and lon_min < lon_max within ±180")
+    return a
 
 
 def load_fleet(path: Path) -> Fleet:

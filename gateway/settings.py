@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -146,6 +147,40 @@ class CommandsSettings(_Section):
     _qos = field_validator("qos", mode="before")(_digits_to_int)
 
 
+EndCheck = Literal["fresh", "parked", "doors_closed", "at_station", "plugged"]
+
+
+class TripsSettings(_Section):
+    # What the car must show before a rental may end (all five by default).
+    end_checks: tuple[EndCheck, ...] = ("fresh", "parked", "doors_closed", "at_station", "plugged")
+    # The latest location and doors readings must be at most this old for `fresh`.
+    max_state_age_s: float = Field(120, gt=0)
+    # This long after `ends_at`, a trip whose car passes every check and is locked is ended by the gateway.
+    auto_end_after_s: float = Field(1800, ge=0)
+
+    @field_validator("end_checks", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return tuple(c.strip() for c in v.split(",") if c.strip()) if isinstance(v, str) else v
+
+
+class BillingSettings(_Section):
+    hourly_rate_eur: float = Field(1.50, ge=0)
+    monthly_fee_eur: float = Field(4.00, ge=0)
+    increment_min: int = Field(15, ge=1, le=1440)
+    timezone: str = "Europe/Paris"
+    staff_billed: bool = False
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not a time zone name (e.g. Europe/Paris)") from None
+        return v
+
+
 class StateSettings(_Section):
     dir: Path = Path("state")
 
@@ -167,6 +202,8 @@ class Settings(_Section):
     api: ApiSettings = ApiSettings()
     commands: CommandsSettings = CommandsSettings()
     state: StateSettings = StateSettings()
+    trips: TripsSettings = TripsSettings()
+    billing: BillingSettings = BillingSettings()
     fleet: FleetSettings = FleetSettings()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from gateway.errors import (
@@ -72,6 +72,8 @@ class Booking:
         self.early_grace_ms = int(early_grace_s * 1000)
         self.clock = clock
         self.on_change = on_change  # wakes the start-unlock scheduler
+        # Told of every `done` unlock of a reservation (its first starts the trip).
+        self.on_unlocked: Callable[[str, Outcome], Awaitable[None]] | None = None
         # (caller, key) -> (request fingerprint, the first call's outcome to come)
         self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Future[Outcome]]] = {}
 
@@ -210,6 +212,11 @@ class Booking:
             await self._audit(rec)
             raise
         await self._audit(CommandRecord.of(outcome, reservation_id, caller, source))
+        if outcome.result == "done" and action == "unlock" and reservation_id is not None and self.on_unlocked:
+            try:
+                await self.on_unlocked(reservation_id, outcome)
+            except StoreError as e:
+                log.error("the trip of %s could not be started: %s", reservation_id, e)
         log.info(
             "%s %s for %s by %s (%s): %s%s",
             action,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.booking.rentals import Rentals
 from gateway.booking.service import Booking
 from gateway.fleet import Fleet
 from gateway.http.ratelimit import RateLimiter
@@ -13,5 +14,6 @@ from gateway.metrics import Monitor
 FLEET = web.AppKey("fleet", Fleet)
 STATE = web.AppKey("state", FleetState)
 BOOKING = web.AppKey("booking", Booking)
+RENTALS = web.AppKey("rentals", Rentals)
 LIMITER = web.AppKey("limiter", RateLimiter)
 MONITOR = web.AppKey("monitor", Monitor)

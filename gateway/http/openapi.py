@@ -19,10 +19,14 @@ from gateway.http.schemas import (
     CommandDone,
     CommandIn,
     CommandList,
+    EndIn,
     Error,
     ReservationIn,
     ReservationList,
     ReservationOut,
+    TripList,
+    TripOut,
+    UsageReport,
     Vehicle,
     VehicleList,
 )
@@ -37,6 +41,10 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (CommandDone, "serialization"),
     (CommandList, "serialization"),
     (Vehicle, "serialization"),
+    (EndIn, "validation"),
+    (TripOut, "serialization"),
+    (TripList, "serialization"),
+    (UsageReport, "serialization"),
     (VehicleList, "serialization"),
 ]
 
@@ -234,6 +242,87 @@ def openapi_document() -> dict[str, Any]:
                 "503": store_down,
             },
         },
+    }
+    paths["/v1/reservations/{reservation_id}/end"] = {
+        "post": {
+            "summary": "End the rental: check the car, lock it, close the trip",
+            "parameters": [rid],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": ref(EndIn)}}},
+            "responses": {
+                "200": _ok("ended: the trip", ref(TripOut)),
+                "400": _err("bad_json"),
+                "401": unauthorized,
+                "404": _err("unknown_reservation"),
+                "409": _err(
+                    "end_checks_failed (the error names them in `failed`), or reservation_not_active "
+                    "(the trip never started or has ended)"
+                ),
+                "413": too_large,
+                "422": _err("invalid_body"),
+                "502": _err("command_rejected or command_failed: the car did not lock"),
+                "503": _err("broker_unavailable, or store_unavailable"),
+                "504": _err("vehicle_timeout"),
+            },
+        }
+    }
+    paths["/v1/reservations/{reservation_id}/trip"] = {
+        "get": {
+            "summary": "The trip of a reservation (running or ended)",
+            "parameters": [rid],
+            "responses": {
+                "200": _ok("the trip", ref(TripOut)),
+                "401": unauthorized,
+                "404": _err("unknown_reservation, or no_trip: the car was never unlocked"),
+                "503": store_down,
+            },
+        }
+    }
+    paths["/v1/trips"] = {
+        "get": {
+            "summary": "Trips by start time",
+            "parameters": [
+                query("from", TIME_PARAM, "started at or after"),
+                query("to", TIME_PARAM, "started before"),
+                query("vehicle_id", {"type": "string", "pattern": VEHICLE_ID.anchored}, "only this car's"),
+                query("user_id", {"type": "string"}, "only this user's"),
+                query("limit", LIMIT_PARAM, "at most this many (default 500)"),
+            ],
+            "responses": {
+                "200": _ok("the trips", ref(TripList)),
+                "400": _err("bad_query"),
+                "401": unauthorized,
+                "404": _err("unknown_vehicle"),
+                "503": store_down,
+            },
+        }
+    }
+    paths["/v1/reports/usage"] = {
+        "get": {
+            "summary": "The monthly usage statement (month in the billing time zone)",
+            "parameters": [
+                {
+                    "name": "month",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "YYYY-MM",
+                },
+                query("format", {"enum": ["json", "csv"]}, "csv: the users table as text/csv"),
+            ],
+            "responses": {
+                "200": {
+                    "description": "the statement",
+                    "content": {
+                        "application/json": {"schema": ref(UsageReport)},
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                },
+                "400": _err("bad_query: unknown parameter or format"),
+                "401": unauthorized,
+                "422": _err("invalid_month"),
+                "503": store_down,
+            },
+        }
     }
     return {
         "openapi": "3.1.0",

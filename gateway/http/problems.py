@@ -17,13 +17,16 @@ from pydantic import ValidationError
 from gateway.errors import (
     BrokerUnavailable,
     DomainError,
+    EndChecksFailed,
     IdempotencyKeyReused,
     InvalidBody,
     InvalidIdempotencyKey,
     InvalidInput,
+    InvalidMonth,
     InvalidQuery,
     InvalidReservation,
     NotFound,
+    NoTrip,
     RateLimited,
     ReservationCancelled,
     ReservationConflict,
@@ -41,16 +44,19 @@ __all__ = ["STATUS", "HttpProblem", "error_response", "outcome_response", "probl
 STATUS: dict[type[Exception], tuple[int, str]] = {
     UnknownVehicle: (404, "unknown_vehicle"),
     UnknownReservation: (404, "unknown_reservation"),
+    NoTrip: (404, "no_trip"),
     NotFound: (404, "not_found"),
     InvalidReservation: (422, "invalid_reservation"),
     InvalidBody: (422, "invalid_body"),
     InvalidQuery: (400, "bad_query"),
     InvalidIdempotencyKey: (400, "bad_idempotency_key"),
+    InvalidMonth: (422, "invalid_month"),
     InvalidInput: (422, "invalid_input"),
     IdempotencyKeyReused: (422, "idempotency_key_reused"),
     ReservationConflict: (409, "reservation_conflict"),
     ReservationCancelled: (409, "reservation_cancelled"),
     ReservationNotActive: (409, "reservation_not_active"),
+    EndChecksFailed: (409, "end_checks_failed"),
     RateLimited: (429, "rate_limited"),
     DomainError: (400, "bad_request"),
     BrokerUnavailable: (503, "broker_unavailable"),
@@ -93,6 +99,8 @@ def problem_response(e: Exception) -> web.Response | None:
     headers = None
     if isinstance(e, RateLimited):
         headers = {"Retry-After": str(max(1, -int(-e.retry_after_s // 1)))}
+    if isinstance(e, EndChecksFailed):
+        return error_response(status, code, message, failed=e.failed)
     return error_response(status, code, message, headers)
 
 

@@ -14,14 +14,26 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidBody, InvalidInput, InvalidQuery, InvalidReservation, RateLimited, UnknownVehicle
-from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, STATE
+from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, RENTALS, STATE
 from gateway.http.middleware import CALLER, read_json
 from gateway.http.openapi import openapi_document
 from gateway.http.problems import json_response, outcome_response, validation_problem
-from gateway.http.schemas import CommandIn, CommandList, CommandOut, ReservationIn, ReservationList, ReservationOut
+from gateway.http.schemas import (
+    CommandIn,
+    CommandList,
+    CommandOut,
+    EndIn,
+    ReservationIn,
+    ReservationList,
+    ReservationOut,
+    TripList,
+    TripOut,
+    UsageReport,
+)
 from gateway.metrics import CONTENT_TYPE, health
 from gateway.rules.commands import Action
 from gateway.rules.reservations import EARLIEST_MS, LATEST_MS, check_id
+from gateway.rules.usage import users_csv
 from gateway.times import rfc3339_ms
 
 MAX_LIMIT = 5000
@@ -126,6 +138,47 @@ async def vehicle_commands(request: web.Request) -> web.Response:
     return json_response(CommandList(commands=[CommandOut.of(c) for c in found]).model_dump())
 
 
+async def end_rental(request: web.Request) -> web.Response:
+    body = _parse(EndIn, await read_json(request, optional=True), InvalidBody)
+    trip, outcome = await request.app[RENTALS].end(request.match_info["reservation_id"], body.force, request[CALLER])
+    if trip is None:
+        assert outcome is not None
+        return outcome_response(outcome)  # the lock failed: 502 or 504, as for .../lock
+    return json_response(TripOut.of(trip).model_dump())
+
+
+async def get_trip(request: web.Request) -> web.Response:
+    trip = await request.app[RENTALS].trip(request.match_info["reservation_id"])
+    return json_response(TripOut.of(trip).model_dump())
+
+
+async def list_trips(request: web.Request) -> web.Response:
+    q = request.query
+    start, end, limit = _query(q, {"from", "to", "vehicle_id", "user_id", "limit"}, InvalidQuery)
+    found = await request.app[RENTALS].trips(start, end, q.get("vehicle_id"), q.get("user_id"), limit)
+    return json_response(TripList(trips=[TripOut.of(t) for t in found]).model_dump())
+
+
+async def usage_report(request: web.Request) -> web.Response:
+    q = request.query
+    unknown = set(q) - {"month", "format"}
+    if unknown:
+        raise InvalidQuery("query", f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise InvalidQuery("format", "json or csv")
+    report = await request.app[RENTALS].usage(q.get("month", ""))
+    if fmt == "csv":
+        name = f"usage-{report['month']}.csv"
+        return web.Response(
+            text=users_csv(report),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+    return json_response(UsageReport.model_validate(report).model_dump())
+
+
 async def healthz(request: web.Request) -> web.Response:
     ok, body = health(request.app[MONITOR].snapshot())
     return json_response(body, 200 if ok else 503)
@@ -153,3 +206,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_put("/v1/reservations/{reservation_id}", put_reservation)
     r.add_get("/v1/reservations/{reservation_id}", get_reservation)
     r.add_delete("/v1/reservations/{reservation_id}", delete_reservation)
+    r.add_post("/v1/reservations/{reservation_id}/end", end_rental)
+    r.add_get("/v1/reservations/{reservation_id}/trip", get_trip)
+    r.add_get("/v1/trips", list_trips)
+    r.add_get("/v1/reports/usage", usage_report)

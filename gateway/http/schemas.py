@@ -20,6 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from gateway.ids import RESERVATION_ID, VEHICLE_ID
 from gateway.rules.commands import AuditResult, CommandRecord, Outcome, Source
 from gateway.rules.reservations import USER_ID_MAX, Kind, Reservation, ReservationRequest, StartUnlockStatus, status
+from gateway.rules.trips import Trip
 from gateway.times import iso_ms, rfc3339_ms
 
 __all__ = [
@@ -104,7 +105,7 @@ class ReservationOut(_Out):
     ends_at: TimeOut
     kind: Kind
     unlock_at_start: bool
-    status: Literal["active", "cancelled"]
+    status: Literal["active", "cancelled", "completed"]
     created_at: TimeOut
     updated_at: TimeOut
     start_unlock: StartUnlockOut | None
@@ -182,6 +183,114 @@ class CommandOut(_Out):
 
 class CommandList(_Out):
     commands: list[CommandOut]
+
+
+class EndIn(_In):
+    """The body of ``POST /v1/reservations/{id}/end``, which may be empty."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    force: bool = Field(False, description="skip the checks (an operator's call); the trip records forced: true")
+
+
+class TripStartOut(_Out):
+    odometer_km: float | None
+    soc_pct: float | None
+
+
+class TripEndOut(_Out):
+    odometer_km: float | None
+    soc_pct: float | None
+    at_station: bool
+
+
+class TripOut(_Out):
+    reservation_id: str
+    vehicle_id: str
+    user_id: str
+    kind: Kind
+    started_at: TimeOut
+    ended_at: TimeOut | None
+    ended_by: Literal["user", "auto"] | None
+    forced: bool
+    start: TripStartOut
+    end: TripEndOut | None
+    distance_km: float | None
+    energy_kwh: float | None
+    duration_min: float | None
+    late_min: float | None
+    billed_min: int | None
+    amount_eur: float | None
+
+    @classmethod
+    def of(cls, t: Trip) -> TripOut:
+        end = None
+        if t.ended_ms is not None:
+            end = TripEndOut(odometer_km=t.end_odometer_km, soc_pct=t.end_soc_pct, at_station=bool(t.end_at_station))
+        return cls(
+            reservation_id=t.reservation_id,
+            vehicle_id=t.vehicle_id,
+            user_id=t.user_id,
+            kind=t.kind,
+            started_at=iso_ms(t.started_ms),
+            ended_at=None if t.ended_ms is None else iso_ms(t.ended_ms),
+            ended_by=t.ended_by,
+            forced=t.forced,
+            start=TripStartOut(odometer_km=t.start_odometer_km, soc_pct=t.start_soc_pct),
+            end=end,
+            distance_km=t.distance_km,
+            energy_kwh=t.energy_kwh,
+            duration_min=t.duration_min,
+            late_min=t.late_min,
+            billed_min=t.billed_min,
+            amount_eur=t.amount_eur,
+        )
+
+
+class TripList(_Out):
+    trips: list[TripOut]
+
+
+class UsageFigures(_Out):
+    trips: int
+    hours: float
+    distance_km: float
+    energy_kwh: float
+    amount_eur: float
+    fees_eur: float
+
+
+class StationUsage(UsageFigures):
+    station: str
+
+
+class VehicleUsage(_Out):
+    vehicle_id: str
+    trips: int
+    hours: float
+    utilisation_pct: float
+
+
+class UserUsage(_Out):
+    user_id: str
+    trips: int
+    billed_min: int
+    distance_km: float
+    amount_eur: float
+    fee_eur: float
+    total_eur: float
+
+
+class UsageReport(_Out):
+    """The monthly usage statement; trips count in the month (billing time zone) where they started."""
+
+    month: str
+    currency: Literal["EUR"]
+    totals: UsageFigures
+    by_kind: dict[Kind, UsageFigures]
+    by_station: list[StationUsage]
+    by_vehicle: list[VehicleUsage]
+    users: list[UserUsage]
 
 
 Reading = dict[str, Any] | None

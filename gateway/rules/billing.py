@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from zoneinfo import ZoneInfo
 
-from gateway.errors import InvalidQuery
+from gateway.errors import InvalidMonth
 
 MONTH_RE = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 
@@ -49,10 +49,10 @@ def month_bounds(month: str, tz: str) -> tuple[int, int]:
     """``YYYY-MM`` in the billing time zone -> [first ms, first ms of the next month); InvalidQuery if bad."""
     m = MONTH_RE.fullmatch(month)
     if m is None:
-        raise InvalidQuery("month", "must be YYYY-MM, e.g. 2026-11")
+        raise InvalidMonth("month", "must be YYYY-MM, e.g. 2026-11")
     year, mon = int(m.group(1)), int(m.group(2))
     if not 2000 <= year < 2200:
-        raise InvalidQuery("month", "must be between the years 2000 and 2199")
+        raise InvalidMonth("month", "must be between the years 2000 and 2199")
     zone = ZoneInfo(tz)
     start = datetime(year, mon, 1, tzinfo=zone)
     nxt = datetime(year + (mon == 12), mon % 12 + 1, 1, tzinfo=zone)

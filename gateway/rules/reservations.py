@@ -62,9 +62,10 @@ class Reservation:
     updated_ms: int = 0
     start_unlock: StartUnlock | None = None
     created_by: str | None = None  # the API key name that created it; the caller of its start unlock
+    completed: bool = False  # its rental was ended: it opens nothing and blocks nothing any more
 
     def live(self, now_ms: int) -> bool:
-        return not self.cancelled and self.ends_ms > now_ms
+        return not self.cancelled and not self.completed and self.ends_ms > now_ms
 
     def overlaps(self, other: Reservation) -> bool:
         return self.starts_ms < other.ends_ms and other.starts_ms < self.ends_ms
@@ -143,6 +144,8 @@ def check_opens(r: Reservation, vehicle_id: str, now_ms: int, early_grace_ms: in
         raise ReservationNotActive(f"reservation {r.id} is for {r.vehicle_id}, not {vehicle_id}")
     if r.cancelled:
         raise ReservationNotActive(f"reservation {r.id} was cancelled")
+    if r.completed:
+        raise ReservationNotActive(f"the rental of reservation {r.id} has ended")
     if now_ms < r.starts_ms - early_grace_ms:
         grace_min = early_grace_ms // 60000
         raise ReservationNotActive(
@@ -160,5 +163,5 @@ def check_locks(r: Reservation, vehicle_id: str) -> None:
         raise ReservationNotActive(f"reservation {r.id} was cancelled")
 
 
-def status(r: Reservation) -> Literal["active", "cancelled"]:
-    return "cancelled" if r.cancelled else "active"
+def status(r: Reservation) -> Literal["active", "cancelled", "completed"]:
+    return "cancelled" if r.cancelled else "completed" if r.completed else "active"

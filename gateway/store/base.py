@@ -15,8 +15,10 @@ from typing import Protocol
 
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.reservations import Reservation, StartUnlock
+from gateway.rules.trips import Trip
+from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 
-__all__ = ["AUDIT_RETENTION_MS", "IDEMPOTENCY_RETENTION_MS", "Store"]
+__all__ = ["AUDIT_RETENTION_MS", "IDEMPOTENCY_RETENTION_MS", "Store", "UsageRows", "UsageUser", "UsageVehicle"]
 
 # The contract keeps the command audit at least 400 days; a little more covers a leap year's report.
 AUDIT_RETENTION_MS = 410 * 86_400_000
@@ -84,6 +86,32 @@ class Store(Protocol):
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[CommandRecord]:
         """Newest first; `from` inclusive, `to` exclusive, on ``issued_ms``."""
+        ...
+
+    # -- trips --
+
+    async def start_trip(self, t: Trip) -> bool:
+        """Record a trip that started; False (and nothing changed) if its reservation has one already."""
+        ...
+
+    async def get_trip(self, reservation_id: str) -> Trip | None: ...
+
+    async def running_trips(self, booked_end_before_ms: int) -> list[Trip]:
+        """Trips not ended whose reservation ends before the given time, earliest end first."""
+        ...
+
+    async def end_trip(self, t: Trip) -> bool:
+        """Close a running trip and complete its reservation, in one transaction; False if already ended."""
+        ...
+
+    async def list_trips(
+        self, from_ms: int | None, to_ms: int | None, vehicle_id: str | None, user_id: str | None, limit: int
+    ) -> list[Trip]:
+        """By ``started_ms``; `from` inclusive, `to` exclusive."""
+        ...
+
+    async def usage(self, from_ms: int, to_ms: int) -> UsageRows:
+        """Ended trips that started in ``[from, to)``, summed per user and per car, station and kind."""
         ...
 
     # -- housekeeping --

@@ -17,6 +17,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import astuple, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import orjson
 from gateway.errors import StartupError, StoreError
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
+from gateway.rules.trips import Trip
+from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS
 
 __all__ = ["AUDIT_FLUSH_S", "MIGRATIONS", "SqliteStore", "open_sqlite"]
@@ -105,12 +108,48 @@ MIGRATIONS: list[tuple[str, list[Migration]]] = [
             _idempotency_as_outcomes,
         ],
     ),
+    (
+        "trips, and reservations whose rental has ended",
+        [
+            "ALTER TABLE reservations ADD COLUMN completed INTEGER NOT NULL DEFAULT 0",
+            """CREATE TABLE trips (
+                reservation_id TEXT PRIMARY KEY,
+                vehicle_id TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                station TEXT NOT NULL,
+                booked_start_ms INTEGER NOT NULL,
+                booked_end_ms INTEGER NOT NULL,
+                started_ms INTEGER NOT NULL,
+                start_odometer_km REAL,
+                start_soc_pct REAL,
+                ended_ms INTEGER,
+                ended_by TEXT,
+                forced INTEGER NOT NULL DEFAULT 0,
+                end_odometer_km REAL,
+                end_soc_pct REAL,
+                end_at_station INTEGER,
+                distance_km REAL,
+                energy_kwh REAL,
+                duration_min REAL,
+                late_min REAL,
+                billed_min INTEGER,
+                amount_cents INTEGER
+            )""",
+            "CREATE INDEX trips_started ON trips (started_ms)",
+            "CREATE INDEX trips_vehicle ON trips (vehicle_id, started_ms)",
+            "CREATE INDEX trips_user ON trips (user_id, started_ms)",
+            "CREATE INDEX trips_running ON trips (booked_end_ms) WHERE ended_ms IS NULL",
+        ],
+    ),
 ]
 
 _COLUMNS = (
     "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
-    "su_status, su_at_ms, su_command_id, su_reason, created_by"
+    "su_status, su_at_ms, su_command_id, su_reason, created_by, completed"
 )
+_TRIP_COLUMNS = ", ".join(f.name for f in fields(Trip))
+_ENDED_AT = [f.name for f in fields(Trip)].index("ended_ms")
 _COMMAND_COLUMNS = (
     "command_id, vehicle_id, action, reservation_id, caller, source, issued_ms, result, reason, latency_ms"
 )
@@ -131,7 +170,14 @@ def _reservation(r: Any) -> Reservation:
         updated_ms=int(r[9]),
         start_unlock=su,
         created_by=r[14],
+        completed=bool(r[15]),
     )
+
+
+def _trip(r: Any) -> Trip:
+    t = Trip(*r)
+    at = None if t.end_at_station is None else bool(t.end_at_station)
+    return replace(t, forced=bool(t.forced), end_at_station=at)
 
 
 def _command(r: Any) -> CommandRecord:
@@ -232,12 +278,12 @@ class SqliteStore:
                 return clash
             su = r.start_unlock
             self.db.execute(
-                f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     r.id, r.vehicle_id, r.user_id, r.starts_ms, r.ends_ms, r.kind, int(r.unlock_at_start),
                     int(r.cancelled), r.created_ms, r.updated_ms,
                     su.status if su else None, su.at_ms if su else None, su.command_id if su else None,
-                    su.reason if su else None, r.created_by,
+                    su.reason if su else None, r.created_by, int(r.completed),
                 ),
             )  # fmt: skip
         return None
@@ -390,6 +436,94 @@ class SqliteStore:
         args.append(limit)
         with _errors("list commands"):
             return [_command(r) for r in self.db.execute(sql, args).fetchall()]
+
+    # -- trips --
+
+    async def start_trip(self, t: Trip) -> bool:
+        with _errors("start a trip"):
+            cur = self.db.execute(
+                f"INSERT OR IGNORE INTO trips ({_TRIP_COLUMNS}) VALUES ({','.join('?' * len(fields(Trip)))})",
+                astuple(t),
+            )
+        return cur.rowcount == 1
+
+    async def get_trip(self, reservation_id: str) -> Trip | None:
+        with _errors("read a trip"):
+            row = self.db.execute(
+                f"SELECT {_TRIP_COLUMNS} FROM trips WHERE reservation_id = ?", (reservation_id,)
+            ).fetchone()
+        return None if row is None else _trip(row)
+
+    async def running_trips(self, booked_end_before_ms: int) -> list[Trip]:
+        with _errors("read running trips"):
+            rows = self.db.execute(
+                f"SELECT {_TRIP_COLUMNS} FROM trips WHERE ended_ms IS NULL AND booked_end_ms < ? "
+                "ORDER BY booked_end_ms",
+                (booked_end_before_ms,),
+            ).fetchall()
+        return [_trip(r) for r in rows]
+
+    async def end_trip(self, t: Trip) -> bool:
+        # What ending sets: ended_ms and every field after it.
+        names = [f.name for f in fields(Trip)][_ENDED_AT:]
+        values = astuple(t)[_ENDED_AT:]
+        with _errors("end a trip"), self._tx():
+            cur = self.db.execute(
+                f"UPDATE trips SET {', '.join(f'{n} = ?' for n in names)} "
+                "WHERE reservation_id = ? AND ended_ms IS NULL",
+                (*values, t.reservation_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            self.db.execute(
+                "UPDATE reservations SET completed = 1, updated_ms = ? WHERE id = ?", (t.ended_ms, t.reservation_id)
+            )
+        return True
+
+    async def list_trips(
+        self, from_ms: int | None, to_ms: int | None, vehicle_id: str | None, user_id: str | None, limit: int
+    ) -> list[Trip]:
+        sql = f"SELECT {_TRIP_COLUMNS} FROM trips WHERE 1=1"
+        args: list[object] = []
+        for cond, value in (
+            ("started_ms >= ?", from_ms),
+            ("started_ms < ?", to_ms),
+            ("vehicle_id = ?", vehicle_id),
+            ("user_id = ?", user_id),
+        ):
+            if value is not None:
+                sql += f" AND {cond}"
+                args.append(value)
+        sql += " ORDER BY started_ms, reservation_id LIMIT ?"
+        args.append(limit)
+        with _errors("list trips"):
+            return [_trip(r) for r in self.db.execute(sql, args).fetchall()]
+
+    async def usage(self, from_ms: int, to_ms: int) -> UsageRows:
+        window = "ended_ms IS NOT NULL AND started_ms >= ? AND started_ms < ?"
+        with _errors("read the usage of a month"):
+            users = self.db.execute(
+                "SELECT user_id, count(*), sum(billed_min), sum(coalesce(distance_km, 0)), sum(amount_cents), "
+                "sum(kind = 'public'), "
+                "min(CASE WHEN kind = 'public' THEN printf('%015d', started_ms) || station END) "
+                f"FROM trips WHERE {window} GROUP BY user_id ORDER BY user_id",
+                (from_ms, to_ms),
+            ).fetchall()
+            vehicles = self.db.execute(
+                "SELECT vehicle_id, station, kind, count(*), sum(duration_min), sum(coalesce(distance_km, 0)), "
+                f"sum(coalesce(energy_kwh, 0)), sum(amount_cents) FROM trips WHERE {window} "
+                "GROUP BY vehicle_id, station, kind",
+                (from_ms, to_ms),
+            ).fetchall()
+        return UsageRows(
+            users=[
+                UsageUser(u, n, int(b), float(d), int(a), int(p), first[15:] if first else None)
+                for u, n, b, d, a, p, first in users
+            ],
+            vehicles=[
+                UsageVehicle(v, st, k, n, float(m), float(d), float(e), int(a)) for v, st, k, n, m, d, e, a in vehicles
+            ],
+        )
 
     # -- housekeeping --
 
