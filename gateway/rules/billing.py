@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from gateway.errors import InvalidMonth
 
-MONTH_RE = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+MONTH_RE = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 
 
 @dataclass(frozen=True)
