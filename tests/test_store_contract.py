@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import StartupError
 from gateway.rules.commands import CommandRecord, Outcome
-from gateway.rules.reservations import Reservation, StartUnlock
+from gateway.rules.reservations import Kind, Reservation, StartUnlock
+from gateway.rules.trips import Trip
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Store
 from gateway.store.sqlite import MIGRATIONS, open_sqlite
 
@@ -240,3 +242,82 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     sqlite3.connect(path).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(StartupError, match="newer than this gateway"):
         open_sqlite(path)
+
+
+# ---- trips -----------------------------------------------------------------------------------------
+
+
+def trip(rid: str, vehicle: str = "ZOE-001", user: str = "U-1", kind: Kind = "public", start_h: float = 0) -> Trip:
+    return Trip(
+        rid,
+        vehicle,
+        user,
+        kind,
+        "alencon-cd61",
+        T0,
+        T0 + H,
+        int(T0 + start_h * H),
+        100.0,
+        80.0,
+    )
+
+
+def ended(t: Trip, minutes: float = 50, amount: int = 150, station: str | None = None) -> Trip:
+    return replace(
+        t, ended_ms=t.started_ms + int(minutes * 60_000), ended_by="user", end_odometer_km=110.0, end_soc_pct=70.0,
+        end_at_station=True, distance_km=10.0, energy_kwh=5.2, duration_min=minutes, late_min=0.0, billed_min=60,
+        amount_cents=amount, station=station or t.station,
+    )  # fmt: skip
+
+
+async def test_a_trip_starts_once_and_ends_once_completing_its_reservation(store: Store) -> None:
+    assert await store.put_reservation(res("R-1", start_h=0, end_h=1), T0) is None
+    t = trip("R-1")
+    assert await store.start_trip(t)
+    assert not await store.start_trip(replace(t, started_ms=T0 + 5))  # the first unlock started it
+    assert await store.get_trip("R-1") == t
+    assert [x.reservation_id for x in await store.running_trips(T0 + 2 * H)] == ["R-1"]
+    assert await store.running_trips(T0 + H) == []  # booked end not yet before that
+    done = ended(t)
+    assert await store.end_trip(done)
+    assert not await store.end_trip(replace(done, ended_ms=T0 + 2 * H))  # ending twice changes nothing
+    assert await store.get_trip("R-1") == done and await store.running_trips(T0 + 9 * H) == []
+    r = await store.get_reservation("R-1")
+    assert r is not None and r.completed and not r.live(T0)
+    # A completed reservation no longer holds its slot.
+    assert await store.put_reservation(res("R-2", start_h=0.5, end_h=1), T0) is None
+
+
+async def test_trips_are_listed_by_start_and_filtered(store: Store) -> None:
+    for t in (trip("R-b", start_h=2), trip("R-a", "ZOE-002", "U-2", start_h=1), trip("R-c", start_h=3, user="U-2")):
+        assert await store.start_trip(t)
+    assert [t.reservation_id for t in await store.list_trips(None, None, None, None, 10)] == ["R-a", "R-b", "R-c"]
+    assert [t.reservation_id for t in await store.list_trips(T0 + 2 * H, None, None, None, 10)] == ["R-b", "R-c"]
+    assert [t.reservation_id for t in await store.list_trips(None, T0 + 2 * H, None, None, 10)] == ["R-a"]
+    assert [t.reservation_id for t in await store.list_trips(None, None, "ZOE-001", "U-2", 10)] == ["R-c"]
+    assert len(await store.list_trips(None, None, None, None, 2)) == 2
+
+
+async def test_usage_sums_the_ended_trips_that_started_in_the_window(store: Store) -> None:
+    trips = [
+        ended(trip("R-1", start_h=1), amount=150),
+        ended(trip("R-2", start_h=2), amount=188, station="belleme"),
+        ended(trip("R-3", user="U-2", kind="staff", start_h=3), amount=0),
+        ended(trip("R-4", start_h=30)),  # outside the window
+        trip("R-5", start_h=4),  # still running: not billed yet
+    ]
+    for t in trips:
+        assert await store.start_trip(replace(t, ended_ms=None) if t.ended_ms else t)
+        if t.ended_ms:
+            assert await store.end_trip(t)
+    rows = await store.usage(T0, T0 + 24 * H)
+    users = {u.user_id: u for u in rows.users}
+    assert set(users) == {"U-1", "U-2"}
+    assert (users["U-1"].trips, users["U-1"].amount_cents, users["U-1"].public_trips) == (2, 338, 2)
+    assert users["U-1"].first_public_station == "alencon-cd61" and users["U-1"].billed_min == 120
+    assert (users["U-2"].public_trips, users["U-2"].first_public_station) == (0, None)
+    groups = {(g.vehicle_id, g.station, g.kind): g for g in rows.vehicles}
+    assert set(groups) == {("ZOE-001", "alencon-cd61", "public"), ("ZOE-001", "belleme", "public"),
+                           ("ZOE-001", "alencon-cd61", "staff")}  # fmt: skip
+    g = groups[("ZOE-001", "alencon-cd61", "public")]
+    assert (g.trips, g.duration_min, g.distance_km, g.energy_kwh, g.amount_cents) == (1, 50.0, 10.0, 5.2, 150)
