@@ -171,6 +171,15 @@ class Car:
         doc = {"online": online, "firmware": self.firmware, "ts": self.ts()}
         return self.emit("status", doc, retain=True, track=track)
 
+    def report_now(self) -> list[asyncio.Future[None]]:
+        """Send doors, location and battery now; the futures complete when the broker has them."""
+        futs = [self.doors(track=True), self.location(track=True), self.battery(track=True)]
+        now = self.clock.now()
+        self.next_doors = now + self.iv.doors_s
+        self.next_location = now + self.iv.location_parked_s
+        self.next_battery = now + self.iv.battery_parked_s
+        return [f for f in futs if f is not None]
+
     def attach(self, client: MqttClient) -> None:
         """A connection is up: publish the full state, then replay what was buffered offline."""
         self.client = client

@@ -158,6 +158,16 @@ class SimFleet:
         s = self.cars[vehicle_id].state
         return s.locked, s.closed
 
+    async def act(self, vehicle_id: str, **changes: object) -> None:
+        """What a driver does to a parked car (``plugged``, ``closed``, ``locked``, ``lat``/``lon``,
+        ``odometer_km``, ``soc_pct``, ``speed_kmh``); the car reports its new state at once and this
+        returns once the broker has it."""
+        car = self.cars[vehicle_id]
+        car.state = replace(car.state, **changes)  # type: ignore[arg-type]
+        futs = car.report_now()
+        if futs:
+            await asyncio.wait_for(asyncio.gather(*futs), timeout=10)
+
     def set_behaviour(self, vehicle_id: str, behaviour: Behaviour) -> None:
         car = self.cars[vehicle_id]
         car.behaviour = behaviour
