@@ -253,6 +253,13 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
             else:
                 outcome = await rt.dispatcher.send(VEHICLE, "unlock", "R-DASH-UNLOCK", "dashboards-test")
                 assert outcome.result == "done", outcome
+            # Two rentals taken and ended, for the trip panels (forced: the cars are wherever they drove).
+            for rid, vid, kind in (("R-DASH-T0", "ZOE-004", "staff"), ("R-DASH-T1", "ZOE-011", "public")):
+                await _reserve(client, rid, vid, kind, minutes_ago=50)
+                r = await client.post(f"/v1/vehicles/{vid}/unlock", json={"reservation_id": rid}, headers=AUTH)
+                assert r.status == 200, await r.text()
+                r = await client.post(f"/v1/reservations/{rid}/end", json={"force": True}, headers=AUTH)
+                assert r.status == 200, await r.text()
             # Someone must drive for the route, speed and hours-driven panels.
             await async_wait_for(
                 lambda: q('SELECT count("speed_kmh") FROM "location" WHERE "speed_kmh" > 0'),
@@ -292,6 +299,7 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
         await async_wait_for(lambda: q('SELECT * FROM "commands"'), what="the unlock in InfluxDB")
         if HAS_RESERVATIONS:
             await async_wait_for(lambda: len(q('SELECT * FROM "reservations"')) >= 4, what="the reservations")
+            await async_wait_for(lambda: len(q('SELECT * FROM "trips"')) >= 2, what="the trips")
     return HAS_RESERVATIONS
 
 
