@@ -19,6 +19,7 @@ from gateway.errors import StartupError
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
+from gateway.rules.usage import UsageRows
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Store
 from gateway.store.sqlite import MIGRATIONS, open_sqlite
 
@@ -279,8 +280,8 @@ async def test_a_trip_starts_once_and_ends_once_completing_its_reservation(store
     assert [x.reservation_id for x in await store.running_trips(T0 + 2 * H)] == ["R-1"]
     assert await store.running_trips(T0 + H) == []  # booked end not yet before that
     done = ended(t)
-    assert await store.end_trip(done)
-    assert not await store.end_trip(replace(done, ended_ms=T0 + 2 * H))  # ending twice changes nothing
+    assert await store.end_trip(done, "2026-11")
+    assert not await store.end_trip(replace(done, ended_ms=T0 + 2 * H), "2026-11")  # ending twice changes nothing
     assert await store.get_trip("R-1") == done and await store.running_trips(T0 + 9 * H) == []
     r = await store.get_reservation("R-1")
     assert r is not None and r.completed and not r.live(T0)
@@ -298,19 +299,19 @@ async def test_trips_are_listed_by_start_and_filtered(store: Store) -> None:
     assert len(await store.list_trips(None, None, None, None, 2)) == 2
 
 
-async def test_usage_sums_the_ended_trips_that_started_in_the_window(store: Store) -> None:
+async def test_usage_sums_the_ended_trips_of_a_month(store: Store) -> None:
     trips = [
         ended(trip("R-1", start_h=1), amount=150),
         ended(trip("R-2", start_h=2), amount=188, station="belleme"),
         ended(trip("R-3", user="U-2", kind="staff", start_h=3), amount=0),
-        ended(trip("R-4", start_h=30)),  # outside the window
+        ended(trip("R-4", start_h=30)),  # another month
         trip("R-5", start_h=4),  # still running: not billed yet
     ]
     for t in trips:
         assert await store.start_trip(replace(t, ended_ms=None) if t.ended_ms else t)
         if t.ended_ms:
-            assert await store.end_trip(t)
-    rows = await store.usage(T0, T0 + 24 * H)
+            assert await store.end_trip(t, "2026-12" if t.reservation_id == "R-4" else "2026-11")
+    rows = await store.usage("2026-11")
     users = {u.user_id: u for u in rows.users}
     assert set(users) == {"U-1", "U-2"}
     assert (users["U-1"].trips, users["U-1"].amount_cents, users["U-1"].public_trips) == (2, 338, 2)
@@ -321,3 +322,4 @@ async def test_usage_sums_the_ended_trips_that_started_in_the_window(store: Stor
                            ("ZOE-001", "alencon-cd61", "staff")}  # fmt: skip
     g = groups[("ZOE-001", "alencon-cd61", "public")]
     assert (g.trips, g.duration_min, g.distance_km, g.energy_kwh, g.amount_cents) == (1, 50.0, 10.0, 5.2, 150)
+    assert (await store.usage("2026-12")).users[0].trips == 1 and await store.usage("2027-01") == UsageRows([], [])

@@ -20,7 +20,7 @@ from gateway.errors import EndChecksFailed, NoTrip, ReservationNotActive, StoreE
 from gateway.fleet import Fleet
 from gateway.ingest.lineproto import line
 from gateway.ingest.state import FleetState
-from gateway.rules.billing import Tariff, hours_in_month, month_bounds
+from gateway.rules.billing import Tariff, hours_in_month, month_bounds, month_of
 from gateway.rules.commands import Outcome
 from gateway.rules.trips import Check, Place, Readings, Trip, end_trip, failed_checks, may_auto_end, start_trip
 from gateway.rules.usage import usage_report
@@ -142,7 +142,7 @@ class Rentals:
             t, self.readings(t.vehicle_id), self._home(t.vehicle_id), battery_kwh, self.tariff, self.clock(),
             ended_by, forced,
         )  # fmt: skip
-        if not await self.store.end_trip(ended):
+        if not await self.store.end_trip(ended, month_of(t.started_ms, self.tariff.timezone)):
             raise ReservationNotActive(f"the rental of reservation {t.reservation_id} has already ended")
         self._record(ended)
         log.info(
@@ -190,8 +190,8 @@ class Rentals:
             await asyncio.sleep(every)
 
     async def usage(self, month: str) -> dict[str, Any]:
-        start, end = month_bounds(month, self.tariff.timezone)
-        rows = await self.store.usage(start, end)
+        month_bounds(month, self.tariff.timezone)  # refuses a bad month
+        rows = await self.store.usage(month)
         return usage_report(
             month,
             rows,

@@ -100,8 +100,9 @@ class Store(Protocol):
         """Trips not ended whose reservation ends before the given time, earliest end first."""
         ...
 
-    async def end_trip(self, t: Trip) -> bool:
-        """Close a running trip and complete its reservation, in one transaction; False if already ended."""
+    async def end_trip(self, t: Trip, month: str) -> bool:
+        """Close a running trip, count it in `month`'s usage and complete its reservation, in one
+        transaction; False (and nothing changed) if it had ended already."""
         ...
 
     async def list_trips(
@@ -110,8 +111,8 @@ class Store(Protocol):
         """By ``started_ms``; `from` inclusive, `to` exclusive."""
         ...
 
-    async def usage(self, from_ms: int, to_ms: int) -> UsageRows:
-        """Ended trips that started in ``[from, to)``, summed per user and per car, station and kind."""
+    async def usage(self, month: str) -> UsageRows:
+        """The ended trips counted in `month`, summed per user and per car, station and kind."""
         ...
 
     # -- housekeeping --
