@@ -28,6 +28,7 @@ from pathlib import Path
 
 from gateway.fleet import Fleet, load_fleet
 from gateway.rules.billing import Tariff, amount_cents, billed_minutes, hours_in_month, month_bounds, month_of
+from gateway.rules.reservations import Kind
 from gateway.rules.trips import Trip
 from gateway.rules.usage import usage_report
 from gateway.store.sqlite import SqliteStore, open_sqlite
@@ -52,7 +53,7 @@ def build(store: SqliteStore, fleet: Fleet, trips: int, users: int, seed: int) -
     t0 = time.perf_counter()
     for i in range(trips):
         car = cars[rng.randrange(len(cars))]
-        kind = "staff" if rng.random() < 0.3 else "public"
+        kind: Kind = "staff" if rng.random() < 0.3 else "public"
         start = YEAR_START_MS + rng.randrange(year_ms)
         booked = rng.choice((1, 2, 2, 3, 4, 8)) * 3_600_000
         actual = int(booked * rng.uniform(0.5, 1.2))

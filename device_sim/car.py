@@ -118,6 +118,9 @@ class Car:
         self.last_sent: dict[str, bytes] = {}
         self.ready = asyncio.Event()
         self.on_ready: Callable[[Car], None] | None = None
+        # False: the car leaves home only when a renter drives it off (device_sim.renters).
+        self.autonomous = True
+        self.home_again = asyncio.Event()  # set when a drive ends at the home station
         self._timers: set[asyncio.TimerHandle] = set()
         now = clock.now()
         self.state = CarState(
@@ -210,7 +213,11 @@ class Car:
         self._last = now
         if prev.mode is Mode.DRIVING and self.state.mode is Mode.PARKED:
             self._arrived(now)
-        elif self.state.mode is Mode.PARKED and now >= self.next_event:
+        elif (
+            self.state.mode is Mode.PARKED
+            and now >= self.next_event
+            and (self.autonomous or self.state.station != self.home.id)
+        ):
             self._depart(now)
         driving = self.state.mode is Mode.DRIVING
         if now >= self.next_battery:
@@ -244,8 +251,21 @@ class Car:
         self.next_event = now + trip.road_km / trip.cruise_kmh * 3600.0
         self._report_all(now)
 
+    def drive_off(self) -> bool:
+        """A renter takes the car: off to another town now, back home after the visit there.
+
+        False if it stays (too little charge for the round trip)."""
+        self.home_again.clear()
+        self._depart(self.clock.now())
+        return self.state.mode is Mode.DRIVING
+
+    @property
+    def at_home(self) -> bool:
+        return self.state.mode is Mode.PARKED and self.state.station == self.home.id
+
     def _arrived(self, now: float) -> None:
         if self.state.station == self.home.id:
+            self.home_again.set()
             self.next_event = plan_departure(self.rng, now)
         else:
             self.next_event = now + self.rng.uniform(30 * 60.0, 3 * 3600.0)  # the booking at the other town

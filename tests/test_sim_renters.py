@@ -1,0 +1,64 @@
+"""The simulator's renters drive a day through the real gateway: book, unlock, drive, return, end.
+
+Real Mosquitto and InfluxDB, the gateway in-process; the simulated day runs
+1,800 times faster, so a morning of staff bookings passes in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device_sim import Intervals, SimConfig, SimFleet
+from device_sim.renters import Renters, wants_a_car
+from tests.conftest import Stack, Unique
+from tests.helpers import API_KEY, AUTH, MASTER_KEY, async_wait_for
+from tests.test_booking_integration import start_env
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_day_has_staff_in_office_hours_and_the_public_evenings_and_weekends() -> None:
+    import random
+
+    rng = random.Random(1)
+
+    def kinds(day: int, hour: float) -> set[str | None]:
+        return {wants_a_car(day * 86400 + hour * 3600, rng) for _ in range(200)}
+
+    assert "staff" in kinds(0, 10) and "staff" not in kinds(0, 19) and "staff" not in kinds(5, 10)
+    assert "public" in kinds(0, 19) and "public" in kinds(6, 11)
+    assert kinds(2, 3) == {None}  # nobody at 3 a.m.
+
+
+async def test_renters_end_their_rentals_and_fix_a_forgotten_cable(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    cfg = SimConfig(
+        port=stack.broker.port, prefix=unique.prefix, master_key=MASTER_KEY, speed=1800, seed=3, start_hour=9.0,
+        intervals=Intervals(battery_driving_s=300, location_driving_s=120),
+    )  # fmt: skip
+    async with SimFleet(cfg) as sim:
+        await sim.wait_ready(timeout=15)
+        env = await start_env(stack, unique, tmp_path, aiohttp_client, sim)
+        renters = Renters(sim, f"http://127.0.0.1:{env.client.port}", API_KEY, forget_plug_share=0.5, seed=3)
+        task = asyncio.create_task(renters.run())
+        try:
+            await async_wait_for(
+                lambda: renters.stats.ended >= 4 and renters.stats.refused_409 >= 1,
+                timeout=90,
+                what=f"four rentals ended, one after a 409 ({renters.stats})",
+            )
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        r = await env.client.get("/v1/trips", headers=AUTH)
+        trips = [t for t in (await r.json())["trips"] if t["ended_at"]]
+        assert len(trips) >= 4 and all(t["ended_by"] == "user" and not t["forced"] for t in trips)
+        assert all(t["end"]["at_station"] and t["distance_km"] > 0 for t in trips), trips
+        kinds = [t["kind"] for t in trips]
+        assert kinds.count("staff") > kinds.count("public")  # a Monday morning: mostly staff
