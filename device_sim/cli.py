@@ -16,10 +16,12 @@ from device_sim.commands import load_key_file
 from device_sim.config import DEFAULT_FLEET, Intervals, SimConfig
 from device_sim.faults import Fault
 from device_sim.fleet import SimFleet, sized_fleet
+from device_sim.renters import Renters
 from gateway.errors import ConfigError
 from gateway.fleet import load_fleet
 
 MASTER_KEY_ENV = "GATEWAY__COMMANDS__MASTER_KEY"
+API_KEY_ENV = "DEVICE_SIM_API_KEY"
 PASSWORD_ENV = "DEVICE_SIM_PASSWORD"
 
 EPILOG = """\
@@ -105,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skew", type=float, default=600.0, metavar="S", help="clock_skew offset (default 600 s ahead)")
     g.add_argument("--offline", type=_positive, default=5.0, metavar="S", help="offline time of drop/storm (default 5)")
 
+    g = p.add_argument_group("renters: a booking day through the gateway's API (device_sim/renters.py)")
+    g.add_argument("--renters", metavar="URL",
+                   help="book, unlock, drive and end rentals through the gateway at URL")  # fmt: skip
+    g.add_argument("--api-key", help=f"the booking API key for --renters (default ${API_KEY_ENV})")
+    g.add_argument("--forget-plug-share", type=_share, default=0.2,
+                   help="share of renters who forget the cable and fix it after the 409 (default 0.2)")  # fmt: skip
+    g.add_argument("--max-rentals", type=int, default=6, help="rentals running at once at most (default 6)")
+
     g = p.add_argument_group("scale and output")
     g.add_argument("--connections", type=int, default=0, metavar="K",
                    help="multiplex the cars over K connections (no per-car will) instead of one each")  # fmt: skip
@@ -158,6 +168,14 @@ async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with SimFleet(cfg) as sim:
+        renting: asyncio.Task[None] | None = None
+        if a.renters:
+            key = a.api_key or os.environ.get(API_KEY_ENV)
+            if not key:
+                raise ConfigError(f"--renters: needs --api-key or ${API_KEY_ENV}")
+            renters = Renters(sim, a.renters, key, forget_plug_share=a.forget_plug_share,
+                              max_active=a.max_rentals, seed=sim.seed)  # fmt: skip
+            renting = loop.create_task(renters.run())
         deadline = time.monotonic() + a.duration if a.duration else math.inf
         next_fault = time.monotonic() + a.fault_every
         while not stop.is_set() and time.monotonic() < deadline:
@@ -171,6 +189,9 @@ async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
                     await sim.inject(f, ids, old_age_s=a.old_age, skew_s=a.skew, offline_s=a.offline)
                     if not a.quiet:
                         print(f"device_sim: fault {f} on {len(ids)} cars", file=sys.stderr)
+        if renting is not None:
+            renting.cancel()
+            await asyncio.gather(renting, return_exceptions=True)
         if not a.quiet:
             s = sim.stats
             print(f"device_sim: stopping after {s.sent} messages, {s.commands} commands", file=sys.stderr)

@@ -9,14 +9,18 @@ Then it stops what it started, and only that.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from scripts import services
 
@@ -37,13 +41,26 @@ def read_metrics(port: int) -> dict[str, float]:
     return out
 
 
-def summary(m: dict[str, float], prev: dict[str, float], dt: float, total: int) -> str:
+def read_trips(port: int, since: str) -> list[dict[str, object]]:
+    """The trips started since the demo began, through the booking API like any client."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/trips?limit=5000&from={urllib.parse.quote(since)}",
+        headers={"Authorization": f"Bearer {DEMO_API_KEY}"},
+    )
+    with urllib.request.urlopen(req, timeout=2) as r:
+        return list(json.load(r)["trips"])
+
+
+def summary(m: dict[str, float], prev: dict[str, float], dt: float, total: int, trips: list[dict[str, Any]]) -> str:
     rate = (m.get("gateway_messages_received_total", 0) - prev.get("gateway_messages_received_total", 0)) / dt
+    ended = [t for t in trips if t.get("ended_at")]
+    revenue = sum(float(t.get("amount_eur") or 0) for t in ended)
     return (
-        f"{rate:7.0f} msg/s | received {m.get('gateway_messages_received_total', 0):8.0f}"
-        f" | stored points {m.get('gateway_points_written_total', 0):8.0f}"
-        f" | rejected {m.get('gateway_messages_rejected_total', 0):5.0f}"
-        f" | cars online {m.get('gateway_vehicles_online', 0):.0f}/{total}"
+        f"{rate:6.0f} msg/s | stored {m.get('gateway_points_written_total', 0):7.0f}"
+        f" | rejected {m.get('gateway_messages_rejected_total', 0):4.0f}"
+        f" | online {m.get('gateway_vehicles_online', 0):.0f}/{total}"
+        f" | trips {len(trips) - len(ended)} driving, {len(ended)} ended"
+        f" ({sum(t.get('kind') == 'staff' for t in ended)} staff) | revenue {revenue:6.2f} EUR"
         f" | queue {m.get('gateway_queue_depth', 0):.0f}"
         f" | influx {'ok' if m.get('gateway_influx_healthy') else 'FAILING'}"
     )
@@ -103,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         children.append(_spawn("gateway", [sys.executable, "-m", "gateway"], env, run_dir))
         sim_argv = [sys.executable, "-m", "device_sim", "--host", "127.0.0.1", "--port", str(args.mqtt_port)]
         sim_argv += ["--vehicles", str(args.vehicles), "--speed", str(args.speed), "--fleet", str(fleet_file)]
+        # The booking day: renters book, drive and return the cars through the API, from a Monday at 7:30.
+        sim_argv += [
+            "--renters",
+            f"http://127.0.0.1:{args.http_port}",
+            "--api-key",
+            DEMO_API_KEY,
+            "--start-hour",
+            "7.5",
+        ]
         children.append(_spawn("device_sim", sim_argv, env, run_dir))
         print(f"gateway: http://127.0.0.1:{args.http_port} (API key {DEMO_API_KEY}); logs in .run/gateway.log")
         print(f"fleet: {args.vehicles} simulated cars at {args.speed:g}x; logs in .run/device_sim.log")
@@ -133,6 +159,7 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], run_dir: Path) -> su
 
 def _watch(args: argparse.Namespace, children: list[subprocess.Popen[bytes]]) -> int:
     t_start = time.monotonic()
+    since = datetime.now(UTC).isoformat(timespec="seconds")
     prev: dict[str, float] = {}
     t_prev = time.monotonic()
     while not args.duration or time.monotonic() - t_start < args.duration:
@@ -143,11 +170,12 @@ def _watch(args: argparse.Namespace, children: list[subprocess.Popen[bytes]]) ->
                 return 1
         try:
             m = read_metrics(args.http_port)
-        except (urllib.error.URLError, OSError):
+            trips = read_trips(args.http_port, since)
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
             print("\rwaiting for the gateway ...", end="", flush=True)
             continue
         now = time.monotonic()
-        line = summary(m, prev, now - t_prev, args.vehicles)
+        line = summary(m, prev, now - t_prev, args.vehicles, trips)
         print(f"\r[{now - t_start:5.0f} s] {line}", end="" if sys.stdout.isatty() else "\n", flush=True)
         prev, t_prev = m, now
     return 0
