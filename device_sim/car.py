@@ -231,11 +231,11 @@ class Car:
             self.next_doors = now + self.iv.doors_s
         return min(self.next_battery, self.next_location, self.next_doors, self.next_event)
 
-    def _depart(self, now: float) -> None:
+    def _depart(self, now: float, choices: list[Station] | None = None) -> None:
         """Leave home for another town (or a round trip out of town if there is none), or go back home."""
         if self.state.station == self.home.id:
-            if self.stations:
-                dest = self.rng.choice(self.stations)
+            if choices or self.stations:
+                dest = self.rng.choice(choices or self.stations)
                 target, dest_id = (dest.lat, dest.lon), dest.id
             else:
                 target, dest_id = (self.home.lat + 0.1, self.home.lon + 0.1), ""
@@ -254,9 +254,17 @@ class Car:
     def drive_off(self) -> bool:
         """A renter takes the car: off to another town now, back home after the visit there.
 
-        False if it stays (too little charge for the round trip)."""
+        False if it stays (too little charge for the round trip to any town)."""
+        here = (self.state.lat, self.state.lon)
+        reachable = [
+            s
+            for s in self.stations
+            if self.state.soc_pct >= physics.soc_drop_pct(2 * physics.road_km(here, (s.lat, s.lon)), self.model) + 20
+        ]
+        if not reachable or not self.state.closed:
+            return False
         self.home_again.clear()
-        self._depart(self.clock.now())
+        self._depart(self.clock.now(), reachable)
         return self.state.mode is Mode.DRIVING
 
     @property

@@ -15,6 +15,8 @@ import pytest
 
 from device_sim import Intervals, SimConfig, SimFleet
 from device_sim.renters import Renters, wants_a_car
+from gateway.rules.billing import month_of
+from gateway.times import rfc3339_ms
 from tests.conftest import Stack, Unique
 from tests.helpers import API_KEY, AUTH, MASTER_KEY, async_wait_for
 from tests.test_booking_integration import start_env
@@ -59,6 +61,14 @@ async def test_renters_end_their_rentals_and_fix_a_forgotten_cable(
         r = await env.client.get("/v1/trips", headers=AUTH)
         trips = [t for t in (await r.json())["trips"] if t["ended_at"]]
         assert len(trips) >= 4 and all(t["ended_by"] == "user" and not t["forced"] for t in trips)
-        assert all(t["end"]["at_station"] and t["distance_km"] > 0 for t in trips), trips
+        assert all(t["end"]["at_station"] and t["distance_km"] > 0 for t in trips), [(t["vehicle_id"], t["end"], t["distance_km"], t["start"]) for t in trips]
+        # The month's statement of these simulated bookings adds up to the cent.
+        month = month_of(rfc3339_ms(trips[0]["started_at"]), "Europe/Paris")
+        r = await env.client.get("/v1/reports/usage", params={"month": month}, headers=AUTH)
+        report = await r.json()
+        assert sum(round(u["total_eur"] * 100) for u in report["users"]) == round(
+            (report["totals"]["amount_eur"] + report["totals"]["fees_eur"]) * 100
+        )
+        assert report["totals"]["trips"] >= len(trips) - 1  # all but one crossing midnight at a month's end
         kinds = [t["kind"] for t in trips]
         assert kinds.count("staff") > kinds.count("public")  # a Monday morning: mostly staff

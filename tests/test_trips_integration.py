@@ -20,7 +20,7 @@ from device_sim import SimFleet
 from gateway.rules.billing import month_of
 from gateway.times import rfc3339_ms
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, async_wait_for
+from tests.helpers import AUTH, async_wait_for, mosquitto_pub
 from tests.test_booking_integration import FLEET, Env, body, sim_config, start_env
 
 pytestmark = pytest.mark.integration
@@ -200,3 +200,35 @@ async def test_the_usage_statement_adds_up(env: Env) -> None:
     for bad in ("2026-13", "", "nov"):
         status, answer = await get(env, "/v1/reports/usage", month=bad)
         assert (status, answer["error"]["code"]) == (422, "invalid_month"), bad
+
+
+async def test_stale_readings_fail_fresh(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    async with SimFleet(sim_config(stack, unique)) as sim:
+        await sim.wait_ready(timeout=15)
+        env = await start_env(stack, unique, tmp_path, aiohttp_client, sim, trips__max_state_age_s=1)
+        await rent(env, "R-stale", "ZOE-017")
+        await asyncio.sleep(1.5)  # the car has said nothing since: its readings are older than a second
+        status, answer = await end(env, "R-stale")
+        assert (status, answer["error"]["failed"]) == (409, ["fresh"]), answer
+        await sim.act("ZOE-017")
+        status, trip = await end(env, "R-stale")
+        assert status == 200, trip
+
+
+async def test_a_car_that_reports_no_odometer(env: Env) -> None:
+    await rent(env, "R-odo", "ZOE-018")
+    home = FLEET.stations[FLEET.vehicles["ZOE-018"].station]
+    await mosquitto_pub(
+        env.stack.broker.port,
+        f"{env.unique.prefix}/ZOE-018/location",
+        orjson.dumps({"lat": home.lat, "lon": home.lon, "speed_kmh": 0}),  # a box with no odometer
+    )
+    await async_wait_for(
+        lambda: env.rt.state.vehicles["ZOE-018"].readings["location"].fields.get("odometer_km") is None,
+        what="the reading without odometer",
+    )
+    status, trip = await end(env, "R-odo")
+    assert status == 200, trip
+    assert trip["distance_km"] is None and trip["end"]["odometer_km"] is None and trip["billed_min"] == 75
