@@ -227,7 +227,7 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
 async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     s, sup = app[SETTINGS], app[SUPERVISOR]
     booking = Booking(app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s)
-    starts = StartUnlocks(app[STORE], booking.send_command)
+    starts = StartUnlocks(app[STORE], booking)
     booking.on_change = starts.wake
     b, t = s.billing, s.trips
     rentals = Rentals(

@@ -61,7 +61,9 @@ async def test_renters_end_their_rentals_and_fix_a_forgotten_cable(
         r = await env.client.get("/v1/trips", headers=AUTH)
         trips = [t for t in (await r.json())["trips"] if t["ended_at"]]
         assert len(trips) >= 4 and all(t["ended_by"] == "user" and not t["forced"] for t in trips)
-        assert all(t["end"]["at_station"] and t["distance_km"] > 0 for t in trips), [(t["vehicle_id"], t["end"], t["distance_km"], t["start"]) for t in trips]
+        assert all(t["end"]["at_station"] and t["distance_km"] > 0 for t in trips), [
+            (t["vehicle_id"], t["end"], t["distance_km"], t["start"]) for t in trips
+        ]
         # The month's statement of these simulated bookings adds up to the cent.
         month = month_of(rfc3339_ms(trips[0]["started_at"]), "Europe/Paris")
         r = await env.client.get("/v1/reports/usage", params={"month": month}, headers=AUTH)

@@ -21,7 +21,8 @@ from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Store
-from gateway.store.sqlite import MIGRATIONS, open_sqlite
+from gateway.store.sqlite import open_sqlite
+from gateway.store.sqlite_schema import MIGRATIONS
 
 H = 3_600_000
 T0 = 1_795_680_000_000  # 2026-11-26T05:20:00Z

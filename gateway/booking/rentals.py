@@ -22,7 +22,18 @@ from gateway.ingest.lineproto import line
 from gateway.ingest.state import FleetState
 from gateway.rules.billing import Tariff, hours_in_month, month_bounds, month_of
 from gateway.rules.commands import Outcome
-from gateway.rules.trips import Check, Place, Readings, Trip, end_trip, failed_checks, may_auto_end, start_trip
+from gateway.rules.reservations import Reservation
+from gateway.rules.trips import (
+    Check,
+    EndedBy,
+    Place,
+    Readings,
+    Trip,
+    end_trip,
+    failed_checks,
+    may_auto_end,
+    start_trip,
+)
 from gateway.rules.usage import usage_report
 from gateway.store.base import Store
 from gateway.times import now_ms
@@ -90,10 +101,9 @@ class Rentals:
         s = self.fleet.stations[self.fleet.vehicles[vehicle_id].station]
         return Place(s.lat, s.lon, s.radius_m)
 
-    async def unlocked(self, reservation_id: str, outcome: Outcome) -> None:
+    async def unlocked(self, r: Reservation) -> None:
         """Called after every ``done`` unlock of a reservation: the first one starts its trip."""
-        r = await self.store.get_reservation(reservation_id)
-        if r is None or r.completed:
+        if r.completed:
             return
         station = self.fleet.vehicles[r.vehicle_id].station
         trip = start_trip(r, station, self.readings(r.vehicle_id), self.clock())
@@ -114,8 +124,8 @@ class Rentals:
             raise UnknownVehicle(vehicle_id)
         return await self.store.list_trips(from_ms, to_ms, vehicle_id, user_id, limit)
 
-    async def end(self, reservation_id: str, force: bool, caller: str) -> tuple[Trip | None, Outcome | None]:
-        """Check the car, lock it, close the trip. (trip, None) when ended; (None, outcome) if the lock failed."""
+    async def end(self, reservation_id: str, force: bool, caller: str) -> Trip | Outcome:
+        """Check the car, lock it, close the trip: the trip when ended, the lock's outcome if the car did not lock."""
         r = await self.booking.get(reservation_id)
         t = await self.store.get_trip(reservation_id)
         if t is None:
@@ -129,14 +139,14 @@ class Rentals:
                 failed = failed_checks(self.readings(r.vehicle_id), home, self.clock(), self.max_age_ms, self.checks)
                 if failed:
                     raise EndChecksFailed(list(failed))
-            o = await self.booking.send_command(r.vehicle_id, "lock", r.id, caller, "end_of_rental")
+            o = await self.booking.send_command(r.vehicle_id, "lock", r, caller, "end_of_rental")
             if o.result != "done":
-                return None, o
-            return await self._close(t, "user", force), None
+                return o
+            return await self._close(t, "user", force)
         finally:
             self._ending.discard(reservation_id)
 
-    async def _close(self, t: Trip, ended_by: Any, forced: bool) -> Trip:
+    async def _close(self, t: Trip, ended_by: EndedBy, forced: bool) -> Trip:
         battery_kwh = self.fleet.models[self.fleet.vehicles[t.vehicle_id].model].battery_kwh
         ended = end_trip(
             t, self.readings(t.vehicle_id), self._home(t.vehicle_id), battery_kwh, self.tariff, self.clock(),
@@ -181,7 +191,8 @@ class Rentals:
         return n
 
     async def run_auto_end(self) -> None:
-        every = max(1.0, min(AUTO_END_EVERY_S, self.auto_end_after_ms / 1000 / 4 or 1.0))
+        # A quarter of the grace, so a short grace (in tests) is kept closely; at least a second.
+        every = max(1.0, min(AUTO_END_EVERY_S, self.auto_end_after_ms / 4000))
         while True:
             try:
                 await self.auto_end_due()

@@ -73,7 +73,7 @@ class Booking:
         self.clock = clock
         self.on_change = on_change  # wakes the start-unlock scheduler
         # Told of every `done` unlock of a reservation (its first starts the trip).
-        self.on_unlocked: Callable[[str, Outcome], Awaitable[None]] | None = None
+        self.on_unlocked: Callable[[Reservation], Awaitable[None]] | None = None
         # (caller, key) -> (request fingerprint, the first call's outcome to come)
         self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Future[Outcome]]] = {}
 
@@ -176,6 +176,7 @@ class Booking:
     async def _checked_command(
         self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str
     ) -> Outcome:
+        r = None
         if reservation_id is not None:
             r = await self.get(reservation_id)
             if action == "unlock":
@@ -184,18 +185,19 @@ class Booking:
                 check_locks(r, vehicle_id)
         elif action == "unlock":
             raise InvalidBody("reservation_id", "is required to unlock")
-        return await self.send_command(vehicle_id, action, reservation_id, caller, "api")
+        return await self.send_command(vehicle_id, action, r, caller, "api")
 
     async def send_command(
         self,
         vehicle_id: str,
         action: Action,
-        reservation_id: str | None,
+        reservation: Reservation | None,
         caller: str,
         source: Source,
         audit_not_sent: bool = True,
     ) -> Outcome:
         """Send with no checks, and audit it: the outcome, that the broker was down, or that we stopped waiting."""
+        reservation_id = None if reservation is None else reservation.id
         command_id = str(uuid.uuid4())
         issued = self.clock()
         try:
@@ -212,9 +214,9 @@ class Booking:
             await self._audit(rec)
             raise
         await self._audit(CommandRecord.of(outcome, reservation_id, caller, source))
-        if outcome.result == "done" and action == "unlock" and reservation_id is not None and self.on_unlocked:
+        if outcome.result == "done" and action == "unlock" and reservation is not None and self.on_unlocked:
             try:
-                await self.on_unlocked(reservation_id, outcome)
+                await self.on_unlocked(reservation)
             except StoreError as e:
                 log.error("the trip of %s could not be started: %s", reservation_id, e)
         log.info(

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Callable
 
+from gateway.booking.service import Booking
 from gateway.errors import BrokerUnavailable, StoreError
-from gateway.rules.commands import Action, Outcome, Source
 from gateway.rules.reservations import Reservation, StartUnlock
 from gateway.store.base import Store
 from gateway.times import now_ms
@@ -24,18 +23,6 @@ from gateway.times import now_ms
 log = logging.getLogger(__name__)
 
 __all__ = ["StartUnlocks"]
-
-
-class Send(Protocol):
-    def __call__(
-        self,
-        vehicle_id: str,
-        action: Action,
-        reservation_id: str | None,
-        caller: str,
-        source: Source,
-        audit_not_sent: bool = True,
-    ) -> Awaitable[Outcome]: ...
 
 
 # An unlock that could not be sent (the broker was down) is tried again this often.
@@ -46,9 +33,9 @@ UNKNOWN_CALLER = "(before the audit)"
 
 
 class StartUnlocks:
-    def __init__(self, store: Store, send: Send, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(self, store: Store, booking: Booking, clock: Callable[[], int] = now_ms) -> None:
         self.store = store
-        self.send = send
+        self.booking = booking
         self.clock = clock
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -88,8 +75,8 @@ class StartUnlocks:
         caller = r.created_by or UNKNOWN_CALLER
         try:
             try:
-                o = await self.send(
-                    r.vehicle_id, "unlock", r.id, caller, "start_unlock", audit_not_sent=r.id not in self._unsent
+                o = await self.booking.send_command(
+                    r.vehicle_id, "unlock", r, caller, "start_unlock", audit_not_sent=r.id not in self._unsent
                 )
             except BrokerUnavailable:
                 # Not sent: release the claim so the scheduler tries again while the reservation runs.

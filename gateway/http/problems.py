@@ -35,6 +35,7 @@ from gateway.errors import (
     UnknownReservation,
     UnknownVehicle,
 )
+from gateway.http.ratelimit import RateLimiter
 from gateway.http.schemas import CommandDone
 from gateway.rules.commands import Outcome
 
@@ -98,7 +99,7 @@ def problem_response(e: Exception) -> web.Response | None:
         message = f"cannot reach the cars right now: {e}"
     headers = None
     if isinstance(e, RateLimited):
-        headers = {"Retry-After": str(max(1, -int(-e.retry_after_s // 1)))}
+        headers = {"Retry-After": RateLimiter.retry_after(e.retry_after_s)}
     if isinstance(e, EndChecksFailed):
         return error_response(status, code, message, failed=e.failed)
     return error_response(status, code, message, headers)

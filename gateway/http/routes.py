@@ -31,7 +31,7 @@ from gateway.http.schemas import (
     UsageReport,
 )
 from gateway.metrics import CONTENT_TYPE, health
-from gateway.rules.commands import Action
+from gateway.rules.commands import Action, Outcome
 from gateway.rules.reservations import EARLIEST_MS, LATEST_MS, check_id
 from gateway.rules.usage import users_csv
 from gateway.times import rfc3339_ms
@@ -47,13 +47,17 @@ def _parse(model: type[M], doc: object, error: type[InvalidInput]) -> M:
         raise validation_problem(e, error) from None
 
 
+def _only(q: Mapping[str, str], allowed: set[str]) -> None:
+    unknown = set(q) - allowed
+    if unknown:
+        raise InvalidQuery("query", f"unknown parameter(s): {', '.join(sorted(unknown))}")
+
+
 def _query(
     q: Mapping[str, str], allowed: set[str], time_error: type[InvalidInput]
 ) -> tuple[int | None, int | None, int]:
     """``from``, ``to`` (ms) and ``limit`` of a listing; anything else asked for is a 400."""
-    unknown = set(q) - allowed
-    if unknown:
-        raise InvalidQuery("query", f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    _only(q, allowed)
 
     def when(name: str) -> int | None:
         if name not in q:
@@ -140,11 +144,10 @@ async def vehicle_commands(request: web.Request) -> web.Response:
 
 async def end_rental(request: web.Request) -> web.Response:
     body = _parse(EndIn, await read_json(request, optional=True), InvalidBody)
-    trip, outcome = await request.app[RENTALS].end(request.match_info["reservation_id"], body.force, request[CALLER])
-    if trip is None:
-        assert outcome is not None
-        return outcome_response(outcome)  # the lock failed: 502 or 504, as for .../lock
-    return json_response(TripOut.of(trip).model_dump())
+    ended = await request.app[RENTALS].end(request.match_info["reservation_id"], body.force, request[CALLER])
+    if isinstance(ended, Outcome):
+        return outcome_response(ended)  # the car did not lock: 502 or 504, as for .../lock
+    return json_response(TripOut.of(ended).model_dump())
 
 
 async def get_trip(request: web.Request) -> web.Response:
@@ -161,9 +164,7 @@ async def list_trips(request: web.Request) -> web.Response:
 
 async def usage_report(request: web.Request) -> web.Response:
     q = request.query
-    unknown = set(q) - {"month", "format"}
-    if unknown:
-        raise InvalidQuery("query", f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    _only(q, {"month", "format"})
     fmt = q.get("format", "json")
     if fmt not in ("json", "csv"):
         raise InvalidQuery("format", "json or csv")

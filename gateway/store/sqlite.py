@@ -1,8 +1,7 @@
 """The embedded store: one SQLite file in the state directory.
 
-The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS`
-brings any older file up to date at start-up, each step in its own
-transaction. Every call is a short local transaction, so it runs on the
+The schema and its versions are in ``sqlite_schema.py``; opening the store
+brings any older file up to date. Every call is a short local transaction, so it runs on the
 event loop instead of a thread pool: one loop, no threads beside it. WAL
 with ``synchronous=FULL``: a reservation is on disk before the call
 returns. The command audit, written on every unlock's path, is written
@@ -15,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, fields, replace
 from pathlib import Path
@@ -29,8 +28,9 @@ from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS
+from gateway.store.sqlite_schema import migrate
 
-__all__ = ["AUDIT_FLUSH_S", "MIGRATIONS", "SqliteStore", "open_sqlite"]
+__all__ = ["AUDIT_FLUSH_S", "SqliteStore", "open_sqlite"]
 
 log = logging.getLogger(__name__)
 
@@ -38,128 +38,6 @@ log = logging.getLogger(__name__)
 AUDIT_FLUSH_S = 0.05
 AUDIT_MAX_PENDING = 100_000
 
-
-def _idempotency_as_outcomes(db: sqlite3.Connection) -> None:
-    """Version 1 kept the HTTP answer under the key's hash; version 2 keeps the outcome under the key's name.
-
-    An old row cannot be matched to a name (the store never sees the keys), so the old rows are
-    dropped: they live a day at most, and a retry across the upgrade is taken as a new request.
-    """
-    db.execute("DROP TABLE idempotency")
-    db.execute(
-        "CREATE TABLE idempotency (caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, "
-        "outcome BLOB NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (caller, key))"
-    )
-
-
-Migration = str | Callable[[sqlite3.Connection], None]
-
-MIGRATIONS: list[tuple[str, list[Migration]]] = [
-    (
-        "reservations and idempotent answers",
-        [
-            """CREATE TABLE reservations (
-                id TEXT PRIMARY KEY,
-                vehicle_id TEXT NOT NULL,
-                user_id TEXT NOT NULL,
-                starts_ms INTEGER NOT NULL,
-                ends_ms INTEGER NOT NULL,
-                kind TEXT NOT NULL,
-                unlock_at_start INTEGER NOT NULL,
-                cancelled INTEGER NOT NULL DEFAULT 0,
-                created_ms INTEGER NOT NULL,
-                updated_ms INTEGER NOT NULL,
-                su_status TEXT,
-                su_at_ms INTEGER,
-                su_command_id TEXT,
-                su_reason TEXT
-            )""",
-            "CREATE INDEX reservations_vehicle ON reservations (vehicle_id, ends_ms)",
-            "CREATE INDEX reservations_due ON reservations (unlock_at_start, su_status, starts_ms)",
-            """CREATE TABLE idempotency (
-                key TEXT NOT NULL,
-                caller TEXT NOT NULL,
-                fingerprint TEXT NOT NULL,
-                status INTEGER NOT NULL,
-                body BLOB NOT NULL,
-                created_ms INTEGER NOT NULL,
-                PRIMARY KEY (caller, key)
-            )""",
-        ],
-    ),
-    (
-        "the command audit, who created a reservation, idempotent outcomes",
-        [
-            "ALTER TABLE reservations ADD COLUMN created_by TEXT",
-            """CREATE TABLE commands (
-                command_id TEXT PRIMARY KEY,
-                vehicle_id TEXT NOT NULL,
-                action TEXT NOT NULL,
-                reservation_id TEXT,
-                caller TEXT NOT NULL,
-                source TEXT NOT NULL,
-                issued_ms INTEGER NOT NULL,
-                result TEXT NOT NULL,
-                reason TEXT,
-                latency_ms REAL
-            )""",
-            "CREATE INDEX commands_vehicle ON commands (vehicle_id, issued_ms)",
-            "CREATE INDEX commands_issued ON commands (issued_ms)",
-            _idempotency_as_outcomes,
-        ],
-    ),
-    (
-        "trips, and reservations whose rental has ended",
-        [
-            "ALTER TABLE reservations ADD COLUMN completed INTEGER NOT NULL DEFAULT 0",
-            """CREATE TABLE trips (
-                reservation_id TEXT PRIMARY KEY,
-                vehicle_id TEXT NOT NULL,
-                user_id TEXT NOT NULL,
-                kind TEXT NOT NULL,
-                station TEXT NOT NULL,
-                booked_start_ms INTEGER NOT NULL,
-                booked_end_ms INTEGER NOT NULL,
-                started_ms INTEGER NOT NULL,
-                start_odometer_km REAL,
-                start_soc_pct REAL,
-                ended_ms INTEGER,
-                ended_by TEXT,
-                forced INTEGER NOT NULL DEFAULT 0,
-                end_odometer_km REAL,
-                end_soc_pct REAL,
-                end_at_station INTEGER,
-                distance_km REAL,
-                energy_kwh REAL,
-                duration_min REAL,
-                late_min REAL,
-                billed_min INTEGER,
-                amount_cents INTEGER,
-                month TEXT
-            )""",
-            "CREATE INDEX trips_started ON trips (started_ms)",
-            "CREATE INDEX trips_vehicle ON trips (vehicle_id, started_ms)",
-            "CREATE INDEX trips_user ON trips (user_id, started_ms)",
-            "CREATE INDEX trips_running ON trips (booked_end_ms) WHERE ended_ms IS NULL",
-            # The usage statement: a month's users in order, and each car's month kept summed as trips end.
-            # Covering: the statement's per-user sums read the index alone, in user order.
-            "CREATE INDEX trips_month_user ON trips "
-            "(month, user_id, kind, started_ms, billed_min, distance_km, amount_cents, station)",
-            """CREATE TABLE usage_cars (
-                month TEXT NOT NULL,
-                vehicle_id TEXT NOT NULL,
-                station TEXT NOT NULL,
-                kind TEXT NOT NULL,
-                trips INTEGER NOT NULL,
-                duration_min REAL NOT NULL,
-                distance_km REAL NOT NULL,
-                energy_kwh REAL NOT NULL,
-                amount_cents INTEGER NOT NULL,
-                PRIMARY KEY (month, vehicle_id, station, kind)
-            )""",
-        ],
-    ),
-]
 
 _COLUMNS = (
     "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
@@ -201,6 +79,13 @@ def _command(r: Any) -> CommandRecord:
     return CommandRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8], r[9])
 
 
+def _listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
+    """`select` with the conditions whose value is given, in `order`, at most `limit` rows."""
+    used = [(cond, value) for cond, value in filters if value is not None]
+    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
+    return f"{select}{where} ORDER BY {order} LIMIT ?", [*(value for _, value in used), limit]
+
+
 @contextmanager
 def _errors(what: str) -> Iterator[None]:
     try:
@@ -222,7 +107,7 @@ def open_sqlite(path: Path) -> SqliteStore:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        _migrate(db)
+        migrate(db)
     except sqlite3.Error as e:
         db.close()
         raise StartupError(f"store: {path} is not a usable SQLite database ({e})") from e
@@ -230,25 +115,6 @@ def open_sqlite(path: Path) -> SqliteStore:
         db.close()
         raise
     return SqliteStore(db)
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    if version > len(MIGRATIONS):
-        raise StartupError(f"store: the database is at schema version {version}, newer than this gateway knows")
-    for i, (_, steps) in enumerate(MIGRATIONS[version:], start=version + 1):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for step in steps:
-                if isinstance(step, str):
-                    db.execute(step)
-                else:
-                    step(db)
-            db.execute(f"PRAGMA user_version = {i}")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
 
 class SqliteStore:
@@ -316,19 +182,12 @@ class SqliteStore:
     async def list_reservations(
         self, vehicle_id: str | None, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[Reservation]:
-        sql = f"SELECT {_COLUMNS} FROM reservations WHERE 1=1"
-        args: list[object] = []
-        if vehicle_id is not None:
-            sql += " AND vehicle_id = ?"
-            args.append(vehicle_id)
-        if from_ms is not None:
-            sql += " AND ends_ms > ?"
-            args.append(from_ms)
-        if to_ms is not None:
-            sql += " AND starts_ms < ?"
-            args.append(to_ms)
-        sql += " ORDER BY starts_ms, id LIMIT ?"
-        args.append(limit)
+        sql, args = _listing(
+            f"SELECT {_COLUMNS} FROM reservations",
+            [("vehicle_id = ?", vehicle_id), ("ends_ms > ?", from_ms), ("starts_ms < ?", to_ms)],
+            "starts_ms, id",
+            limit,
+        )
         with _errors("list reservations"):
             return [_reservation(r) for r in self.db.execute(sql, args).fetchall()]
 
@@ -441,16 +300,12 @@ class SqliteStore:
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[CommandRecord]:
         self._flush_audit()
-        sql = f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE vehicle_id = ?"
-        args: list[object] = [vehicle_id]
-        if from_ms is not None:
-            sql += " AND issued_ms >= ?"
-            args.append(from_ms)
-        if to_ms is not None:
-            sql += " AND issued_ms < ?"
-            args.append(to_ms)
-        sql += " ORDER BY issued_ms DESC, command_id DESC LIMIT ?"
-        args.append(limit)
+        sql, args = _listing(
+            f"SELECT {_COMMAND_COLUMNS} FROM commands",
+            [("vehicle_id = ?", vehicle_id), ("issued_ms >= ?", from_ms), ("issued_ms < ?", to_ms)],
+            "issued_ms DESC, command_id DESC",
+            limit,
+        )
         with _errors("list commands"):
             return [_command(r) for r in self.db.execute(sql, args).fetchall()]
 
@@ -510,19 +365,13 @@ class SqliteStore:
     async def list_trips(
         self, from_ms: int | None, to_ms: int | None, vehicle_id: str | None, user_id: str | None, limit: int
     ) -> list[Trip]:
-        sql = f"SELECT {_TRIP_COLUMNS} FROM trips WHERE 1=1"
-        args: list[object] = []
-        for cond, value in (
-            ("started_ms >= ?", from_ms),
-            ("started_ms < ?", to_ms),
-            ("vehicle_id = ?", vehicle_id),
-            ("user_id = ?", user_id),
-        ):
-            if value is not None:
-                sql += f" AND {cond}"
-                args.append(value)
-        sql += " ORDER BY started_ms, reservation_id LIMIT ?"
-        args.append(limit)
+        sql, args = _listing(
+            f"SELECT {_TRIP_COLUMNS} FROM trips",
+            [("started_ms >= ?", from_ms), ("started_ms < ?", to_ms), ("vehicle_id = ?", vehicle_id),
+             ("user_id = ?", user_id)],
+            "started_ms, reservation_id",
+            limit,
+        )  # fmt: skip
         with _errors("list trips"):
             return [_trip(r) for r in self.db.execute(sql, args).fetchall()]
 
