@@ -121,12 +121,19 @@ async def measure(args: argparse.Namespace, path: Path) -> int:
     return 0
 
 
+def _count(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cars", type=int, default=10_000, help="cars in the fleet (default 10,000)")
-    p.add_argument("--trips", type=int, default=2_000_000, help="ended trips over the year (default 2,000,000)")
-    p.add_argument("--users", type=int, default=400_000, help="distinct users (default 400,000)")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds; medians are reported (default 5)")
+    p.add_argument("--cars", type=_count, default=10_000, help="cars in the fleet (default 10,000)")
+    p.add_argument("--trips", type=_count, default=2_000_000, help="ended trips over the year (default 2,000,000)")
+    p.add_argument("--users", type=_count, default=400_000, help="distinct users (default 400,000)")
+    p.add_argument("--rounds", type=_count, default=5, help="timed rounds; medians are reported (default 5)")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-report-") as d:

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
+
 from device_sim.commands import load_key_file
 from device_sim.config import DEFAULT_FLEET, Intervals, SimConfig
 from device_sim.faults import Fault
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", help=f"the booking API key for --renters (default ${API_KEY_ENV})")
     g.add_argument("--forget-plug-share", type=_share, default=0.2,
                    help="share of renters who forget the cable and fix it after the 409 (default 0.2)")  # fmt: skip
-    g.add_argument("--max-rentals", type=int, default=6, help="rentals running at once at most (default 6)")
+    g.add_argument("--max-rentals", type=_count, default=6, help="rentals running at once at most (default 6)")
 
     g = p.add_argument_group("scale and output")
     g.add_argument("--connections", type=int, default=0, metavar="K",
@@ -161,18 +163,51 @@ async def _probe(host: str, port: int) -> None:
         await w.wait_closed()
 
 
+def _count(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
+def renters_key(a: argparse.Namespace) -> str | None:
+    """The booking API key of --renters; ConfigError if it is missing or given without --renters."""
+    key = a.api_key or os.environ.get(API_KEY_ENV)
+    if a.renters and not key:
+        raise ConfigError(f"--renters: needs --api-key or ${API_KEY_ENV}")
+    if a.api_key and not a.renters:
+        raise ConfigError("--api-key: only used with --renters URL")
+    return key
+
+
+async def _probe_api(url: str, key: str) -> None:
+    """Before the fleet starts: the gateway answers at `url` and takes the key."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.get(f"{url.rstrip('/')}/v1/vehicles", headers={"Authorization": f"Bearer {key}"}) as r,
+        ):
+            if r.status == 401:
+                raise ConfigError(f"--api-key: the gateway at {url} refuses it (401)")
+            if r.status != 200 or "vehicles" not in await r.json(content_type=None):
+                raise ConfigError(f"--renters: {url} does not answer like the gateway (HTTP {r.status})")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        raise ConfigError(f"--renters: cannot reach the gateway at {url} ({e or 'timeout'})") from None
+
+
 async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
     await _probe(cfg.host, cfg.port)
+    key = renters_key(a)
+    if a.renters and key:
+        await _probe_api(a.renters, key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with SimFleet(cfg) as sim:
         renting: asyncio.Task[None] | None = None
-        if a.renters:
-            key = a.api_key or os.environ.get(API_KEY_ENV)
-            if not key:
-                raise ConfigError(f"--renters: needs --api-key or ${API_KEY_ENV}")
+        renters: Renters | None = None
+        if a.renters and key:
             renters = Renters(sim, a.renters, key, forget_plug_share=a.forget_plug_share,
                               max_active=a.max_rentals, seed=sim.seed)  # fmt: skip
             renting = loop.create_task(renters.run())
@@ -195,6 +230,10 @@ async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
         if not a.quiet:
             s = sim.stats
             print(f"device_sim: stopping after {s.sent} messages, {s.commands} commands", file=sys.stderr)
+            if renters is not None:
+                r = renters.stats
+                print(f"device_sim: renters booked {r.booked}, ended {r.ended} ({r.refused_409} after a 409), "
+                      f"{r.failed} refused or failed", file=sys.stderr)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,8 +109,9 @@ class Renters:
     async def _rental(self, http: aiohttp.ClientSession, car: Car, kind: str) -> None:
         try:
             await self._rent(http, car, kind)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            log.warning("renter of %s: the gateway did not answer (%s)", car.id, e)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+            # No answer, or not the gateway's: this rental is given up, the day goes on.
+            log.warning("renter of %s: no usable answer from the gateway (%r)", car.id, e)
             self.stats.failed += 1
         finally:
             self._active.discard(car.id)
@@ -133,14 +134,14 @@ class Renters:
         status, answer = await self._call(http, "PUT", f"/v1/reservations/{rid}", body)
         if status != 201:
             self.stats.failed += 1
-            log.info("renter: booking %s refused: %s", car.id, answer)
+            log.warning("renter: booking %s refused: %s", car.id, answer)
             return
         self.stats.booked += 1
         await self.sim.act(car.id)  # walking up to the car: it reports
         status, answer = await self._call(http, "POST", f"/v1/vehicles/{car.id}/unlock", {"reservation_id": rid})
         if status != 200:
             self.stats.failed += 1
-            log.info("renter: unlock of %s refused: %s", car.id, answer)
+            log.warning("renter: unlock of %s refused: %s", car.id, answer)
             await self._call(http, "DELETE", f"/v1/reservations/{rid}")
             return
         self.stats.started += 1

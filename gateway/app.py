@@ -236,7 +236,7 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
         app[FLEET],
         readings_from(app[STATE]),
         app[JOURNAL].append,
-        Tariff(b.hourly_rate_eur, b.monthly_fee_eur, b.increment_min, b.timezone, b.staff_billed),
+        Tariff(**b.model_dump()),
         t.end_checks,
         t.max_state_age_s,
         t.auto_end_after_s,

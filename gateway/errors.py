@@ -86,6 +86,10 @@ class DomainError(GatewayError):
         super().__init__(message)
         self.message = message
 
+    def extra(self) -> dict[str, object]:
+        """Fields the error body carries beside ``code`` and ``message``."""
+        return {}
+
 
 class NotFound(DomainError):
     pass
@@ -166,6 +170,9 @@ class EndChecksFailed(Conflict):
     def __init__(self, failed: list[str]) -> None:
         super().__init__(f"the car cannot be returned yet: {', '.join(failed)} (see `failed`)")
         self.failed = failed
+
+    def extra(self) -> dict[str, object]:
+        return {"failed": self.failed}
 
 
 class RateLimited(DomainError):

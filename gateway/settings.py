@@ -20,12 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from gateway.errors import ConfigError
 from gateway.ids import API_KEY_NAME, INSTANCE
+from gateway.rules.trips import CHECKS, Check
 
 ENV_PREFIX = "GATEWAY__"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No inf or nan: a duration or a rate of `inf` would pass here and break far from its key.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class MqttSettings(_Section):
@@ -135,6 +137,9 @@ class ApiSettings(_Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"two keys share the name {dupes[0]!r}; names must be unique")
+        secrets = [k.secret.get_secret_value() for k in v]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("one secret is given under two names; each key needs its own secret")
         return v
 
 
@@ -147,12 +152,9 @@ class CommandsSettings(_Section):
     _qos = field_validator("qos", mode="before")(_digits_to_int)
 
 
-EndCheck = Literal["fresh", "parked", "doors_closed", "at_station", "plugged"]
-
-
 class TripsSettings(_Section):
     # What the car must show before a rental may end (all five by default).
-    end_checks: tuple[EndCheck, ...] = ("fresh", "parked", "doors_closed", "at_station", "plugged")
+    end_checks: tuple[Check, ...] = CHECKS
     # The latest location and doors readings must be at most this old for `fresh`.
     max_state_age_s: float = Field(120, gt=0)
     # This long after `ends_at`, a trip whose car passes every check and is locked is ended by the gateway.

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from device_sim import Intervals, SimConfig, SimFleet
-from device_sim.renters import Renters, wants_a_car
+from device_sim.renters import Renters
 from gateway.rules.billing import month_of
 from gateway.times import rfc3339_ms
 from tests.conftest import Stack, Unique
@@ -22,19 +22,6 @@ from tests.helpers import API_KEY, AUTH, MASTER_KEY, async_wait_for
 from tests.test_booking_integration import start_env
 
 pytestmark = pytest.mark.integration
-
-
-def test_the_day_has_staff_in_office_hours_and_the_public_evenings_and_weekends() -> None:
-    import random
-
-    rng = random.Random(1)
-
-    def kinds(day: int, hour: float) -> set[str | None]:
-        return {wants_a_car(day * 86400 + hour * 3600, rng) for _ in range(200)}
-
-    assert "staff" in kinds(0, 10) and "staff" not in kinds(0, 19) and "staff" not in kinds(5, 10)
-    assert "public" in kinds(0, 19) and "public" in kinds(6, 11)
-    assert kinds(2, 3) == {None}  # nobody at 3 a.m.
 
 
 async def test_renters_end_their_rentals_and_fix_a_forgotten_cable(

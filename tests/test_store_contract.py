@@ -249,13 +249,20 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 # ---- trips -----------------------------------------------------------------------------------------
 
 
-def trip(rid: str, vehicle: str = "ZOE-001", user: str = "U-1", kind: Kind = "public", start_h: float = 0) -> Trip:
+def trip(
+    rid: str,
+    vehicle: str = "ZOE-001",
+    user: str = "U-1",
+    kind: Kind = "public",
+    start_h: float = 0,
+    station: str = "alencon-cd61",
+) -> Trip:
     return Trip(
         rid,
         vehicle,
         user,
         kind,
-        "alencon-cd61",
+        station,
         T0,
         T0 + H,
         int(T0 + start_h * H),
@@ -264,11 +271,11 @@ def trip(rid: str, vehicle: str = "ZOE-001", user: str = "U-1", kind: Kind = "pu
     )
 
 
-def ended(t: Trip, minutes: float = 50, amount: int = 150, station: str | None = None) -> Trip:
+def ended(t: Trip, minutes: float = 50, amount: int = 150) -> Trip:
     return replace(
         t, ended_ms=t.started_ms + int(minutes * 60_000), ended_by="user", end_odometer_km=110.0, end_soc_pct=70.0,
         end_at_station=True, distance_km=10.0, energy_kwh=5.2, duration_min=minutes, late_min=0.0, billed_min=60,
-        amount_cents=amount, station=station or t.station,
+        amount_cents=amount,
     )  # fmt: skip
 
 
@@ -303,7 +310,7 @@ async def test_trips_are_listed_by_start_and_filtered(store: Store) -> None:
 async def test_usage_sums_the_ended_trips_of_a_month(store: Store) -> None:
     trips = [
         ended(trip("R-1", start_h=1), amount=150),
-        ended(trip("R-2", start_h=2), amount=188, station="belleme"),
+        ended(trip("R-2", start_h=2, station="belleme"), amount=188),
         ended(trip("R-3", user="U-2", kind="staff", start_h=3), amount=0),
         ended(trip("R-4", start_h=30)),  # another month
         trip("R-5", start_h=4),  # still running: not billed yet

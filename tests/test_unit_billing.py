@@ -9,6 +9,7 @@ from datetime import datetime
 import pytest
 
 from gateway.errors import InvalidMonth
+from gateway.http.schemas import UsageReport
 from gateway.rules.billing import Tariff, amount_cents, billed_minutes, hours_in_month, month_bounds, month_of
 from gateway.rules.reservations import Reservation
 from gateway.rules.trips import CHECKS, Place, Readings, end_trip, failed_checks, may_auto_end, start_trip
@@ -96,7 +97,7 @@ def test_a_bad_month_is_refused(bad: str) -> None:
 
 GOOD = Readings(
     location_ms=NOW - 10_000, lat=48.4319, lon=0.0950, speed_kmh=0, odometer_km=100.0, doors_ms=NOW - 5_000,
-    locked=True, closed=True, soc_pct=70.0, plugged=True, charging=True,
+    locked=True, closed=True, soc_pct=70.0, plugged=True,
 )  # fmt: skip
 
 
@@ -205,6 +206,8 @@ def test_the_statement_adds_up() -> None:
     cars = {v["vehicle_id"]: v for v in r["by_vehicle"]}
     assert cars["ZOE-009"] == {"vehicle_id": "ZOE-009", "trips": 0, "hours": 0.0, "utilisation_pct": 0.0}
     assert cars["ZOE-001"]["utilisation_pct"] == round(2 / 720 * 100, 2)
+    # The answer of GET /v1/reports/usage is this dict as it is: it must be what the OpenAPI model says.
+    assert UsageReport.model_validate(r).model_dump() == r
 
 
 def test_a_month_with_no_trips() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from gateway.errors import (
 from gateway.fleet import load_fleet
 from gateway.rules.commands import Action, Outcome, Result
 from gateway.rules.reservations import ReservationRequest, StartUnlock
+from gateway.rules.trips import Readings, start_trip
 from gateway.store.sqlite import SqliteStore, open_sqlite
 from tests.helpers import REPO, async_wait_for
 
@@ -118,6 +119,20 @@ async def test_a_cancelled_reservation_cannot_come_back(w: World) -> None:
         await w.booking.put("R-1", req(), "booking")
     with pytest.raises(UnknownReservation):
         await w.booking.cancel("R-nope")
+
+
+async def test_a_completed_reservation_cannot_be_reopened(w: World) -> None:
+    r, _ = await w.booking.put("R-1", req(), "booking")
+    assert await w.store.start_trip(start_trip(r, "alencon-cd61", Readings(), T0))
+    trip = await w.store.get_trip("R-1")
+    assert trip is not None and await w.store.end_trip(replace(trip, ended_ms=T0 + 60_000, ended_by="user"), "2026-11")
+    with pytest.raises(ReservationNotActive, match="has ended"):
+        await w.booking.put("R-1", req(end_h=3), "booking")
+    stored = await w.store.get_reservation("R-1")
+    assert stored is not None and stored.completed
+    with pytest.raises(ReservationNotActive):
+        await w.booking.command("ZOE-001", "unlock", "R-1", "booking")
+    assert w.sender.sent == []
 
 
 async def test_unlock_checks_then_sends_once_and_audits_the_caller(w: World) -> None:

@@ -65,7 +65,6 @@ def readings_from(state: FleetState) -> Callable[[str], Readings]:
             closed=df.get("closed"),
             soc_pct=bf.get("soc_pct"),
             plugged=bf.get("plugged"),
-            charging=bf.get("charging"),
         )
 
     return readings

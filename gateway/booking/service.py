@@ -22,6 +22,7 @@ from gateway.errors import (
     InvalidIdempotencyKey,
     ReservationCancelled,
     ReservationConflict,
+    ReservationNotActive,
     StoreError,
     UnknownReservation,
     UnknownVehicle,
@@ -86,6 +87,8 @@ class Booking:
         old = await self.store.get_reservation(reservation_id)
         if old is not None and old.cancelled:
             raise ReservationCancelled(f"reservation {reservation_id} was cancelled; use a new id")
+        if old is not None and old.completed:
+            raise ReservationNotActive(f"the rental of reservation {reservation_id} has ended; use a new id")
         stored = merge_update(old, new, now) if old is not None else new
         clash = await self.store.put_reservation(stored, now)
         if clash is not None:

@@ -100,9 +100,8 @@ def problem_response(e: Exception) -> web.Response | None:
     headers = None
     if isinstance(e, RateLimited):
         headers = {"Retry-After": RateLimiter.retry_after(e.retry_after_s)}
-    if isinstance(e, EndChecksFailed):
-        return error_response(status, code, message, failed=e.failed)
-    return error_response(status, code, message, headers)
+    extra = e.extra() if isinstance(e, DomainError) else {}
+    return error_response(status, code, message, headers, **extra)
 
 
 def validation_problem(e: ValidationError, cls: type[InvalidInput]) -> InvalidInput:

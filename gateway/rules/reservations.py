@@ -127,6 +127,7 @@ def merge_update(old: Reservation, new: Reservation, now_ms: int) -> Reservation
         updated_ms=now_ms,
         start_unlock=su if keep else None,
         created_by=old.created_by or new.created_by,
+        completed=old.completed,
     )
 
 

@@ -35,7 +35,6 @@ class Readings:
     closed: bool | None = None
     soc_pct: float | None = None
     plugged: bool | None = None
-    charging: bool | None = None
 
 
 @dataclass(frozen=True)

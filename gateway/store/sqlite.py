@@ -347,16 +347,16 @@ class SqliteStore:
             )
             if cur.rowcount != 1:
                 return False
+            # Summed from the row just stored, so the sums can only ever agree with the trips.
             self.db.execute(
-                "INSERT INTO usage_cars VALUES (?,?,?,?,1,?,?,?,?) ON CONFLICT (month, vehicle_id, station, kind) "
-                "DO UPDATE SET trips = trips + 1, duration_min = duration_min + excluded.duration_min, "
+                "INSERT INTO usage_cars SELECT month, vehicle_id, station, kind, 1, coalesce(duration_min, 0), "
+                "coalesce(distance_km, 0), coalesce(energy_kwh, 0), coalesce(amount_cents, 0) FROM trips "
+                "WHERE reservation_id = ? ON CONFLICT (month, vehicle_id, station, kind) DO UPDATE SET "
+                "trips = trips + 1, duration_min = duration_min + excluded.duration_min, "
                 "distance_km = distance_km + excluded.distance_km, energy_kwh = energy_kwh + excluded.energy_kwh, "
                 "amount_cents = amount_cents + excluded.amount_cents",
-                (
-                    month, t.vehicle_id, t.station, t.kind, t.duration_min or 0.0, t.distance_km or 0.0,
-                    t.energy_kwh or 0.0, t.amount_cents or 0,
-                ),
-            )  # fmt: skip
+                (t.reservation_id,),
+            )
             self.db.execute(
                 "UPDATE reservations SET completed = 1, updated_ms = ? WHERE id = ?", (t.ended_ms, t.reservation_id)
             )
@@ -399,7 +399,7 @@ class SqliteStore:
         )
 
     def rebuild_usage(self) -> None:
-        """Sum every month's cars again from the trips (after a bulk load, or a change of billing time zone)."""
+        """Sum every month's cars again from the stored trips and their months (after a bulk load)."""
         with _errors("rebuild the usage sums"), self._tx():
             self.db.execute("DELETE FROM usage_cars")
             self.db.execute(
