@@ -8,9 +8,11 @@ Start-up order, each step a context below:
 3. the writer and the journal's sealer;
 4. the store (SQLite) — a corrupt or unreadable file stops start-up here;
 5. the cars' latest state, restored from the last save;
-6. the two MQTT links (telemetry; commands and acks) and ingest;
-7. the booking service and the start-time unlocks;
-8. housekeeping: the self-report, saving the state, pruning the store.
+6. the event log, the webhook deliveries and the alert monitor (its open alerts loaded);
+7. the two MQTT links (telemetry; commands and acks) and ingest;
+8. the alert checks, now that the broker's state can be watched;
+9. the booking service and the start-time unlocks;
+10. housekeeping: the self-report, saving the state, pruning the store.
 
 Shutdown runs the other way: stop the schedulers, stop taking messages,
 seal and acknowledge what is open, save the state, close the store, drain
@@ -37,7 +39,7 @@ from gateway.booking.service import Booking
 from gateway.booking.start_unlocks import StartUnlocks
 from gateway.errors import StartupError, StoreError
 from gateway.fleet import Fleet
-from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, RENTALS, STATE
+from gateway.http.keys import BOOKING, FEED, FLEET, LIMITER, MONITOR, RENTALS, STATE
 from gateway.http.middleware import auth_middleware, errors_middleware
 from gateway.http.ratelimit import RateLimiter
 from gateway.http.routes import setup_routes
@@ -49,7 +51,13 @@ from gateway.ingest.telemetry import Limits
 from gateway.ingest.writer import Writer
 from gateway.metrics import Monitor, Snapshot, self_report_line
 from gateway.mqtt.link import MqttLink
+from gateway.notify.alerts import AlertMonitor
+from gateway.notify.events import EventLog
+from gateway.notify.feed import Feed
+from gateway.notify.webhooks import Deliverer, Endpoint
+from gateway.rules.alerts import Thresholds
 from gateway.rules.billing import Tariff
+from gateway.rules.webhooks import decode_secret
 from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.store.sqlite import open_sqlite
@@ -58,8 +66,11 @@ from gateway.times import now_ms
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ALERTS",
     "COMMAND_LINK",
+    "DELIVERER",
     "DISPATCHER",
+    "EVENTS",
     "INGEST",
     "JOURNAL",
     "LINK",
@@ -77,6 +88,7 @@ PRUNE_INTERVAL_S = 3600.0
 STATE_FILE = "vehicles.json"
 STORE_FILE = "gateway.sqlite3"
 DRAIN_DEADLINE_S = 10.0
+ALERTS_DRAIN_S = 2.0
 
 
 @dataclass
@@ -115,6 +127,9 @@ COMMAND_LINK = web.AppKey("command_link", MqttLink)  # commands out, acks in
 DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)
 INGEST = web.AppKey("ingest", Ingest)
 START_UNLOCKS = web.AppKey("start_unlocks", StartUnlocks)
+EVENTS = web.AppKey("events", EventLog)
+DELIVERER = web.AppKey("deliverer", Deliverer)
+ALERTS = web.AppKey("alerts", AlertMonitor)
 
 
 async def journal_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -181,6 +196,51 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("cannot save the vehicle state to %s: %s", path, e)
 
 
+async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
+    s, sup, store = app[SETTINGS], app[SUPERVISOR], app[STORE]
+    w, a = s.webhooks, s.alerts
+    endpoints = [Endpoint(e.url, decode_secret(e.secret.get_secret_value()), e.types) for e in w.endpoints]
+    app[EVENTS] = events = EventLog({e.url: e.types for e in endpoints})
+    app[DELIVERER] = deliverer = Deliverer(store, endpoints, w.first_retry_s, w.max_age_s, w.timeout_s, w.per_endpoint)
+    events.listen(deliverer.on_event)
+    thresholds = Thresholds(
+        silent_after_ms=int(a.silent_after_s * 1000),
+        battery_horizon_ms=int(a.battery_horizon_s * 1000),
+        min_soc_at_start_pct=a.min_soc_at_start_pct,
+        return_grace_ms=int(a.return_grace_s * 1000),
+        unattended_after_ms=int(a.unattended_after_s * 1000),
+        charging_fault_after_ms=int(a.charging_fault_after_s * 1000),
+    )
+    app[ALERTS] = alerts = AlertMonitor(
+        store, app[FLEET], app[STATE], events, app[JOURNAL].append, thresholds, a.replay_after_s, a.check_every_s
+    )
+    if a.enabled:
+        try:
+            await alerts.load()
+        except StoreError as e:
+            raise StartupError(f"store: cannot read the open alerts: {e}") from e
+    app[FEED] = Feed(store, app[FLEET])
+    task = sup.spawn(deliverer.run(), "webhooks")
+    yield
+    await sup.cancel(task)
+
+
+async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:
+    s, sup, alerts, link = app[SETTINGS], app[SUPERVISOR], app[ALERTS], app[LINK]
+    if not s.alerts.enabled:
+        log.info("alerts: off (alerts.enabled is false)")
+        yield
+        return
+    app[INGEST].on_reading = alerts.observe
+    writer = sup.spawn(alerts.run_writer(), "alerts-writer")
+    checks = sup.spawn(alerts.run_checks(lambda: (link.connected, link.connects)), "alerts-checks")
+    yield
+    app[INGEST].on_reading = None
+    await sup.cancel(checks)
+    await alerts.drain(ALERTS_DRAIN_S)
+    await sup.cancel(writer)
+
+
 async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     s, sup, journal = app[SETTINGS], app[SUPERVISOR], app[JOURNAL]
     prefix = s.mqtt.topic_prefix
@@ -226,7 +286,9 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     s, sup = app[SETTINGS], app[SUPERVISOR]
-    booking = Booking(app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s)
+    booking = Booking(
+        app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s, events=app[EVENTS]
+    )
     starts = StartUnlocks(app[STORE], booking)
     booking.on_change = starts.wake
     b, t = s.billing, s.trips
@@ -240,6 +302,7 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
         t.end_checks,
         t.max_state_age_s,
         t.auto_end_after_s,
+        events=app[EVENTS],
     )
     booking.on_unlocked = rentals.unlocked
     app[BOOKING], app[START_UNLOCKS], app[RENTALS] = booking, starts, rentals
@@ -253,9 +316,10 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
 async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     s, sup, journal, state, store = app[SETTINGS], app[SUPERVISOR], app[JOURNAL], app[STATE], app[STORE]
     state_file = s.state.dir / STATE_FILE
-    link, command_link, dispatcher, ingest, writer = (
-        app[LINK], app[COMMAND_LINK], app[DISPATCHER], app[INGEST], app[WRITER],
+    link, command_link, dispatcher, ingest, writer, alerts, deliverer = (
+        app[LINK], app[COMMAND_LINK], app[DISPATCHER], app[INGEST], app[WRITER], app[ALERTS], app[DELIVERER],
     )  # fmt: skip
+    event_retention_ms = int(s.events.retention_days * 86_400_000)
 
     def snapshot() -> Snapshot:
         return Snapshot(
@@ -269,6 +333,10 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             commands=dict(dispatcher.results),
             unmatched_acks=dispatcher.unmatched_acks,
             dead_tasks=dict(sup.dead),
+            alerts_open=alerts.open_by_type(),
+            webhook_results=dict(deliverer.results),
+            webhook_backlog=deliverer.backlog,
+            webhooks_disabled=dict(deliverer.disabled),
         )
 
     app[MONITOR].watch(snapshot)
@@ -285,12 +353,13 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     async def prune() -> None:
         while True:
             try:
-                gone = await store.prune(now_ms())
+                now = now_ms()
+                gone = await store.prune(now, now - event_retention_ms)
             except StoreError as e:
                 log.error("pruning the store: %s", e)
             else:
                 if gone:
-                    log.info("pruned %d idempotency keys and audit records past their retention", gone)
+                    log.info("pruned %d idempotency keys, audit records and events past their retention", gone)
             await asyncio.sleep(PRUNE_INTERVAL_S)
 
     tasks = [sup.spawn(report(), "self-report"), sup.spawn(prune(), "prune-store")]
@@ -311,7 +380,18 @@ def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.
     app[MONITOR] = Monitor()
     app[LIMITER] = RateLimiter(settings.api.rate_limit_per_min)
     app.cleanup_ctx.extend(
-        [journal_ctx, sink_ctx(sink), writer_ctx, store_ctx, state_ctx, mqtt_ctx, booking_ctx, housekeeping_ctx]
+        [
+            journal_ctx,
+            sink_ctx(sink),
+            writer_ctx,
+            store_ctx,
+            state_ctx,
+            notify_ctx,
+            mqtt_ctx,
+            alerts_ctx,
+            booking_ctx,
+            housekeeping_ctx,
+        ]
     )
     setup_routes(app)
     return app

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ALERT_ID",
     "API_KEY_NAME",
+    "EVENT_ID",
     "IDEMPOTENCY_KEY",
     "INSTANCE",
     "RESERVATION_ID",
@@ -51,3 +53,6 @@ API_KEY_NAME = IdPattern(
 )
 # Printable ASCII only: HTTP lets a header carry other bytes, which would reach the store half-decoded.
 IDEMPOTENCY_KEY = IdPattern("Idempotency-Key", r"[ -~]{1,200}", "1 to 200 printable ASCII characters")
+# evt_ / alr_ and a ULID (Crockford base 32, 26 characters, the first at most 7).
+EVENT_ID = IdPattern("event id", r"evt_[0-7][0-9A-HJKMNP-TV-Z]{25}", "evt_ and 26 characters of Crockford base 32")
+ALERT_ID = IdPattern("alert id", r"alr_[0-7][0-9A-HJKMNP-TV-Z]{25}", "alr_ and 26 characters of Crockford base 32")

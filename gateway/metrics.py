@@ -48,6 +48,10 @@ class Snapshot:
     commands: dict[str, int]
     unmatched_acks: int = 0
     dead_tasks: dict[str, str] = field(default_factory=dict)
+    alerts_open: dict[str, int] = field(default_factory=dict)  # by type, every type present
+    webhook_results: dict[str, int] = field(default_factory=dict)  # delivered, retry, expired, gone
+    webhook_backlog: int = 0
+    webhooks_disabled: dict[str, str] = field(default_factory=dict)  # url -> why
 
 
 def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
@@ -58,6 +62,8 @@ def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
         degraded["influxdb"] = f"writes failing: {s.writer.last_error[:200]}"
     for name, error in s.dead_tasks.items():
         degraded[f"task {name}"] = f"stopped: {error}"
+    if s.webhooks_disabled:
+        degraded["webhooks"] = "; ".join(f"{url} {why}" for url, why in sorted(s.webhooks_disabled.items()))[:500]
     j = s.journal
     if j.disk_bytes >= 0.8 * j.max_bytes:
         degraded["buffer"] = f"journal {j.disk_bytes / j.max_bytes:.0%} full"
@@ -67,6 +73,8 @@ def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
         "influxdb": "ok" if s.writer.healthy else "failing",
         "buffer": {"batches": len(j.segments), "bytes": j.disk_bytes, "max_bytes": j.max_bytes},
         "vehicles_reporting": s.vehicles_reporting,
+        "alerts_open": sum(s.alerts_open.values()),
+        "webhooks": {"backlog": s.webhook_backlog, "disabled": sorted(s.webhooks_disabled)},
     }
     if degraded:
         body["degraded"] = degraded
@@ -108,6 +116,20 @@ def families(s: Snapshot) -> Iterable[Metric]:
     for result, n in sorted(s.commands.items()):
         commands.add_metric([result], n)
     yield commands
+    alerts = GaugeMetricFamily("gateway_alerts_open", "Alerts open, by type.", labels=["type"])
+    for type_, n in sorted(s.alerts_open.items()):
+        alerts.add_metric([type_], n)
+    yield alerts
+    deliveries = CounterMetricFamily(
+        "gateway_webhook_deliveries",
+        "Webhook delivery attempts, by how they ended: delivered, retry (failed, tried again later), "
+        "expired (failed, given up: older than webhooks.max_age_s), gone (410: endpoint disabled).",
+        labels=["result"],
+    )
+    for result, n in sorted(s.webhook_results.items()):
+        deliveries.add_metric([result], n)
+    yield deliveries
+    yield gauge("gateway_webhook_backlog", "Webhook deliveries not yet made (the outbox).", s.webhook_backlog)
     yield counter(
         "gateway_acks_unmatched_total",
         "Car acks for no waiting command: late (after the timeout) or another instance's.",

@@ -9,6 +9,7 @@ Any problem becomes one :class:`ConfigError` whose message names the key.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from gateway.errors import ConfigError
 from gateway.ids import API_KEY_NAME, INSTANCE
+from gateway.rules.events import EVENT_TYPES
 from gateway.rules.trips import CHECKS, Check
+from gateway.rules.webhooks import decode_secret
 
 ENV_PREFIX = "GATEWAY__"
 
@@ -183,6 +186,79 @@ class BillingSettings(_Section):
         return v
 
 
+class AlertsSettings(_Section):
+    # Off: no alert rules at all (the benchmark's baseline; a fleet with its own monitoring).
+    enabled: bool = True
+    silent_after_s: float = Field(900, gt=0)
+    battery_horizon_s: float = Field(7200, gt=0)
+    min_soc_at_start_pct: float = Field(30, ge=0, le=100)
+    return_grace_s: float = Field(900, ge=0)
+    unattended_after_s: float = Field(600, ge=0)
+    charging_fault_after_s: float = Field(1800, ge=0)
+    # A reading older than this when it arrives was buffered by the car: stored, but it opens and
+    # resolves no alert (it tells what was, not what is).
+    replay_after_s: float = Field(120, gt=0)
+    # How often the conditions that need time to pass are looked at; None: a tenth of the shortest threshold,
+    # between 1 and 15 s.
+    check_every_s: float | None = Field(None, gt=0)
+
+
+class EventsSettings(_Section):
+    retention_days: float = Field(30, gt=0)
+
+
+class WebhookEndpoint(_Section):
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    secret: SecretStr
+    types: tuple[str, ...] = ("*",)
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        decode_secret(v.get_secret_value())  # ValueError says what is wrong
+        return v
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError('give the event types to send, or ["*"] for all')
+        for t in v:
+            if t != "*" and t not in EVENT_TYPES:
+                raise ValueError(f"{t!r} is not an event type ({', '.join(EVENT_TYPES)})")
+        return v
+
+
+class WebhooksSettings(_Section):
+    endpoints: tuple[WebhookEndpoint, ...] = ()
+    first_retry_s: float = Field(5, gt=0)
+    max_age_s: float = Field(86400, gt=0)
+    # No answer within this is a failed attempt (and retried).
+    timeout_s: float = Field(15, gt=0, le=300)
+    # Attempts under way at once, in all and per endpoint: a slow endpoint holds at most its own share.
+    concurrency: int = Field(16, ge=1, le=1000)
+    per_endpoint: int = Field(4, ge=1, le=100)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _json(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from GATEWAY__WEBHOOKS__ENDPOINTS
+            try:
+                return json.loads(v) if v.strip() else ()
+            except json.JSONDecodeError as e:
+                raise ValueError(f"must be a JSON list of {{url, secret, types}} ({e.msg})") from None
+        return v
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique(cls, v: tuple[WebhookEndpoint, ...]) -> tuple[WebhookEndpoint, ...]:
+        urls = [e.url for e in v]
+        dupes = sorted({u for u in urls if urls.count(u) > 1})
+        if dupes:
+            raise ValueError(f"{dupes[0]} is given twice; give each URL once, with every type it wants")
+        return v
+
+
 class StateSettings(_Section):
     dir: Path = Path("state")
 
@@ -206,6 +282,9 @@ class Settings(_Section):
     state: StateSettings = StateSettings()
     trips: TripsSettings = TripsSettings()
     billing: BillingSettings = BillingSettings()
+    alerts: AlertsSettings = AlertsSettings()
+    events: EventsSettings = EventsSettings()
+    webhooks: WebhooksSettings = WebhooksSettings()
     fleet: FleetSettings = FleetSettings()
 
 

@@ -69,6 +69,13 @@ def samples(text: str) -> dict[str, float]:
 # --- health -------------------------------------------------------------------------------------------
 
 
+async def test_health_degraded_by_a_disabled_webhook(tmp_path: Path) -> None:
+    ok, body = health(snap(make_journal(tmp_path), webhooks_disabled={"http://h/x": "answered 410 Gone"}))
+    assert not ok
+    assert body["degraded"]["webhooks"] == "http://h/x answered 410 Gone"
+    assert body["webhooks"]["disabled"] == ["http://h/x"]
+
+
 async def test_health_ok(tmp_path: Path) -> None:
     ok, body = health(snap(make_journal(tmp_path), vehicles_reporting=7))
     assert ok
@@ -78,6 +85,8 @@ async def test_health_ok(tmp_path: Path) -> None:
         "influxdb": "ok",
         "buffer": {"batches": 0, "bytes": 0, "max_bytes": 1000},
         "vehicles_reporting": 7,
+        "alerts_open": 0,
+        "webhooks": {"backlog": 0, "disabled": []},
     }
 
 

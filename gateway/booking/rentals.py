@@ -20,8 +20,10 @@ from gateway.errors import EndChecksFailed, NoTrip, ReservationNotActive, StoreE
 from gateway.fleet import Fleet
 from gateway.ingest.lineproto import line
 from gateway.ingest.state import FleetState
+from gateway.notify.events import EventLog
 from gateway.rules.billing import Tariff, hours_in_month, month_bounds, month_of
 from gateway.rules.commands import Outcome
+from gateway.rules.events import trip_doc
 from gateway.rules.reservations import Reservation
 from gateway.rules.trips import (
     Check,
@@ -83,9 +85,11 @@ class Rentals:
         max_state_age_s: float,
         auto_end_after_s: float,
         clock: Callable[[], int] = now_ms,
+        events: EventLog | None = None,
     ) -> None:
         self.store = store
         self.booking = booking
+        self.events = events or EventLog()
         self.fleet = fleet
         self.readings = readings
         self._points = points
@@ -106,7 +110,9 @@ class Rentals:
             return
         station = self.fleet.vehicles[r.vehicle_id].station
         trip = start_trip(r, station, self.readings(r.vehicle_id), self.clock())
-        if await self.store.start_trip(trip):
+        e = self.events.new("trip.started", trip_doc(trip), trip.started_ms)
+        if await self.store.start_trip(trip, e):
+            self.events.recorded(e)
             log.info("trip of %s started on %s (user %s)", r.id, r.vehicle_id, r.user_id)
 
     async def trip(self, reservation_id: str) -> Trip:
@@ -151,8 +157,10 @@ class Rentals:
             t, self.readings(t.vehicle_id), self._home(t.vehicle_id), battery_kwh, self.tariff, self.clock(),
             ended_by, forced,
         )  # fmt: skip
-        if not await self.store.end_trip(ended, month_of(t.started_ms, self.tariff.timezone)):
+        e = self.events.new("trip.ended", trip_doc(ended), ended.ended_ms)
+        if not await self.store.end_trip(ended, month_of(t.started_ms, self.tariff.timezone), e):
             raise ReservationNotActive(f"the rental of reservation {t.reservation_id} has already ended")
+        self.events.recorded(e)
         self._record(ended)
         log.info(
             "trip of %s on %s ended (%s): %s min, %s km, %.2f EUR",

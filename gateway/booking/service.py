@@ -30,7 +30,9 @@ from gateway.errors import (
 from gateway.fleet import Fleet
 from gateway.ids import IDEMPOTENCY_KEY
 from gateway.ingest.lineproto import line
+from gateway.notify.events import EventLog
 from gateway.rules.commands import Action, CommandRecord, Outcome, Source, fingerprint
+from gateway.rules.events import command_doc
 from gateway.rules.reservations import (
     Reservation,
     ReservationRequest,
@@ -65,6 +67,7 @@ class Booking:
         early_grace_s: float,
         clock: Callable[[], int] = now_ms,
         on_change: Callable[[], None] = lambda: None,
+        events: EventLog | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
@@ -73,6 +76,7 @@ class Booking:
         self.early_grace_ms = int(early_grace_s * 1000)
         self.clock = clock
         self.on_change = on_change  # wakes the start-unlock scheduler
+        self.events = events or EventLog()
         # Told of every `done` unlock of a reservation (its first starts the trip).
         self.on_unlocked: Callable[[Reservation], Awaitable[None]] | None = None
         # (caller, key) -> (request fingerprint, the first call's outcome to come)
@@ -235,11 +239,14 @@ class Booking:
         return outcome
 
     async def _audit(self, rec: CommandRecord) -> None:
+        e = self.events.new("command.completed", {**command_doc(rec), "vehicle_id": rec.vehicle_id})
         try:
-            await self.store.record_command(rec)
-        except StoreError as e:
+            await self.store.record_command(rec, e)
+        except StoreError as err:
             # Never turn what the car did into an error: the answer stands, the log keeps the record.
-            log.error("command %s not audited (%s): %s", rec.command_id, e, rec)
+            log.error("command %s not audited (%s): %s", rec.command_id, err, rec)
+            return
+        self.events.recorded(e)
 
     async def commands_of(
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int

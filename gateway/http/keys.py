@@ -10,6 +10,7 @@ from gateway.fleet import Fleet
 from gateway.http.ratelimit import RateLimiter
 from gateway.ingest.state import FleetState
 from gateway.metrics import Monitor
+from gateway.notify.feed import Feed
 
 FLEET = web.AppKey("fleet", Fleet)
 STATE = web.AppKey("state", FleetState)
@@ -17,3 +18,4 @@ BOOKING = web.AppKey("booking", Booking)
 RENTALS = web.AppKey("rentals", Rentals)
 LIMITER = web.AppKey("limiter", RateLimiter)
 MONITOR = web.AppKey("monitor", Monitor)
+FEED = web.AppKey("feed", Feed)

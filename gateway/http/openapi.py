@@ -16,11 +16,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gateway.http.schemas import (
+    AlertList,
     CommandDone,
     CommandIn,
     CommandList,
     EndIn,
     Error,
+    EventList,
     ReservationIn,
     ReservationList,
     ReservationOut,
@@ -30,7 +32,9 @@ from gateway.http.schemas import (
     Vehicle,
     VehicleList,
 )
-from gateway.ids import IDEMPOTENCY_KEY, RESERVATION_ID, VEHICLE_ID
+from gateway.ids import EVENT_ID, IDEMPOTENCY_KEY, RESERVATION_ID, VEHICLE_ID
+from gateway.rules.alerts import ALERT_TYPES
+from gateway.rules.events import EVENT_TYPES
 
 _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (ReservationIn, "validation"),
@@ -46,6 +50,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (TripList, "serialization"),
     (UsageReport, "serialization"),
     (VehicleList, "serialization"),
+    (EventList, "serialization"),
+    (AlertList, "serialization"),
 ]
 
 
@@ -289,6 +295,40 @@ def openapi_document() -> dict[str, Any]:
             ],
             "responses": {
                 "200": _ok("the trips", ref(TripList)),
+                "400": _err("bad_query"),
+                "401": unauthorized,
+                "404": _err("unknown_vehicle"),
+                "503": store_down,
+            },
+        }
+    }
+    paths["/v1/events"] = {
+        "get": {
+            "summary": "What happened, oldest first (kept events.retention_days); the same events webhooks carry",
+            "parameters": [
+                query("after", {"type": "string", "pattern": EVENT_ID.anchored}, "only events recorded after this one"),
+                query("type", {"enum": list(EVENT_TYPES)}, "only events of this type"),
+                query("limit", LIMIT_PARAM, "at most this many (default 500)"),
+            ],
+            "responses": {
+                "200": _ok("the events, and the id to ask after next", ref(EventList)),
+                "400": _err("bad_query"),
+                "401": unauthorized,
+                "503": store_down,
+            },
+        }
+    }
+    paths["/v1/alerts"] = {
+        "get": {
+            "summary": "Alerts, newest first",
+            "parameters": [
+                query("status", {"enum": ["open", "resolved", "all"]}, "default open"),
+                query("vehicle_id", {"type": "string", "pattern": VEHICLE_ID.anchored}, "only this car's"),
+                query("type", {"enum": list(ALERT_TYPES)}, "only alerts of this type"),
+                query("limit", LIMIT_PARAM, "at most this many (default 500)"),
+            ],
+            "responses": {
+                "200": _ok("the alerts", ref(AlertList)),
                 "400": _err("bad_query"),
                 "401": unauthorized,
                 "404": _err("unknown_vehicle"),

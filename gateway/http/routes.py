@@ -10,15 +10,18 @@ import time
 from collections.abc import Mapping
 from typing import TypeVar
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import InvalidBody, InvalidInput, InvalidQuery, InvalidReservation, RateLimited, UnknownVehicle
-from gateway.http.keys import BOOKING, FLEET, LIMITER, MONITOR, RENTALS, STATE
+from gateway.http.keys import BOOKING, FEED, FLEET, LIMITER, MONITOR, RENTALS, STATE
 from gateway.http.middleware import CALLER, read_json
 from gateway.http.openapi import openapi_document
 from gateway.http.problems import json_response, outcome_response, validation_problem
 from gateway.http.schemas import (
+    AlertList,
+    AlertOut,
     CommandIn,
     CommandList,
     CommandOut,
@@ -31,6 +34,7 @@ from gateway.http.schemas import (
 )
 from gateway.metrics import CONTENT_TYPE, health
 from gateway.rules.commands import Action, Outcome
+from gateway.rules.events import alert_doc
 from gateway.rules.reservations import EARLIEST_MS, LATEST_MS, check_id
 from gateway.rules.usage import users_csv
 from gateway.times import rfc3339_ms
@@ -180,6 +184,24 @@ async def usage_report(request: web.Request) -> web.Response:
     return json_response(report)
 
 
+async def list_events(request: web.Request) -> web.Response:
+    q = request.query
+    _, _, limit = _query(q, {"after", "type", "limit"}, InvalidQuery)
+    after = q.get("after")
+    found = await request.app[FEED].events(after, q.get("type"), limit)
+    # The bodies are stored as the exact JSON webhooks send: spliced in, not parsed and rebuilt.
+    nxt = found[-1].id if found else after
+    body = b'{"events":[' + b",".join(e.body for e in found) + b'],"next":' + orjson.dumps(nxt) + b"}"
+    return web.Response(body=body, content_type="application/json")
+
+
+async def list_alerts(request: web.Request) -> web.Response:
+    q = request.query
+    _, _, limit = _query(q, {"status", "vehicle_id", "type", "limit"}, InvalidQuery)
+    found = await request.app[FEED].alerts(q.get("status", "open"), q.get("vehicle_id"), q.get("type"), limit)
+    return json_response(AlertList(alerts=[AlertOut.model_validate(alert_doc(a)) for a in found]).model_dump())
+
+
 async def healthz(request: web.Request) -> web.Response:
     ok, body = health(request.app[MONITOR].snapshot())
     return json_response(body, 200 if ok else 503)
@@ -211,3 +233,5 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/reservations/{reservation_id}/trip", get_trip)
     r.add_get("/v1/trips", list_trips)
     r.add_get("/v1/reports/usage", usage_report)
+    r.add_get("/v1/events", list_events)
+    r.add_get("/v1/alerts", list_alerts)

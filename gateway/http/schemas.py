@@ -18,7 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from gateway.ids import RESERVATION_ID, VEHICLE_ID
+from gateway.rules.alerts import AlertType, Severity
 from gateway.rules.commands import AuditResult, CommandRecord, Outcome, Source
+from gateway.rules.events import EventType, command_doc, trip_doc
 from gateway.rules.reservations import USER_ID_MAX, Kind, Reservation, ReservationRequest, StartUnlockStatus, status
 from gateway.rules.trips import Trip
 from gateway.times import iso_ms, rfc3339_ms
@@ -168,17 +170,7 @@ class CommandOut(_Out):
 
     @classmethod
     def of(cls, c: CommandRecord) -> CommandOut:
-        return cls(
-            command_id=c.command_id,
-            action=c.action,
-            reservation_id=c.reservation_id,
-            caller=c.caller,
-            source=c.source,
-            issued_at=iso_ms(c.issued_ms),
-            result=c.result,
-            reason=c.reason,
-            latency_ms=c.latency_ms,
-        )
+        return cls.model_validate(command_doc(c))
 
 
 class CommandList(_Out):
@@ -224,27 +216,7 @@ class TripOut(_Out):
 
     @classmethod
     def of(cls, t: Trip) -> TripOut:
-        end = None
-        if t.ended_ms is not None:
-            end = TripEndOut(odometer_km=t.end_odometer_km, soc_pct=t.end_soc_pct, at_station=bool(t.end_at_station))
-        return cls(
-            reservation_id=t.reservation_id,
-            vehicle_id=t.vehicle_id,
-            user_id=t.user_id,
-            kind=t.kind,
-            started_at=iso_ms(t.started_ms),
-            ended_at=None if t.ended_ms is None else iso_ms(t.ended_ms),
-            ended_by=t.ended_by,
-            forced=t.forced,
-            start=TripStartOut(odometer_km=t.start_odometer_km, soc_pct=t.start_soc_pct),
-            end=end,
-            distance_km=t.distance_km,
-            energy_kwh=t.energy_kwh,
-            duration_min=t.duration_min,
-            late_min=t.late_min,
-            billed_min=t.billed_min,
-            amount_eur=t.amount_eur,
-        )
+        return cls.model_validate(trip_doc(t))
 
 
 class TripList(_Out):
@@ -320,3 +292,33 @@ class Vehicle(_Out):
 
 class VehicleList(_Out):
     vehicles: list[Vehicle]
+
+
+class EventOut(_Out):
+    """Something that happened, as listed and as sent to webhooks."""
+
+    id: str = Field(description="evt_ and a ULID: sorts as recorded; the webhook-id of every delivery")
+    type: EventType
+    timestamp: TimeOut
+    data: dict[str, Any] = Field(description="by type: the audit record, the trip, the alert, the reassignment")
+
+
+class EventList(_Out):
+    events: list[EventOut]
+    next: str | None = Field(description="pass as `after` to get what follows (the `after` given when none)")
+
+
+class AlertOut(_Out):
+    id: str
+    type: AlertType
+    severity: Severity
+    vehicle_id: str
+    reservation_id: str | None
+    opened_at: TimeOut
+    resolved_at: TimeOut | None
+    message: str
+    details: dict[str, Any]
+
+
+class AlertList(_Out):
+    alerts: list[AlertOut]

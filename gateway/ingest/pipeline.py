@@ -24,6 +24,7 @@ from gateway.ingest.telemetry import (
     COMMANDS,
     KINDS,
     Limits,
+    Reading,
     check_vehicle_id,
     decode_object,
     parse_topic,
@@ -46,6 +47,8 @@ class Message(Protocol):
 
 AckHandler = Callable[[str, dict[str, object], int], None]
 """(vehicle_id, decoded ack, received_ms) -> None; raises PayloadError if the ack is invalid."""
+ReadingHandler = Callable[[Reading, int], None]
+"""(reading, received_ms) -> None: a live reading that became its car's latest (the alert monitor)."""
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Ingest:
         self.limits = limits
         self.on_ack = on_ack
         self.stats = IngestStats()
+        self.on_reading: ReadingHandler | None = None
         self._models = {vid: v.model for vid, v in fleet.vehicles.items()}
         self._times = DistinctTimes()
 
@@ -99,7 +103,11 @@ class Ingest:
         # when we subscribe: it says nothing about the car being heard from now, and
         # without its own ts it has no time of its own to be stored at.
         stale = msg.retain and "ts" not in doc
-        self.state.update(reading, None if msg.retain else now_ms)
+        if self.state.update(reading, None if msg.retain else now_ms) and not msg.retain and self.on_reading:
+            try:
+                self.on_reading(reading, now_ms)
+            except Exception:  # the message is valid and is stored whatever the alert monitor makes of it
+                log.exception("the alert monitor failed on a reading of %s", vehicle_id)
         point = None if stale else reading_line(reading, model)
         if point is None:
             self.journal.add_mid(token)

@@ -36,14 +36,17 @@ class FleetState:
         self.fleet = fleet
         self.vehicles = {vid: VehicleState() for vid in fleet.vehicles}
 
-    def update(self, r: Reading, received_ms: int | None) -> None:
-        """Keep `r` unless a newer reading of its kind is known; `received_ms` None: not heard from now."""
+    def update(self, r: Reading, received_ms: int | None) -> bool:
+        """Keep `r` unless a newer reading of its kind is known (then False); `received_ms` None: not
+        heard from now."""
         st = self.vehicles[r.vehicle_id]
         if received_ms is not None:
             st.last_seen_ms = received_ms
         old = st.readings.get(r.kind)
         if old is None or r.ts_ms >= old.ts_ms:
             st.readings[r.kind] = r
+            return True
+        return False
 
     def save(self, path: Path) -> None:
         doc = {

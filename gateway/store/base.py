@@ -11,19 +11,35 @@ after a crash. A backend turns its driver's errors into
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Collection
+from typing import Literal, Protocol
 
+from gateway.rules.alerts import Alert
 from gateway.rules.commands import CommandRecord, Outcome
+from gateway.rules.events import Event
 from gateway.rules.reservations import Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
+from gateway.rules.webhooks import Delivery
 
-__all__ = ["AUDIT_RETENTION_MS", "IDEMPOTENCY_RETENTION_MS", "Store", "UsageRows", "UsageUser", "UsageVehicle"]
+__all__ = [
+    "AUDIT_RETENTION_MS",
+    "IDEMPOTENCY_RETENTION_MS",
+    "AlertStatus",
+    "DeliveryEnd",
+    "Store",
+    "UsageRows",
+    "UsageUser",
+    "UsageVehicle",
+]
 
 # The contract keeps the command audit at least 400 days; a little more covers a leap year's report.
 AUDIT_RETENTION_MS = 410 * 86_400_000
 # A retry comes within minutes; a day is plenty.
 IDEMPOTENCY_RETENTION_MS = 86_400_000
+
+AlertStatus = Literal["open", "resolved", "all"]
+DeliveryEnd = Literal["delivered", "expired", "gone", "dropped"]
 
 
 class Store(Protocol):
@@ -77,9 +93,11 @@ class Store(Protocol):
 
     # -- the command audit --
 
-    async def record_command(self, rec: CommandRecord) -> None:
-        """Add to the audit. A backend may write it behind (SQLite: within 50 ms, batched), but
-        :meth:`list_commands` and :meth:`close` always see every record added before them."""
+    async def record_command(self, rec: CommandRecord, event: Event | None = None) -> None:
+        """Add to the audit, with its ``command.completed`` event. A backend may write both behind
+        (SQLite: within 50 ms, batched, the two in one transaction), but :meth:`list_commands`,
+        :meth:`list_events`, :meth:`due_deliveries` and :meth:`close` always see every record added
+        before them."""
         ...
 
     async def list_commands(
@@ -90,8 +108,9 @@ class Store(Protocol):
 
     # -- trips --
 
-    async def start_trip(self, t: Trip) -> bool:
-        """Record a trip that started; False (and nothing changed) if its reservation has one already."""
+    async def start_trip(self, t: Trip, event: Event | None = None) -> bool:
+        """Record a trip that started, and its event; False (and nothing changed) if its reservation
+        has one already."""
         ...
 
     async def get_trip(self, reservation_id: str) -> Trip | None: ...
@@ -100,9 +119,9 @@ class Store(Protocol):
         """Trips not ended whose reservation ends before the given time, earliest end first."""
         ...
 
-    async def end_trip(self, t: Trip, month: str) -> bool:
-        """Close a running trip, count it in `month`'s usage and complete its reservation, in one
-        transaction; False (and nothing changed) if it had ended already."""
+    async def end_trip(self, t: Trip, month: str, event: Event | None = None) -> bool:
+        """Close a running trip, count it in `month`'s usage, complete its reservation and record the
+        event, in one transaction; False (and nothing changed) if it had ended already."""
         ...
 
     async def list_trips(
@@ -115,10 +134,60 @@ class Store(Protocol):
         """The ended trips counted in `month`, summed per user and per car, station and kind."""
         ...
 
+    # -- events and the webhook outbox --
+    # Recording an event also queues one delivery per endpoint in ``event.targets``, in the same
+    # transaction: an event in the store is an event that will be delivered.
+
+    async def add_event(self, e: Event) -> None: ...
+
+    async def list_events(self, after: str | None, type_: str | None, limit: int) -> list[Event]:
+        """Oldest first, those with an id greater than `after` (which need not exist any more)."""
+        ...
+
+    async def due_deliveries(self, endpoint: str, now_ms: int, limit: int) -> list[Delivery]:
+        """Pending deliveries to `endpoint` due by `now_ms`, the earliest first."""
+        ...
+
+    async def next_delivery_ms(self, endpoint: str) -> int | None:
+        """When the earliest pending delivery to `endpoint` is due."""
+        ...
+
+    async def retry_delivery(self, d: Delivery, attempts: int, due_ms: int, error: str) -> None: ...
+
+    async def finish_delivery(self, d: Delivery, end: DeliveryEnd, attempts: int, now_ms: int, error: str) -> None:
+        """No more attempts: delivered, or given up (too old, the endpoint gone, or no longer configured)."""
+        ...
+
+    async def drop_deliveries(self, keep: Collection[str], now_ms: int) -> int:
+        """Give up the pending deliveries to endpoints not in `keep`; return how many."""
+        ...
+
+    async def webhook_backlog(self) -> int:
+        """Deliveries still pending."""
+        ...
+
+    # -- alerts --
+
+    async def open_alert(self, a: Alert, e: Event) -> bool:
+        """Record the alert and its ``alert.opened`` event; False (nothing changed) if one of its type,
+        car and reservation is open already."""
+        ...
+
+    async def resolve_alert(self, a: Alert, resolved_ms: int, e: Event) -> bool:
+        """Resolve it and record ``alert.resolved``; False (nothing changed) if it was not open."""
+        ...
+
+    async def list_alerts(
+        self, status: AlertStatus, vehicle_id: str | None, type_: str | None, limit: int
+    ) -> list[Alert]:
+        """Newest opened first."""
+        ...
+
     # -- housekeeping --
 
-    async def prune(self, now_ms: int) -> int:
-        """Forget idempotency keys and audit records past their retention; return how many rows went."""
+    async def prune(self, now_ms: int, events_before_ms: int | None = None) -> int:
+        """Forget idempotency keys and audit records past their retention, and events (with their
+        deliveries) recorded before `events_before_ms`; return how many rows went."""
         ...
 
     async def close(self) -> None: ...

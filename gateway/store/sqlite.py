@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, fields, replace
 from pathlib import Path
@@ -23,11 +23,14 @@ from typing import Any
 import orjson
 
 from gateway.errors import StartupError, StoreError
+from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
+from gateway.rules.events import Event
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS
+from gateway.rules.webhooks import Delivery
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, AlertStatus, DeliveryEnd
 from gateway.store.sqlite_schema import migrate
 
 __all__ = ["AUDIT_FLUSH_S", "SqliteStore", "open_sqlite"]
@@ -75,15 +78,26 @@ def _trip(r: Any) -> Trip:
     return replace(t, forced=bool(t.forced), end_at_station=at)
 
 
+_ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
+
+
+def _alert(r: Any) -> Alert:
+    at: AlertType = r[1]
+    return Alert(r[0], at, r[2], r[3] or None, int(r[4]), r[5], orjson.loads(r[6]), r[7])
+
+
 def _command(r: Any) -> CommandRecord:
     return CommandRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8], r[9])
 
 
 def _listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
-    """`select` with the conditions whose value is given, in `order`, at most `limit` rows."""
+    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
+
+    A condition without a ``?`` takes no argument: its value only says whether it applies."""
     used = [(cond, value) for cond, value in filters if value is not None]
     where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
-    return f"{select}{where} ORDER BY {order} LIMIT ?", [*(value for _, value in used), limit]
+    args = [value for cond, value in used if "?" in cond]
+    return f"{select}{where} ORDER BY {order} LIMIT ?", [*args, limit]
 
 
 @contextmanager
@@ -121,6 +135,7 @@ class SqliteStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._audit: list[CommandRecord] = []
+        self._audit_events: list[Event] = []
         self._flush_handle: asyncio.TimerHandle | None = None
 
     @contextmanager
@@ -252,11 +267,14 @@ class SqliteStore:
 
     # -- the command audit --
 
-    async def record_command(self, rec: CommandRecord) -> None:
+    async def record_command(self, rec: CommandRecord, event: Event | None = None) -> None:
         # The one write on every unlock's path, so it is written behind: rows gather for at most
         # AUDIT_FLUSH_S and go in one transaction (a busy disk must not stall the event loop, and
         # with it every other unlock and all ingest). Reads, pruning and closing flush first.
+        # The command's event goes in the same transaction: an audited command always has its event.
         self._audit.append(rec)
+        if event is not None:
+            self._audit_events.append(event)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(AUDIT_FLUSH_S, self._flush_audit_soon)
 
@@ -269,6 +287,7 @@ class SqliteStore:
             if len(self._audit) > AUDIT_MAX_PENDING:
                 dropped = len(self._audit) - AUDIT_MAX_PENDING
                 del self._audit[:dropped]
+                del self._audit_events[: max(0, len(self._audit_events) - AUDIT_MAX_PENDING)]
                 log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
             self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_audit_soon)
 
@@ -294,7 +313,9 @@ class SqliteStore:
             self.db.executemany(
                 f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
             )
+            self._insert_events(self._audit_events)
         self._audit.clear()
+        self._audit_events.clear()
 
     async def list_commands(
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int
@@ -311,13 +332,17 @@ class SqliteStore:
 
     # -- trips --
 
-    async def start_trip(self, t: Trip) -> bool:
-        with _errors("start a trip"):
+    async def start_trip(self, t: Trip, event: Event | None = None) -> bool:
+        with _errors("start a trip"), self._tx():
             cur = self.db.execute(
                 f"INSERT OR IGNORE INTO trips ({_TRIP_COLUMNS}) VALUES ({','.join('?' * len(fields(Trip)))})",
                 astuple(t),
             )
-        return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if event is not None:
+                self._insert_events([event])
+        return True
 
     async def get_trip(self, reservation_id: str) -> Trip | None:
         with _errors("read a trip"):
@@ -335,7 +360,7 @@ class SqliteStore:
             ).fetchall()
         return [_trip(r) for r in rows]
 
-    async def end_trip(self, t: Trip, month: str) -> bool:
+    async def end_trip(self, t: Trip, month: str, event: Event | None = None) -> bool:
         # What ending sets: ended_ms and every field after it, and the month the statement counts it in.
         names = [*[f.name for f in fields(Trip)][_ENDED_AT:], "month"]
         values = (*astuple(t)[_ENDED_AT:], month)
@@ -360,6 +385,8 @@ class SqliteStore:
             self.db.execute(
                 "UPDATE reservations SET completed = 1, updated_ms = ? WHERE id = ?", (t.ended_ms, t.reservation_id)
             )
+            if event is not None:
+                self._insert_events([event])
         return True
 
     async def list_trips(
@@ -409,11 +436,133 @@ class SqliteStore:
                 "FROM trips WHERE month IS NOT NULL GROUP BY month, vehicle_id, station, kind"
             )
 
+    # -- events and the webhook outbox --
+
+    def _insert_events(self, events: list[Event]) -> None:
+        """Within a transaction: the events and one pending delivery per target, due now."""
+        if not events:
+            return
+        self.db.executemany(
+            "INSERT OR IGNORE INTO events (id, type, ts_ms, body) VALUES (?,?,?,?)",
+            [(e.id, e.type, e.ts_ms, e.body) for e in events],
+        )
+        self.db.executemany(
+            "INSERT OR IGNORE INTO deliveries (event_id, endpoint, due_ms) VALUES (?,?,?)",
+            [(e.id, url, e.ts_ms) for e in events for url in e.targets],
+        )
+
+    async def add_event(self, e: Event) -> None:
+        with _errors("record an event"), self._tx():
+            self._insert_events([e])
+
+    async def list_events(self, after: str | None, type_: str | None, limit: int) -> list[Event]:
+        self._flush_audit()
+        sql, args = _listing(
+            "SELECT id, type, ts_ms, body FROM events", [("id > ?", after), ("type = ?", type_)], "id", limit
+        )
+        with _errors("list events"):
+            return [Event(r[0], r[1], int(r[2]), bytes(r[3])) for r in self.db.execute(sql, args).fetchall()]
+
+    async def due_deliveries(self, endpoint: str, now_ms: int, limit: int) -> list[Delivery]:
+        self._flush_audit()  # an event written behind is due as soon as it is recorded
+        with _errors("read due deliveries"):
+            rows = self.db.execute(
+                "SELECT d.event_id, d.endpoint, d.attempts, d.due_ms, e.ts_ms, e.body FROM deliveries d "
+                "JOIN events e ON e.id = d.event_id WHERE d.endpoint = ? AND d.state = 'pending' AND d.due_ms <= ? "
+                "ORDER BY d.due_ms, d.event_id LIMIT ?",
+                (endpoint, now_ms, limit),
+            ).fetchall()
+        return [Delivery(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), bytes(r[5])) for r in rows]
+
+    async def next_delivery_ms(self, endpoint: str) -> int | None:
+        self._flush_audit()
+        with _errors("read the next delivery"):
+            row = self.db.execute(
+                "SELECT min(due_ms) FROM deliveries WHERE endpoint = ? AND state = 'pending'", (endpoint,)
+            ).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    async def retry_delivery(self, d: Delivery, attempts: int, due_ms: int, error: str) -> None:
+        with _errors("record a delivery attempt"):
+            self.db.execute(
+                "UPDATE deliveries SET attempts = ?, due_ms = ?, last_error = ? "
+                "WHERE event_id = ? AND endpoint = ? AND state = 'pending'",
+                (attempts, due_ms, error[:500], d.event_id, d.endpoint),
+            )
+
+    async def finish_delivery(self, d: Delivery, end: DeliveryEnd, attempts: int, now_ms: int, error: str) -> None:
+        with _errors("record a delivery"):
+            self.db.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, done_ms = ?, last_error = ? "
+                "WHERE event_id = ? AND endpoint = ? AND state = 'pending'",
+                (end, attempts, now_ms, error[:500] or None, d.event_id, d.endpoint),
+            )
+
+    async def drop_deliveries(self, keep: Collection[str], now_ms: int) -> int:
+        self._flush_audit()
+        marks = ",".join("?" * len(keep))
+        with _errors("drop deliveries"):
+            cur = self.db.execute(
+                "UPDATE deliveries SET state = 'dropped', done_ms = ?, last_error = 'endpoint no longer configured' "
+                f"WHERE state = 'pending' AND endpoint NOT IN ({marks})",
+                (now_ms, *keep),
+            )
+        return cur.rowcount
+
+    async def webhook_backlog(self) -> int:
+        with _errors("count the webhook backlog"):
+            return int(self.db.execute("SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0])
+
+    # -- alerts --
+
+    async def open_alert(self, a: Alert, e: Event) -> bool:
+        with _errors("open an alert"), self._tx():
+            cur = self.db.execute(
+                f"INSERT OR IGNORE INTO alerts ({_ALERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                (a.id, a.type, a.vehicle_id, a.reservation_id or "", a.opened_ms, a.message, orjson.dumps(a.details),
+                 None),
+            )  # fmt: skip
+            if cur.rowcount != 1:
+                return False
+            self._insert_events([e])
+        return True
+
+    async def resolve_alert(self, a: Alert, resolved_ms: int, e: Event) -> bool:
+        with _errors("resolve an alert"), self._tx():
+            cur = self.db.execute(
+                "UPDATE alerts SET resolved_ms = ? WHERE id = ? AND resolved_ms IS NULL", (resolved_ms, a.id)
+            )
+            if cur.rowcount != 1:
+                return False
+            self._insert_events([e])
+        return True
+
+    async def list_alerts(
+        self, status: AlertStatus, vehicle_id: str | None, type_: str | None, limit: int
+    ) -> list[Alert]:
+        sql, args = _listing(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts",
+            [("vehicle_id = ?", vehicle_id), ("type = ?", type_),
+             ("resolved_ms IS NULL", True if status == "open" else None),
+             ("resolved_ms IS NOT NULL", True if status == "resolved" else None)],
+            "opened_ms DESC, id DESC",
+            limit,
+        )  # fmt: skip
+        with _errors("list alerts"):
+            return [_alert(r) for r in self.db.execute(sql, args).fetchall()]
+
     # -- housekeeping --
 
-    async def prune(self, now_ms: int) -> int:
+    async def prune(self, now_ms: int, events_before_ms: int | None = None) -> int:
         self._flush_audit()
         with _errors("prune old rows"), self._tx():
             a = self.db.execute("DELETE FROM idempotency WHERE created_ms < ?", (now_ms - IDEMPOTENCY_RETENTION_MS,))
             b = self.db.execute("DELETE FROM commands WHERE issued_ms < ?", (now_ms - AUDIT_RETENTION_MS,))
-        return a.rowcount + b.rowcount
+            n = a.rowcount + b.rowcount
+            if events_before_ms is not None:
+                self.db.execute(
+                    "DELETE FROM deliveries WHERE event_id IN (SELECT id FROM events WHERE ts_ms < ?)",
+                    (events_before_ms,),
+                )
+                n += self.db.execute("DELETE FROM events WHERE ts_ms < ?", (events_before_ms,)).rowcount
+        return n

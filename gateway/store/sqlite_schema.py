@@ -136,6 +136,47 @@ MIGRATIONS: list[tuple[str, list[Migration]]] = [
             )""",
         ],
     ),
+    (
+        "events, the webhook outbox and alerts",
+        [
+            # id is a ULID: ordered as recorded, so listing after an id is a range on the key.
+            """CREATE TABLE events (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                ts_ms INTEGER NOT NULL,
+                body BLOB NOT NULL
+            )""",
+            "CREATE INDEX events_type ON events (type, id)",
+            "CREATE INDEX events_ts ON events (ts_ms)",
+            # One row per event and endpoint that wants it; 'pending' until delivered or given up.
+            """CREATE TABLE deliveries (
+                event_id TEXT NOT NULL,
+                endpoint TEXT NOT NULL,
+                state TEXT NOT NULL DEFAULT 'pending',
+                attempts INTEGER NOT NULL DEFAULT 0,
+                due_ms INTEGER NOT NULL,
+                last_error TEXT,
+                done_ms INTEGER,
+                PRIMARY KEY (event_id, endpoint)
+            )""",
+            "CREATE INDEX deliveries_due ON deliveries (endpoint, due_ms) WHERE state = 'pending'",
+            # reservation_id '' for an alert about the car alone, so that the unique index below holds.
+            """CREATE TABLE alerts (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                vehicle_id TEXT NOT NULL,
+                reservation_id TEXT NOT NULL DEFAULT '',
+                opened_ms INTEGER NOT NULL,
+                resolved_ms INTEGER,
+                message TEXT NOT NULL,
+                details BLOB NOT NULL
+            )""",
+            # At most one open alert per type, car and reservation, whatever the callers do.
+            "CREATE UNIQUE INDEX alerts_open ON alerts (type, vehicle_id, reservation_id) WHERE resolved_ms IS NULL",
+            "CREATE INDEX alerts_vehicle ON alerts (vehicle_id, opened_ms)",
+            "CREATE INDEX alerts_opened ON alerts (opened_ms)",
+        ],
+    ),
 ]
 
 

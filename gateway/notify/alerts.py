@@ -1,0 +1,317 @@
+"""The alert monitor: follows every car, opens and resolves alerts, records each change once.
+
+Two ways in, one rule book (``gateway/rules/alerts.py``):
+
+- :meth:`AlertMonitor.observe`, called by ingest with each reading that
+  became a car's latest, decides the alerts a reading is news for (moving
+  with no trip, leaving the service area) at once. A reading older than
+  ``alerts.replay_after_s`` when it arrives was buffered by the car: it is
+  stored, but the monitor does not see it, so a replay never opens or
+  resolves anything.
+- :meth:`AlertMonitor.check`, run every few seconds by one task, decides
+  the alerts that need time to pass (silent, unattended, charging fault,
+  not returned, low battery before a reservation).
+
+Decisions are taken in memory, synchronously, against the alerts already
+open (so a burst of readings opens one alert, not one per reading), and
+queued; one task writes them to the store, each with its event, in order.
+The store's unique index on open alerts is the last guard.
+
+``vehicle_silent`` waits: not while the gateway has no broker connection,
+and not for ``silent_after_s`` after it (re)connects, so the gateway's own
+outage never reads as every car falling silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from gateway.errors import StoreError
+from gateway.fleet import Fleet
+from gateway.ingest.lineproto import DistinctTimes, line
+from gateway.ingest.state import FleetState
+from gateway.ingest.telemetry import Reading
+from gateway.notify.events import EventLog
+from gateway.rules.alerts import (
+    ALERT_TYPES,
+    PER_MESSAGE,
+    SCHEDULED,
+    Alert,
+    AlertKey,
+    AlertType,
+    CarView,
+    Context,
+    Open,
+    Thresholds,
+    Upcoming,
+    evaluate,
+)
+from gateway.rules.events import Event, alert_doc
+from gateway.store.base import Store
+from gateway.times import now_ms
+
+__all__ = ["AlertMonitor"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_MAX = 10_000
+STORE_RETRY_S = 1.0
+LATEST_MS = 2**62
+
+
+@dataclass(slots=True)
+class _Car:
+    """What the monitor knows of a car: the latest current reading of each kind, and two streaks."""
+
+    location_ms: int | None = None
+    lat: float | None = None
+    lon: float | None = None
+    speed_kmh: float | None = None
+    locked: bool | None = None
+    closed: bool | None = None
+    open_since_ms: int | None = None
+    soc_pct: float | None = None
+    charging: bool | None = None
+    plugged: bool | None = None
+    stalled_since_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    alert: Alert
+    opened: bool  # False: resolved
+    why: str = ""
+
+
+BrokerState = Callable[[], tuple[bool, int]]
+"""(connected now, connections made so far)"""
+
+
+class AlertMonitor:
+    def __init__(
+        self,
+        store: Store,
+        fleet: Fleet,
+        state: FleetState,
+        events: EventLog,
+        points: Callable[[bytes], object],
+        thresholds: Thresholds,
+        replay_after_s: float,
+        check_every_s: float | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.state = state
+        self.events = events
+        self._points = points
+        self.th = thresholds
+        self.replay_ms = int(replay_after_s * 1000)
+        shortest = min(
+            thresholds.silent_after_ms, thresholds.unattended_after_ms or 10_000,
+            thresholds.charging_fault_after_ms or 10_000, thresholds.return_grace_ms or 10_000,
+        )  # fmt: skip
+        self.check_every_s = check_every_s or max(1.0, min(15.0, shortest / 10_000))
+        self.clock = clock
+        self.cars = {vid: _Car() for vid in fleet.vehicles}
+        self.open: dict[str, dict[AlertKey, Alert]] = {vid: {} for vid in fleet.vehicles}  # by car
+        self.trips: set[str] = set()  # cars with a trip running
+        self.replayed = 0  # readings too old on arrival to count
+        self.dropped = 0  # changes not queued: the queue was full (decided again later)
+        self.quiet_until_ms = LATEST_MS  # until the broker connection is first seen
+        self._connects = -1
+        self._queue: asyncio.Queue[_Change] = asyncio.Queue(QUEUE_MAX)
+        self._times = DistinctTimes()
+        self._contexts = {vid: self._context(vid) for vid in fleet.vehicles}
+        events.listen(self._on_event)
+
+    def _context(self, vid: str) -> Context:
+        v = self.fleet.vehicles[vid]
+        home, model, area = self.fleet.stations[v.station], self.fleet.models[v.model], self.fleet.service_area
+        return Context(
+            now_ms=0,
+            home_lat=home.lat,
+            home_lon=home.lon,
+            home_radius_m=home.radius_m,
+            area=None if area is None else (area.lat_min, area.lat_max, area.lon_min, area.lon_max),
+            ac_charge_kw=model.ac_charge_kw,
+            battery_kwh=model.battery_kwh,
+            thresholds=self.th,
+        )
+
+    # -- start-up --
+
+    async def load(self) -> None:
+        """The open alerts and running trips from the store, and the cars as the saved state has them."""
+        n = 0
+        for a in await self.store.list_alerts("open", None, None, 1_000_000):
+            if a.vehicle_id in self.open:
+                self.open[a.vehicle_id][a.key] = a
+                n += 1
+        self.trips = {t.vehicle_id for t in await self.store.running_trips(LATEST_MS)}
+        for vid, st in self.state.vehicles.items():
+            for r in st.readings.values():
+                self._take(self.cars[vid], r)
+        if n:
+            log.info("alerts: %d open from before the restart", n)
+
+    # -- ingest's side: every new latest reading, on the event loop, cheap --
+
+    def observe(self, r: Reading, received_ms: int) -> None:
+        if received_ms - r.ts_ms > self.replay_ms:
+            self.replayed += 1
+            return
+        car = self.cars.get(r.vehicle_id)
+        if car is None:
+            return
+        self._take(car, r)
+        if r.kind == "location":
+            self._decide(r.vehicle_id, PER_MESSAGE, (), received_ms)
+
+    @staticmethod
+    def _take(car: _Car, r: Reading) -> None:
+        f = r.fields
+        if r.kind == "location":
+            car.location_ms, car.lat, car.lon, car.speed_kmh = r.ts_ms, f["lat"], f["lon"], f.get("speed_kmh")
+        elif r.kind == "doors":
+            car.locked, car.closed = f["locked"], f.get("closed")
+            if car.locked is False or car.closed is False:
+                if car.open_since_ms is None:
+                    car.open_since_ms = r.ts_ms
+            else:
+                car.open_since_ms = None
+        elif r.kind == "battery":
+            car.soc_pct, car.charging, car.plugged = f["soc_pct"], f.get("charging"), f.get("plugged")
+            if car.plugged is True and car.charging is False and car.soc_pct < 80:
+                if car.stalled_since_ms is None:
+                    car.stalled_since_ms = r.ts_ms
+            else:
+                car.stalled_since_ms = None
+
+    def _view(self, vid: str) -> CarView:
+        c = self.cars[vid]
+        return CarView(
+            vid, self.state.vehicles[vid].last_seen_ms, c.location_ms, c.lat, c.lon, c.speed_kmh, c.locked, c.closed,
+            c.open_since_ms, c.soc_pct, c.charging, c.plugged, c.stalled_since_ms, vid in self.trips,
+        )  # fmt: skip
+
+    def _decide(self, vid: str, types: Iterable[AlertType], reservations: Iterable[Upcoming], now: int) -> None:
+        ctx = replace(self._contexts[vid], now_ms=now, quiet_until_ms=self.quiet_until_ms)
+        mine = self.open[vid]
+        for change in evaluate(self._view(vid), ctx, mine, types, tuple(reservations)):
+            if isinstance(change, Open):
+                a = Alert(
+                    self.events.new_id("alr_", now), change.type, vid, change.reservation_id, now, change.message,
+                    change.details,
+                )  # fmt: skip
+                item = _Change(a, True)
+            else:
+                a, item = change.alert, _Change(change.alert, False, change.why)
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                self.dropped += 1  # nothing changed in memory either: the next look decides again
+                continue
+            if item.opened:
+                mine[a.key] = a
+            else:
+                mine.pop(a.key, None)
+
+    def _on_event(self, e: Event) -> None:
+        if e.type in ("trip.started", "trip.ended"):
+            vid = e.doc()["data"]["vehicle_id"]
+            (self.trips.add if e.type == "trip.started" else self.trips.discard)(vid)
+
+    # -- the scheduled side --
+
+    def broker(self, connected: bool, connects: int) -> None:
+        """The telemetry connection as of now: no silence counts while it is down or just back."""
+        now = self.clock()
+        if not connected:
+            self.quiet_until_ms = LATEST_MS
+        elif connects != self._connects or self.quiet_until_ms == LATEST_MS:
+            self.quiet_until_ms = now + self.th.silent_after_ms
+        self._connects = connects
+
+    async def check(self) -> None:
+        """Decide every car's alerts that need time to pass."""
+        now = self.clock()
+        th = self.th
+        upcoming: dict[str, list[Upcoming]] = {}
+        for r in await self.store.list_reservations(None, now, now + th.battery_horizon_ms, 100_000):
+            if r.live(now) and r.starts_ms > now:
+                upcoming.setdefault(r.vehicle_id, []).append(Upcoming(r.id, r.starts_ms, r.ends_ms, False))
+        for t in await self.store.running_trips(now - th.return_grace_ms):
+            upcoming.setdefault(t.vehicle_id, []).append(Upcoming(t.reservation_id, t.booked_start_ms,
+                                                                  t.booked_end_ms, True))  # fmt: skip
+        for vid in self.cars:
+            self._decide(vid, SCHEDULED, _one_per_id(upcoming.get(vid, ())), now)
+
+    async def run_checks(self, broker: BrokerState) -> None:
+        """The one scheduled task: every `check_every_s`, look at every car."""
+        while True:
+            self.broker(*broker())
+            try:
+                await self.check()
+            except StoreError as e:
+                log.error("alerts: %s; checking again", e)
+            await asyncio.sleep(self.check_every_s)
+
+    async def run_writer(self) -> None:
+        """Write every decision to the store, with its event, in the order taken."""
+        while True:
+            change = await self._queue.get()
+            while True:
+                try:
+                    await self._record(change)
+                    break
+                except StoreError as e:
+                    log.error("alerts: %s; trying again", e)
+                    await asyncio.sleep(STORE_RETRY_S)
+            self._queue.task_done()
+
+    async def drain(self, deadline_s: float) -> None:
+        """At shutdown: wait (a little) for the decisions taken to be written. What is left is decided again
+        at the next start, since its condition still holds."""
+        try:
+            await asyncio.wait_for(self._queue.join(), deadline_s)
+        except TimeoutError:
+            log.warning("alerts: %d decisions not recorded at shutdown", self._queue.qsize())
+
+    async def _record(self, c: _Change) -> None:
+        a = c.alert
+        if c.opened:
+            e = self.events.new("alert.opened", alert_doc(a), a.opened_ms)
+            if not await self.store.open_alert(a, e):
+                log.info("alerts: %s of %s was open already", a.type, a.vehicle_id)
+                return
+            self._line(a, "opened", a.opened_ms)
+            log.warning("alert opened: %s (%s)", a.message, a.type)
+        else:
+            resolved = self.clock()
+            e = self.events.new("alert.resolved", alert_doc(replace(a, resolved_ms=resolved)), resolved)
+            if not await self.store.resolve_alert(a, resolved, e):
+                return
+            self._line(a, "resolved", resolved)
+            log.info("alert resolved: %s of %s: %s", a.type, a.vehicle_id, c.why)
+        self.events.recorded(e)
+
+    def _line(self, a: Alert, state: str, ts: int) -> None:
+        tags = {"vehicle_id": a.vehicle_id, "type": a.type, "severity": a.severity, "state": state}
+        self._points(line("alerts", tags, {"alert_id": a.id, "message": a.message}, self._times.next(a.key, ts)))
+
+    def open_by_type(self) -> dict[str, int]:
+        counts: Counter[str] = Counter(a.type for mine in self.open.values() for a in mine.values())
+        return {t: counts.get(t, 0) for t in ALERT_TYPES}
+
+
+def _one_per_id(rs: Iterable[Upcoming]) -> list[Upcoming]:
+    by_id: dict[str, Upcoming] = {}
+    for r in rs:
+        old = by_id.get(r.reservation_id)
+        by_id[r.reservation_id] = r if old is None or r.trip_running else old
+    return list(by_id.values())
