@@ -302,7 +302,10 @@ class AlertMonitor:
 
     def _line(self, a: Alert, state: str, ts: int) -> None:
         tags = {"vehicle_id": a.vehicle_id, "type": a.type, "severity": a.severity, "state": state}
-        self._points(line("alerts", tags, {"alert_id": a.id, "message": a.message}, self._times.next(a.key, ts)))
+        # `open` (1 or 0) beside the contract's fields: InfluxQL cannot take the last value of a tag, and the
+        # dashboards' "Open alerts" table needs each alert's latest state.
+        values = {"alert_id": a.id, "message": a.message, "open": 1.0 if state == "opened" else 0.0}
+        self._points(line("alerts", tags, values, self._times.next(a.key, ts)))
 
     def open_by_type(self) -> dict[str, int]:
         counts: Counter[str] = Counter(a.type for mine in self.open.values() for a in mine.values())
