@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -125,9 +126,7 @@ class Receiver:
         except (BadSignature, ValueError) as e:
             self.refused.append(str(e))
             return web.Response(status=400, text=str(e))
-        d = Delivery(
-            event["id"], event["type"], event, int(request.headers["webhook-timestamp"]), time.time(), 0
-        )
+        d = Delivery(event["id"], event["type"], event, int(request.headers["webhook-timestamp"]), time.time(), 0)
         answer = self.plan(d)
         if answer.delay_s:
             await asyncio.sleep(answer.delay_s)
@@ -161,10 +160,8 @@ class Receiver:
             if left <= 0:
                 raise AssertionError(f"timed out waiting for {what}: {len(self.deliveries)} deliveries so far")
             self._arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(left, 0.2))
-            except TimeoutError:
-                pass
 
 
 def _describe(d: Delivery) -> str:
