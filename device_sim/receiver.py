@@ -104,7 +104,8 @@ class Receiver:
     async def start(self, port: int = 0) -> Receiver:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A scripted slow answer must not hold the test up at shutdown.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
