@@ -49,6 +49,8 @@ class Stats:
     unanswered: int = 0
     buffered_dropped: int = 0
     faults: int = 0
+    silenced: int = 0  # messages muted cars did not publish (device_sim.incidents: vehicle_silent)
+    incidents: int = 0  # conditions caused (SimFleet.cause)
 
 
 class SimClock:
@@ -121,6 +123,13 @@ class Car:
         # False: the car leaves home only when a renter drives it off (device_sim.renters).
         self.autonomous = True
         self.home_again = asyncio.Event()  # set when a drive ends at the home station
+        # Incidents (device_sim.incidents, SimFleet.cause): a muted car publishes nothing at all; while a
+        # condition is held the car makes no decision of its own (no departure, no return home).
+        self.muted = False
+        self.held: set[str] = set()
+        self.before: dict[str, float] = {}  # what a held condition changed, to put back when it clears
+        self._reported = asyncio.Event()  # set at every location report, for SimFleet.cause's waits
+        self._sleep: asyncio.Future[None] | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         now = clock.now()
         self.state = CarState(
@@ -147,7 +156,10 @@ class Car:
         return self.send(suffix, payload, retain, track)
 
     def send(self, suffix: str, payload: bytes, retain: bool = False, track: bool = False) -> Fut:
-        """Publish raw bytes on ``{prefix}/{id}/{suffix}``, or buffer them while offline."""
+        """Publish raw bytes on ``{prefix}/{id}/{suffix}``, or buffer them while offline; nothing while muted."""
+        if self.muted:
+            self.stats.silenced += 1
+            return None
         client = self.client
         if client is not None and client.is_connected:
             self.stats.sent += 1
@@ -165,7 +177,9 @@ class Car:
         doc = physics.location_payload(self.state, self.ts())
         if self.state.mode is Mode.DRIVING:
             doc["speed_kmh"] = round(max(0.0, self.state.speed_kmh + self.rng.uniform(-8.0, 8.0)), 1)
-        return self.emit("location", doc, track=track)
+        fut = self.emit("location", doc, track=track)
+        self._reported.set()
+        return fut
 
     def doors(self, track: bool = False) -> Fut:
         return self.emit("doors", physics.doors_payload(self.state, self.ts()), track=track)
@@ -176,12 +190,7 @@ class Car:
 
     def report_now(self) -> list[asyncio.Future[None]]:
         """Send doors, location and battery now; the futures complete when the broker has them."""
-        futs = [self.doors(track=True), self.location(track=True), self.battery(track=True)]
-        now = self.clock.now()
-        self.next_doors = now + self.iv.doors_s
-        self.next_location = now + self.iv.location_parked_s
-        self.next_battery = now + self.iv.battery_parked_s
-        return [f for f in futs if f is not None]
+        return self._report_all(self.clock.now(), track=True)
 
     def attach(self, client: MqttClient) -> None:
         """A connection is up: publish the full state, then replay what was buffered offline."""
@@ -216,6 +225,7 @@ class Car:
         elif (
             self.state.mode is Mode.PARKED
             and now >= self.next_event
+            and not self.held
             and (self.autonomous or self.state.station != self.home.id)
         ):
             self._depart(now)
@@ -255,17 +265,49 @@ class Car:
         """A renter takes the car: off to another town now, back home after the visit there.
 
         False if it stays (too little charge for the round trip to any town)."""
-        here = (self.state.lat, self.state.lon)
-        reachable = [
-            s
-            for s in self.stations
-            if self.state.soc_pct >= physics.soc_drop_pct(2 * physics.road_km(here, (s.lat, s.lon)), self.model) + 20
-        ]
+        self.update()  # the physics up to now, before the drive starts
+        reachable = self.reachable()
         if not reachable or not self.state.closed:
             return False
         self.home_again.clear()
         self._depart(self.clock.now(), reachable)
+        self.poke()
         return self.state.mode is Mode.DRIVING
+
+    def reachable(self, margin_pct: float = 20.0) -> list[Station]:
+        """The other stations this car can drive to and back from here with `margin_pct` to spare."""
+        here = (self.state.lat, self.state.lon)
+        return [
+            s
+            for s in self.stations
+            if self.state.soc_pct
+            >= physics.soc_drop_pct(2 * physics.road_km(here, (s.lat, s.lon)), self.model) + margin_pct
+        ]
+
+    def drive_to(
+        self, target: tuple[float, float], dest_id: str, cruise_kmh: float, *, locked: bool | None = None
+    ) -> list[asyncio.Future[None]]:
+        """Drive from where it is now (parked or driving) to `target`, parking there (at station `dest_id`,
+        or "" for none). The doors stay as they are if `locked` is given, else unlock as a driver does.
+        Reports at once; the futures complete when the broker has the first report."""
+        self.update()
+        now = self.clock.now()
+        origin = (self.state.lat, self.state.lon)
+        trip = Trip(origin, target, dest_id, max(physics.road_km(origin, target), 0.01), cruise_kmh)
+        self.state = physics.start_trip(self.state, trip)
+        if locked is not None:
+            self.state = replace(self.state, locked=locked)
+        self.home_again.clear()
+        self.next_event = now + trip.road_km / trip.cruise_kmh * 3600.0
+        futs = self.report_now()
+        self.poke()
+        return futs
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Wait until `done()` holds, looked at after every location report."""
+        while not done():
+            self._reported.clear()
+            await self._reported.wait()
 
     @property
     def at_home(self) -> bool:
@@ -279,19 +321,30 @@ class Car:
             self.next_event = now + self.rng.uniform(30 * 60.0, 3 * 3600.0)  # the booking at the other town
         self._report_all(now)
 
-    def _report_all(self, now: float) -> None:
+    def _report_all(self, now: float, track: bool = False) -> list[asyncio.Future[None]]:
         driving = self.state.mode is Mode.DRIVING
-        self.doors()
-        self.location()
-        self.battery()
+        futs = [self.doors(track), self.location(track), self.battery(track)]
         self.next_doors = now + self.iv.doors_s
         self.next_location = now + (self.iv.location_driving_s if driving else self.iv.location_parked_s)
         self.next_battery = now + (self.iv.battery_driving_s if driving else self.iv.battery_parked_s)
+        return [f for f in futs if f is not None]
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             wake = self.update()
-            await asyncio.sleep(max(0.001, self.clock.wall_delay(wake - self.clock.now())))
+            # asyncio.sleep, but poke() ends it early: a change from outside (a drive) reschedules the car.
+            self._sleep = fut = loop.create_future()
+            handle = loop.call_later(max(0.001, self.clock.wall_delay(wake - self.clock.now())), _wake, fut)
+            try:
+                await fut
+            finally:
+                handle.cancel()
+                self._sleep = None
+
+    def poke(self) -> None:
+        """Wake the car now: its state was changed from outside and its next report may be due sooner."""
+        _wake(self._sleep)
 
     # ---- commands ---------------------------------------------------------------------
     def on_message(self, topic: str, payload: bytes) -> None:
@@ -300,7 +353,7 @@ class Car:
 
     def on_command(self, payload: bytes) -> None:
         self.stats.commands += 1
-        if self.behaviour is Behaviour.NO_ACK:
+        if self.behaviour is Behaviour.NO_ACK or self.muted:
             self.stats.unanswered += 1
             return
         cmd = parse_command(payload)
@@ -351,3 +404,8 @@ class Car:
         for t in self._timers:
             t.cancel()
         self._timers.clear()
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)

@@ -52,10 +52,11 @@ class CarState:
     heading_deg: float = 0.0
     temp_c: float = AMBIENT_C
     trip: Trip | None = None
+    charger_fault: bool = False  # plugged in, but the charger gives no current (device_sim.incidents)
 
     @property
     def charging(self) -> bool:
-        return self.plugged and self.soc_pct < 100.0
+        return self.plugged and not self.charger_fault and self.soc_pct < 100.0
 
 
 # ---- geometry ------------------------------------------------------------------------------
@@ -83,12 +84,30 @@ def road_km(a: tuple[float, float], b: tuple[float, float]) -> float:
     return haversine_km(a, b) * ROAD_FACTOR
 
 
+def destination(origin: tuple[float, float], bearing: float, km: float) -> tuple[float, float]:
+    """The point `km` from `origin` along the great circle leaving it at `bearing` degrees."""
+    lat1, lon1, b = math.radians(origin[0]), math.radians(origin[1]), math.radians(bearing)
+    d = km / EARTH_RADIUS_KM
+    lat2 = math.asin(math.sin(lat1) * math.cos(d) + math.cos(lat1) * math.sin(d) * math.cos(b))
+    lon2 = lon1 + math.atan2(math.sin(b) * math.sin(d) * math.cos(lat1), math.cos(d) - math.sin(lat1) * math.sin(lat2))
+    return (math.degrees(lat2), math.degrees(lon2))
+
+
 # ---- battery -------------------------------------------------------------------------------
 
 
 def soc_drop_pct(km: float, model: Model) -> float:
     """State of charge (percentage points) used to drive `km` at the model's consumption."""
     return km * model.consumption_kwh_per_100km / 100.0 / model.battery_kwh * 100.0
+
+
+def drained(state: CarState, soc_pct: float, model: Model) -> CarState:
+    """The car with its charge down to `soc_pct` and the odometer up by the distance that energy drives:
+    what a previous driver's trip leaves behind. Unchanged if it holds no more than that."""
+    if state.soc_pct <= soc_pct:
+        return state
+    km = (state.soc_pct - soc_pct) / soc_drop_pct(1.0, model)
+    return replace(state, soc_pct=soc_pct, odometer_km=state.odometer_km + km)
 
 
 def range_km(soc_pct: float, model: Model) -> float:
@@ -146,7 +165,7 @@ def advance(state: CarState, model: Model, dt_s: float, home: str | None = None)
     Driving: along the trip at cruise speed, the odometer rising and the
     battery falling by the model's consumption; on arrival the car parks,
     locks, and is plugged in if it arrived at its `home` station.
-    Parked and plugged: charging at the model's AC power.
+    Parked and plugged: charging at the model's AC power, unless the charger is faulty.
     """
     if dt_s <= 0:
         return state
@@ -184,7 +203,7 @@ def advance(state: CarState, model: Model, dt_s: float, home: str | None = None)
             trip=replace(trip, done_km=done),
             temp_c=temp,
         )
-    soc = charge(state.soc_pct, hours, model) if state.plugged else state.soc_pct
+    soc = charge(state.soc_pct, hours, model) if state.charging else state.soc_pct
     return replace(state, soc_pct=soc, temp_c=battery_temp_c(state.temp_c, state.charging, dt_s))
 
 

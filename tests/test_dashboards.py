@@ -2,11 +2,12 @@
 
 The static half checks what Grafana would refuse or silently ignore: the
 provisioning YAML, the provider's path, data source uids, raw InfluxQL on
-every target, variables that exist. The integration half runs a simulated
-fleet through an in-process gateway into the real InfluxDB (plus a few
-crafted messages for the edge cases the panels exist for: a car under 20 %,
-a silent car, invalid messages, a command, reservations), then runs every
-panel query with Grafana's macros substituted and expects at least one row.
+every target and annotation, variables that exist. The integration half runs
+a simulated fleet through an in-process gateway into the real InfluxDB (plus a
+few crafted messages for the edge cases the panels exist for: a car under 20 %,
+a silent car, invalid messages, a command, reservations, one alert left open
+and one opened then resolved), then runs every panel and annotation query with
+Grafana's macros substituted and expects at least one row.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield p
 
 
+def annotation_queries(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dashboard's annotation queries on the InfluxDB data source (Grafana's built-in one has no query)."""
+    found = dashboard.get("annotations", {}).get("list", [])
+    return [a for a in found if a.get("datasource", {}).get("type") == "influxdb"]
+
+
 @dataclass(frozen=True)
 class PanelQuery:
     dashboard: str
@@ -68,10 +75,16 @@ class PanelQuery:
     ref: str
     query: str
     interval: str
+    # Columns every row must carry: an annotation's text and tags columns (Grafana reads them by name).
+    columns: tuple[str, ...] = ()
 
     @property
     def uses_reservations(self) -> bool:
         return bool(re.search(r'FROM\s+"?reservations"?', self.query))
+
+    @property
+    def uses_alerts(self) -> bool:
+        return bool(re.search(r'FROM\s+"?alerts"?', self.query))
 
     def __str__(self) -> str:
         return f"{self.dashboard} / {self.panel} / {self.ref}"
@@ -83,7 +96,17 @@ def all_queries() -> list[PanelQuery]:
         for p in panels(d):
             for t in p.get("targets", []):
                 out.append(PanelQuery(d["title"], p["title"], t["refId"], t.get("query", ""), p.get("interval", "")))
+        for a in annotation_queries(d):
+            t = a.get("target", {})
+            columns = (t.get("textColumn", ""), *t.get("tagsColumn", "").split(","))
+            out.append(PanelQuery(d["title"], f"annotation {a['name']}", t.get("refId", ""), t.get("query", ""), "",
+                                  tuple(c for c in columns if c)))  # fmt: skip
     return out
+
+
+def the_query(dashboard: str, panel: str) -> str:
+    (pq,) = [pq for pq in all_queries() if pq.dashboard == dashboard and pq.panel == panel]
+    return pq.query
 
 
 # ---- Grafana's macro substitution -----------------------------------------------------
@@ -201,11 +224,75 @@ def test_the_issue_s_panels_exist() -> None:
     assert {"Unlock outcomes", "Unlock latency percentiles", "Queue depth"} <= titles["Gateway health"]
 
 
+def _selected(query: str) -> set[str]:
+    """The names in the outermost SELECT clause of an InfluxQL query."""
+    m = re.match(r"\s*SELECT\s+(.*?)\s+FROM\s", query, re.IGNORECASE | re.DOTALL)
+    assert m, f"not a SELECT: {query}"
+    return {a or b for a, b in re.findall(r'"(\w+)"|\b(\w+)\b', m.group(1))}
+
+
+def test_annotations_are_raw_influxql_that_select_their_columns() -> None:
+    """What Grafana's InfluxQL annotation support reads: the query, text and tags columns in ``target``.
+
+    Grafana builds an annotation from the *columns* of the result (a tag in GROUP BY becomes a series tag and is
+    lost), and splits ``tagsColumn`` on commas after removing only its first space.
+    """
+    problems = []
+    for d in load_dashboards().values():
+        defined = {v["name"] for v in d.get("templating", {}).get("list", [])}
+        for a in annotation_queries(d):
+            where = f"{d['title']} / annotation {a.get('name')}"
+            t = a.get("target", {})
+            query = t.get("query", "")
+            if a["datasource"].get("uid") != DATASOURCE_UID or t.get("datasource", {}).get("uid") != DATASOURCE_UID:
+                problems.append(f"{where}: data source is not {DATASOURCE_UID}")
+            if not (
+                t.get("fromAnnotations") is True and t.get("rawQuery") is True and query.strip() and t.get("refId")
+            ):
+                problems.append(f"{where}: not a raw InfluxQL annotation query in target")
+            if not a.get("enable") or not a.get("iconColor"):
+                problems.append(f"{where}: not enabled, or no colour")
+            if "$timeFilter" not in query or re.search(r"GROUP\s+BY", query, re.IGNORECASE):
+                problems.append(f"{where}: needs $timeFilter and no GROUP BY")
+            tags = t.get("tagsColumn", "")
+            if " " in tags:
+                problems.append(f"{where}: spaces in tagsColumn {tags!r}")
+            wanted = {t.get("textColumn", ""), *tags.split(",")}
+            if "" in wanted or not wanted <= _selected(query):
+                problems.append(f"{where}: text and tags columns {sorted(wanted)} not all selected by {query}")
+            used = {x or y for x, y in _VAR.findall(query)} - {"timeFilter"}
+            if used - defined:
+                problems.append(f"{where}: uses undefined variable(s) {sorted(used - defined)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_alert_panels_and_annotations_exist() -> None:
+    dashboards = {d["title"]: d for d in load_dashboards().values()}
+    for title in ("Fleet overview", "Vehicle detail"):
+        d = dashboards[title]
+        (table,) = [p for p in panels(d) if p["title"] == "Open alerts"]
+        assert table["type"] == "table"
+        (target,) = table["targets"]
+        # The latest point of each alert decides: opened and resolved points must fall into one group.
+        assert '"state"' not in target["query"], f"{title}: Open alerts must not filter or group on state"
+        (anno,) = [a for a in annotation_queries(d) if a["target"]["query"].startswith('SELECT "message"')]
+        assert "\"state\" = 'opened'" in anno["target"]["query"]
+        assert anno["target"]["textColumn"] == "message" and anno["target"]["tagsColumn"] == "type,severity"
+        filtered = "$vehicle_id" in target["query"] and "$vehicle_id" in anno["target"]["query"]
+        assert filtered == (title == "Vehicle detail"), f"{title}: the vehicle filter"
+        # Annotations only show on time series panels: each dashboard needs one.
+        assert {"timeseries", "state-timeline"} & {p["type"] for p in panels(d)}
+
+
 # ---- every query against real data -----------------------------------------------------
 
 VEHICLE = "ZOE-001"  # the car the vehicle dashboard is tested with: it gets an unlock command
 SIM_CARS = 25  # the first 25 of config/fleet.yaml; the last four get crafted messages
 LOW, FRESH, SILENT = "ZOE-022", "ZOE-023", "KANGOO-006"
+# Driven off with no trip: ALERTED stays away (its moved_without_trip alert stays open), RETURNED comes back to its
+# station and parks (opened, then resolved). The vehicle dashboard's alert queries are tested with ALERTED.
+ALERTED, RETURNED = "KANGOO-005", FRESH
+AWAY_LAT = 0.018  # degrees north of the home station: 2 km, well beyond the rule's 500 m
 
 
 @dataclass
@@ -283,6 +370,22 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
         await mosquitto_pub(stack.broker.port, f"{unique.prefix}/NOPE-999/battery", '{"soc_pct": 50}')
         await mosquitto_pub(stack.broker.port, f"{unique.prefix}/{LOW}/doors", '{"locked": "yes"}')
 
+        # Alerts, decided by the gateway's own rules: two cars driving 2 km from their station with no trip open
+        # moved_without_trip at once; RETURNED then reports from its station, parked, which resolves its alert.
+        def alert_points(state: str, vid: str) -> list[dict[str, Any]]:
+            return q(f'SELECT * FROM "alerts" WHERE "state" = \'{state}\' AND "vehicle_id" = \'{vid}\'')
+
+        for vid in (ALERTED, RETURNED):
+            home = fleet.stations[fleet.vehicles[vid].station]
+            await pub(vid, "location", {"ts": now_ms(), "lat": home.lat + AWAY_LAT, "lon": home.lon, "speed_kmh": 30})
+        await async_wait_for(lambda: all(alert_points("opened", v) for v in (ALERTED, RETURNED)),
+                             what=f"{ALERTED}'s and {RETURNED}'s alerts opened in InfluxDB")  # fmt: skip
+        home = fleet.stations[fleet.vehicles[RETURNED].station]
+        await pub(RETURNED, "location", {"ts": now_ms(), "lat": home.lat, "lon": home.lon, "speed_kmh": 0})
+        await async_wait_for(
+            lambda: alert_points("resolved", RETURNED), what=f"{RETURNED}'s alert resolved in InfluxDB"
+        )
+
         if HAS_RESERVATIONS:
             for i, (vid, kind) in enumerate([("ZOE-004", "staff"), ("ZOE-010", "public"), ("ZOE-017", "public")]):
                 await _reserve(client, f"R-DASH-{i}", vid, kind, minutes_ago=30)
@@ -337,19 +440,58 @@ def _cases() -> list[Any]:
     return out
 
 
+def _run(query: str, populated: Populated, stack: Stack, vehicle_id: str = VEHICLE, interval: str = "10s") -> Any:
+    text = render(query, start_ms=populated.start_ms, end_ms=int(time.time() * 1000) + 1000, interval=interval,
+                  variables={"vehicle_id": vehicle_id})  # fmt: skip
+    return text, influx_query(stack.influx.port, populated.database, text)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("pq", _cases())
 def test_panel_query_returns_data(pq: PanelQuery, populated: Populated, stack: Stack) -> None:
-    variables = {"vehicle_id": VEHICLE}
-    query = render(pq.query, start_ms=populated.start_ms, end_ms=int(time.time() * 1000) + 1000,
-                   interval=pq.interval or "10s", variables=variables)  # fmt: skip
+    vehicle_id = ALERTED if pq.uses_alerts else VEHICLE
     try:
-        rows = influx_query(stack.influx.port, populated.database, query)
+        query, rows = _run(pq.query, populated, stack, vehicle_id, pq.interval or "10s")
     except AssertionError as e:
         pytest.fail(f"{pq}: the query fails: {e}")
     assert rows, f"{pq}: no data for\n  {query}"
     values = [v for r in rows for k, v in r.items() if k not in ("time", "name") and v is not None]
     assert values, f"{pq}: only empty rows for\n  {query}"
+    for column in pq.columns:
+        assert all(r.get(column) is not None for r in rows), f"{pq}: rows without {column!r} for\n  {query}"
+
+
+@pytest.mark.integration
+def test_open_alerts_list_the_open_alert_and_not_the_resolved_one(populated: Populated, stack: Stack) -> None:
+    def points(state: str) -> dict[str, dict[str, Any]]:
+        rows = influx_query(stack.influx.port, populated.database,
+                            f"SELECT * FROM \"alerts\" WHERE \"state\" = '{state}'")  # fmt: skip
+        return {r["vehicle_id"]: r for r in rows if r["vehicle_id"] in (ALERTED, RETURNED)}
+
+    opened, resolved = points("opened"), points("resolved")
+    assert set(opened) == {ALERTED, RETURNED} and set(resolved) == {RETURNED}, (opened, resolved)
+    assert opened[RETURNED]["alert_id"] == resolved[RETURNED]["alert_id"]
+
+    _, fleet_rows = _run(the_query("Fleet overview", "Open alerts"), populated, stack)
+    listed = {r["vehicle_id"]: r for r in fleet_rows}
+    assert ALERTED in listed, fleet_rows
+    assert RETURNED not in listed, f"{RETURNED}'s alert was resolved, yet it is listed: {listed[RETURNED]}"
+    row, point = listed[ALERTED], opened[ALERTED]
+    assert (row["type"], row["severity"]) == ("moved_without_trip", "critical")
+    assert (row["alert_id"], row["message"]) == (point["alert_id"], point["message"])
+    assert row["time"] == point["time"], "'Opened' is when the alert opened, not the start of the window"
+
+    _, mine = _run(the_query("Vehicle detail", "Open alerts"), populated, stack, ALERTED)
+    assert [r["alert_id"] for r in mine] == [point["alert_id"]]
+    assert _run(the_query("Vehicle detail", "Open alerts"), populated, stack, RETURNED)[1] == []
+
+    # The annotations mark every alert that opened in the range, resolved since or not, each with its message.
+    _, marks = _run(the_query("Fleet overview", "annotation Alerts opened"), populated, stack)
+    assert {opened[v]["message"] for v in (ALERTED, RETURNED)} <= {r["message"] for r in marks}
+    _, marks = _run(the_query("Vehicle detail", "annotation Alerts opened"), populated, stack, RETURNED)
+    assert [(r["time"], r["message"], r["type"], r["severity"]) for r in marks] == [
+        (opened[RETURNED]["time"], opened[RETURNED]["message"], "moved_without_trip", "critical")
+    ]
 
 
 @pytest.mark.integration

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -240,7 +239,7 @@ async def test_events_recorded_before_a_sigkill_are_delivered_after_it_with_the_
             what="every event recorded",
         )
         owed = {e["id"] for e in events}
-        time.sleep(0.5)  # a few failed attempts each
+        await asyncio.sleep(0.5)  # a few failed attempts each
         gw.kill()
         await rx.start(port)
         gw.start()
