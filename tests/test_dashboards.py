@@ -275,7 +275,7 @@ def test_alert_panels_and_annotations_exist() -> None:
         (target,) = table["targets"]
         # The latest point of each alert decides: opened and resolved points must fall into one group.
         assert '"state"' not in target["query"], f"{title}: Open alerts must not filter or group on state"
-        (anno,) = [a for a in annotation_queries(d) if a["target"]["query"].startswith('SELECT "message"')]
+        (anno,) = [a for a in annotation_queries(d) if a["name"] == "Alerts opened"]
         assert "\"state\" = 'opened'" in anno["target"]["query"]
         assert anno["target"]["textColumn"] == "message" and anno["target"]["tagsColumn"] == "type,severity"
         filtered = "$vehicle_id" in target["query"] and "$vehicle_id" in anno["target"]["query"]
@@ -440,7 +440,10 @@ def _cases() -> list[Any]:
     return out
 
 
-def _run(query: str, populated: Populated, stack: Stack, vehicle_id: str = VEHICLE, interval: str = "10s") -> Any:
+def _run(
+    query: str, populated: Populated, stack: Stack, vehicle_id: str = VEHICLE, interval: str = "10s"
+) -> tuple[str, list[dict[str, Any]]]:
+    """The query as Grafana would send it for the populated range, and its rows."""
     text = render(query, start_ms=populated.start_ms, end_ms=int(time.time() * 1000) + 1000, interval=interval,
                   variables={"vehicle_id": vehicle_id})  # fmt: skip
     return text, influx_query(stack.influx.port, populated.database, text)
@@ -466,8 +469,12 @@ def test_open_alerts_list_the_open_alert_and_not_the_resolved_one(populated: Pop
     def points(state: str) -> dict[str, dict[str, Any]]:
         rows = influx_query(stack.influx.port, populated.database,
                             f"SELECT * FROM \"alerts\" WHERE \"state\" = '{state}'")  # fmt: skip
-        return {r["vehicle_id"]: r for r in rows if r["vehicle_id"] in (ALERTED, RETURNED)}
+        mine = [r for r in rows if r["vehicle_id"] in (ALERTED, RETURNED)]
+        by_car = {r["vehicle_id"]: r for r in mine}
+        assert len(by_car) == len(mine), f"more than one {state} point for a car: {mine}"
+        return by_car
 
+    # What the gateway wrote: ALERTED's alert opened; RETURNED's opened, then resolved.
     opened, resolved = points("opened"), points("resolved")
     assert set(opened) == {ALERTED, RETURNED} and set(resolved) == {RETURNED}, (opened, resolved)
     assert opened[RETURNED]["alert_id"] == resolved[RETURNED]["alert_id"]

@@ -305,7 +305,9 @@ class AlertMonitor:
         # `open` (1 or 0) beside the contract's fields: InfluxQL cannot take the last value of a tag, and the
         # dashboards' "Open alerts" table needs each alert's latest state.
         values = {"alert_id": a.id, "message": a.message, "open": 1.0 if state == "opened" else 0.0}
-        self._points(line("alerts", tags, values, self._times.next(a.key, ts)))
+        # Distinct per series (the tags), not per alert: two alerts of one type and car (two reservations)
+        # changing in the same millisecond would otherwise overwrite each other's point.
+        self._points(line("alerts", tags, values, self._times.next((a.vehicle_id, a.type, state), ts)))
 
     def open_by_type(self) -> dict[str, int]:
         counts: Counter[str] = Counter(a.type for mine in self.open.values() for a in mine.values())

@@ -1,0 +1,154 @@
+"""The alert monitor with an injected clock and the real SQLite store, no broker: dedup, replays, streaks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.fleet import Fleet, load_fleet
+from gateway.ingest.state import FleetState
+from gateway.ingest.telemetry import Reading
+from gateway.notify.alerts import AlertMonitor
+from gateway.notify.events import EventLog
+from gateway.rules.alerts import Thresholds
+from gateway.store.sqlite import SqliteStore, open_sqlite
+from tests.helpers import REPO
+
+FLEET: Fleet = load_fleet(REPO / "config" / "fleet.yaml")
+T0 = 1_795_683_600_000
+HOME = (48.4318, 0.0949)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = T0
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@pytest.fixture
+async def parts(tmp_path: Path) -> AsyncIterator[tuple[AlertMonitor, SqliteStore, Clock, list[bytes]]]:
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    clock = Clock()
+    points: list[bytes] = []
+    events = EventLog({"http://rx/": ("*",)}, clock=clock)
+    th = Thresholds(silent_after_ms=60_000, unattended_after_ms=10_000)
+    m = AlertMonitor(store, FLEET, FleetState(FLEET), events, points.append, th, 120, 1.0, clock=clock)
+    await m.load()
+    m.broker(True, 1)
+    yield m, store, clock, points
+    await store.close()
+
+
+def location(ts: int, lat: float = HOME[0], speed: float = 0.0, vid: str = "ZOE-001") -> Reading:
+    return Reading("location", vid, ts, {"lat": lat, "lon": HOME[1], "speed_kmh": speed})
+
+
+def doors(ts: int, locked: bool, vid: str = "ZOE-001") -> Reading:
+    return Reading("doors", vid, ts, {"locked": locked, "closed": True})
+
+
+async def flush(m: AlertMonitor) -> None:
+    while not m._queue.empty():
+        await m._record(m._queue.get_nowait())
+
+
+async def test_a_burst_of_readings_opens_one_alert(parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]]) -> None:
+    m, store, clock, points = parts
+    for i in range(50):
+        m.observe(location(clock.ms + i, speed=40.0), clock.ms + i)
+    await flush(m)
+    [a] = await store.list_alerts("open", None, None, 10)
+    assert a.type == "moved_without_trip"
+    [e] = await store.list_events(None, "alert.opened", 10)
+    assert e.targets == () and orjson.loads(e.body)["data"]["id"] == a.id
+    assert await store.webhook_backlog() == 1
+    assert len(points) == 1 and points[0].startswith(b"alerts,")
+
+
+async def test_a_replayed_reading_is_not_seen(parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]]) -> None:
+    m, store, clock, _ = parts
+    m.observe(location(clock.ms - 121_000, speed=90.0), clock.ms)
+    await flush(m)
+    assert m.replayed == 1 and await store.list_alerts("all", None, None, 10) == []
+    m.observe(location(clock.ms - 119_000, speed=90.0), clock.ms)  # within the window: current
+    await flush(m)
+    assert len(await store.list_alerts("open", None, None, 10)) == 1
+
+
+async def test_unattended_counts_from_the_first_unlocked_reading(
+    parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]],
+) -> None:
+    m, store, clock, _ = parts
+    m.observe(doors(clock.ms, locked=False), clock.ms)
+    clock.ms += 6_000
+    m.observe(doors(clock.ms, locked=False), clock.ms)  # still unlocked: the streak goes on from the first
+    await m.check()
+    await flush(m)
+    assert await store.list_alerts("open", None, None, 10) == []
+    clock.ms += 4_000
+    await m.check()
+    await flush(m)
+    [a] = await store.list_alerts("open", None, None, 10)
+    assert a.type == "unlocked_unattended" and a.details["since_ms"] == T0
+    m.observe(doors(clock.ms, locked=True), clock.ms)
+    await m.check()
+    await flush(m)
+    assert await store.list_alerts("open", None, None, 10) == []
+    assert [e.type for e in await store.list_events(None, None, 10)] == ["alert.opened", "alert.resolved"]
+
+
+async def test_a_trip_event_tells_the_monitor(parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]]) -> None:
+    m, store, clock, _ = parts
+    m.events.recorded(m.events.new("trip.started", {"vehicle_id": "ZOE-001"}))
+    m.observe(location(clock.ms, speed=60.0), clock.ms)
+    await flush(m)
+    assert await store.list_alerts("all", None, None, 10) == []
+    m.events.recorded(m.events.new("trip.ended", {"vehicle_id": "ZOE-001"}))
+    m.observe(location(clock.ms + 1, speed=60.0), clock.ms + 1)
+    await flush(m)
+    assert len(await store.list_alerts("open", None, None, 10)) == 1
+
+
+async def test_silence_waits_while_disconnected_and_after_reconnecting(
+    parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]],
+) -> None:
+    m, store, clock, _ = parts
+    m.broker(False, 1)
+    clock.ms += 3_600_000  # an hour without the broker: every car silent, none told
+    await m.check()
+    assert m._queue.empty()
+    m.broker(True, 2)
+    clock.ms += 59_000
+    await m.check()
+    assert m._queue.empty()
+    clock.ms += 2_000
+    await m.check()
+    await flush(m)
+    assert len(await store.list_alerts("open", None, "vehicle_silent", 100)) == len(FLEET.vehicles)
+
+
+async def test_open_alerts_survive_a_restart(tmp_path: Path) -> None:
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    clock = Clock()
+    events = EventLog(clock=clock)
+    m = AlertMonitor(store, FLEET, FleetState(FLEET), events, lambda b: None, Thresholds(), 120, 1.0, clock=clock)
+    await m.load()
+    m.observe(location(clock.ms, speed=40.0), clock.ms)
+    await flush(m)
+    await store.close()
+
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    again = AlertMonitor(store, FLEET, FleetState(FLEET), events, lambda b: None, Thresholds(), 120, 1.0, clock=clock)
+    await again.load()
+    again.observe(location(clock.ms + 5, speed=40.0), clock.ms + 5)  # still moving: nothing new
+    assert again._queue.empty()
+    assert again.open_by_type()["moved_without_trip"] == 1
+    again.observe(location(clock.ms + 10), clock.ms + 10)
+    await flush(again)
+    assert await store.list_alerts("open", None, None, 10) == []
+    await store.close()
