@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import StartupError
+from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
+from gateway.rules.events import Event, EventType, make_event
 from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
@@ -331,3 +333,109 @@ async def test_usage_sums_the_ended_trips_of_a_month(store: Store) -> None:
     g = groups[("ZOE-001", "alencon-cd61", "public")]
     assert (g.trips, g.duration_min, g.distance_km, g.energy_kwh, g.amount_cents) == (1, 50.0, 10.0, 5.2, 150)
     assert (await store.usage("2026-12")).users[0].trips == 1 and await store.usage("2027-01") == UsageRows([], [])
+
+
+# -- events, the webhook outbox and alerts ------------------------------------------------------------------
+
+A, B = "http://a.example/hook", "http://b.example/hook"
+
+
+def event(n: int, type_: EventType = "alert.opened", targets: tuple[str, ...] = (A,), ts: int = T0) -> Event:
+    return make_event(f"evt_{n:026d}", type_, ts + n, {"n": n}, targets)
+
+
+async def test_events_are_listed_after_an_id_oldest_first_and_by_type(store: Store) -> None:
+    for n in range(5):
+        await store.add_event(event(n, "trip.started" if n % 2 else "alert.opened"))
+    assert [e.id for e in await store.list_events(None, None, 10)] == [event(n).id for n in range(5)]
+    assert [e.id for e in await store.list_events(event(2).id, None, 10)] == [event(3).id, event(4).id]
+    assert [e.id for e in await store.list_events(None, "trip.started", 10)] == [event(1).id, event(3).id]
+    assert [e.id for e in await store.list_events("evt_00000000000000000000000001Z", None, 2)] == [
+        event(2).id,
+        event(3).id,
+    ]  # fmt: skip  (an id that was never recorded, or was pruned)
+    [got] = await store.list_events(event(3).id, "alert.opened", 10)
+    assert got.body == event(4).body and got.ts_ms == T0 + 4 and got.type == "alert.opened"
+
+
+async def test_an_event_queues_one_delivery_per_target(store: Store) -> None:
+    await store.add_event(event(1, targets=(A, B)))
+    await store.add_event(event(2, targets=()))
+    assert await store.webhook_backlog() == 2
+    [d] = await store.due_deliveries(A, T0 + 10, 10)
+    assert (d.event_id, d.endpoint, d.attempts, d.event_ms, d.body) == (event(1).id, A, 0, T0 + 1, event(1).body)
+    assert await store.due_deliveries(A, T0, 10) == []  # recorded at T0 + 1: due from then
+    assert await store.next_delivery_ms(A) == T0 + 1 and await store.next_delivery_ms("http://c/") is None
+
+
+async def test_a_delivery_is_retried_then_finished(store: Store) -> None:
+    await store.add_event(event(1, targets=(A, B)))
+    [d] = await store.due_deliveries(A, T0 + 10, 10)
+    await store.retry_delivery(d, 1, T0 + 5_000, "HTTP 500")
+    assert await store.due_deliveries(A, T0 + 4_999, 10) == []
+    [again] = await store.due_deliveries(A, T0 + 5_000, 10)
+    assert again.attempts == 1 and await store.next_delivery_ms(A) == T0 + 5_000
+    await store.finish_delivery(again, "delivered", 2, T0 + 5_001, "")
+    assert await store.due_deliveries(A, T0 + H, 10) == [] and await store.next_delivery_ms(A) is None
+    await store.finish_delivery(again, "expired", 3, T0 + 5_002, "late")  # finished once: no change
+    assert await store.webhook_backlog() == 1  # B still owed
+    assert await store.drop_deliveries([A], T0) == 1 and await store.webhook_backlog() == 0
+
+
+async def test_recording_a_command_records_its_event(store: Store) -> None:
+    e = event(1, "command.completed")
+    await store.record_command(rec("c-1"), e)
+    [got] = await store.list_events(None, "command.completed", 10)
+    assert got.id == e.id and [d.event_id for d in await store.due_deliveries(A, T0 + 10, 10)] == [e.id]
+    assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["c-1"]
+
+
+async def test_a_trip_event_is_recorded_only_with_its_change(store: Store) -> None:
+    assert await store.put_reservation(res("R-1", start_h=0, end_h=1), T0) is None
+    t = trip("R-1")
+    assert await store.start_trip(t, event(1, "trip.started"))
+    assert not await store.start_trip(t, event(2, "trip.started"))  # started already: no second event
+    assert await store.end_trip(ended(t), "2026-11", event(3, "trip.ended"))
+    assert not await store.end_trip(ended(t), "2026-11", event(4, "trip.ended"))
+    assert [e.id for e in await store.list_events(None, None, 10)] == [event(1).id, event(3).id]
+
+
+def alert(aid: str, type_: AlertType = "moved_without_trip", vehicle: str = "ZOE-001", rid: str | None = None,
+          opened: int = T0) -> Alert:  # fmt: skip
+    return Alert(aid, type_, vehicle, rid, opened, f"{type_} of {vehicle}", {"speed_kmh": 42.0, "nested": [1, "x"]})
+
+
+async def test_one_open_alert_per_type_car_and_reservation(store: Store) -> None:
+    a = alert("alr_1")
+    assert await store.open_alert(a, event(1))
+    assert not await store.open_alert(alert("alr_2"), event(2))  # the same key open already: nothing recorded
+    assert await store.open_alert(alert("alr_3", vehicle="ZOE-002"), event(3))
+    assert await store.open_alert(alert("alr_4", "low_battery_before_reservation", rid="R-1"), event(4))
+    assert await store.open_alert(alert("alr_5", "low_battery_before_reservation", rid="R-2"), event(5))
+    assert [e.id for e in await store.list_events(None, None, 10)] == [event(n).id for n in (1, 3, 4, 5)]
+    assert await store.list_alerts("open", "ZOE-001", "moved_without_trip", 10) == [a]
+    assert await store.resolve_alert(a, T0 + 10, event(6, "alert.resolved"))
+    assert not await store.resolve_alert(a, T0 + 20, event(7, "alert.resolved"))
+    [done] = await store.list_alerts("resolved", None, None, 10)
+    assert done == replace(a, resolved_ms=T0 + 10)
+    assert await store.open_alert(alert("alr_8"), event(8))  # resolved: the same key may open again
+
+
+async def test_alerts_are_listed_newest_first_and_filtered(store: Store) -> None:
+    for i, (vehicle, type_) in enumerate([("ZOE-001", "moved_without_trip"), ("ZOE-002", "vehicle_silent"),
+                                          ("ZOE-001", "vehicle_silent")]):  # fmt: skip
+        t: AlertType = "moved_without_trip" if type_ == "moved_without_trip" else "vehicle_silent"
+        assert await store.open_alert(alert(f"alr_{i}", t, vehicle, opened=T0 + i), event(i))
+    await store.resolve_alert(alert("alr_0"), T0 + 9, event(9))
+    assert [a.id for a in await store.list_alerts("all", None, None, 10)] == ["alr_2", "alr_1", "alr_0"]
+    assert [a.id for a in await store.list_alerts("open", None, None, 10)] == ["alr_2", "alr_1"]
+    assert [a.id for a in await store.list_alerts("all", "ZOE-001", None, 10)] == ["alr_2", "alr_0"]
+    assert [a.id for a in await store.list_alerts("all", None, "vehicle_silent", 1)] == ["alr_2"]
+
+
+async def test_prune_forgets_old_events_and_their_deliveries(store: Store) -> None:
+    await store.add_event(event(1, ts=T0))
+    await store.add_event(event(2, ts=T0 + H))
+    assert await store.prune(T0 + H, T0 + H) >= 1
+    assert [e.id for e in await store.list_events(None, None, 10)] == [event(2).id]
+    assert await store.webhook_backlog() == 1
