@@ -17,7 +17,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
 from gateway.ids import API_KEY_NAME, INSTANCE
@@ -285,6 +285,17 @@ class Settings(_Section):
     alerts: AlertsSettings = AlertsSettings()
     events: EventsSettings = EventsSettings()
     webhooks: WebhooksSettings = WebhooksSettings()
+
+    @model_validator(mode="after")
+    def _webhooks_within_retention(self) -> Settings:
+        # An event is pruned with its pending deliveries: it must have been given up on by then.
+        if self.webhooks.max_age_s > self.events.retention_days * 86400:
+            raise ValueError(
+                "webhooks.max_age_s: longer than events.retention_days; events would be pruned before "
+                "their deliveries are given up"
+            )
+        return self
+
     fleet: FleetSettings = FleetSettings()
 
 
@@ -319,8 +330,10 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a check across sections names its keys itself
+        return msg
+    key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         msg = "unknown setting"
     more = len(err.errors()) - 1

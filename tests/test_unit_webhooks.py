@@ -144,3 +144,10 @@ def test_bad_endpoints_stop_start_up_with_the_key_named(value: str, why: str) ->
     with pytest.raises(ConfigError, match=why) as e:
         load_settings(None, {"GATEWAY__DEV_MODE": "true", "GATEWAY__WEBHOOKS__ENDPOINTS": value})
     assert str(e.value).startswith("webhooks.endpoints")
+
+
+def test_deliveries_must_give_up_before_their_events_are_pruned() -> None:
+    env = {"GATEWAY__DEV_MODE": "true", "GATEWAY__EVENTS__RETENTION_DAYS": "0.5"}
+    with pytest.raises(ConfigError, match=r"^webhooks.max_age_s: longer than events.retention_days"):
+        load_settings(None, env)
+    assert load_settings(None, {**env, "GATEWAY__WEBHOOKS__MAX_AGE_S": "3600"}).webhooks.max_age_s == 3600
