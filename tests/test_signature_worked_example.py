@@ -1,4 +1,5 @@
-"""Both signature implementations pinned to the worked example of docs/car-integration.md.
+"""Both signature implementations pinned to the worked examples of docs/car-integration.md (commands)
+and docs/booking-api.md (webhooks).
 
 The gateway (``gateway.signing``) and the simulated car (``device_sim.commands``) implement the contract
 independently. Every value here is parsed out of the document, so the test fails when the document, the
@@ -174,3 +175,59 @@ def test_no_simulator_module_imports_gateway_signing() -> None:
         if any(m == "gateway.signing" or m.startswith("gateway.signing.") for m in imported_modules(p))
     ]
     assert offenders == []
+
+
+# -- webhooks: docs/booking-api.md ---------------------------------------------------------------------------
+
+BOOKING_DOC = (ROOT / "docs" / "booking-api.md").read_text(encoding="utf-8")
+EXAMPLE = BOOKING_DOC.split("### A worked example to test your receiver against", 1)[1]
+
+
+def webhook_example() -> tuple[str, dict[str, str], bytes]:
+    secret = re.search(r"With the secret `(whsec_[A-Za-z0-9+/=]+)`", EXAMPLE)
+    block = re.search(r"```\n(webhook-id: .*?)```", EXAMPLE, re.S)
+    body = re.search(r"```json\n(.*?)\n```", EXAMPLE, re.S)
+    assert secret and block and body, "docs/booking-api.md: the webhook worked example is incomplete"
+    headers = dict(line.split(": ", 1) for line in block.group(1).strip().splitlines())
+    return secret.group(1), headers, body.group(1).encode()
+
+
+WH_SECRET, WH_HEADERS, WH_BODY = webhook_example()
+WH_TS = int(WH_HEADERS["webhook-timestamp"])
+
+
+def test_the_gateway_signs_the_webhook_example_as_documented() -> None:
+    from gateway.rules.webhooks import decode_secret, headers
+
+    assert headers(decode_secret(WH_SECRET), WH_HEADERS["webhook-id"], WH_TS, WH_BODY) == WH_HEADERS
+    assert orjson.loads(WH_BODY)["id"] == WH_HEADERS["webhook-id"]
+
+
+def test_the_example_receiver_accepts_it_and_refuses_any_change() -> None:
+    from device_sim.receiver import BadSignature, verify
+
+    assert verify(WH_SECRET, WH_HEADERS, WH_BODY, now_s=WH_TS)["type"] == "alert.opened"
+    for headers, body in [
+        (WH_HEADERS, WH_BODY.replace(b"34.0", b"35.0")),
+        ({**WH_HEADERS, "webhook-timestamp": str(WH_TS + 1)}, WH_BODY),
+        ({**WH_HEADERS, "webhook-id": WH_HEADERS["webhook-id"][:-1] + "5"}, WH_BODY),
+    ]:
+        with pytest.raises(BadSignature):
+            verify(WH_SECRET, headers, body, now_s=WH_TS)
+
+
+def test_the_python_snippet_in_the_document_verifies_it() -> None:
+    section = BOOKING_DOC.split("### Verifying a signature", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "docs/booking-api.md: no Python snippet under Verifying a signature"
+    ns: dict[str, Any] = {}
+    exec(compile(code.group(1), "docs/booking-api.md", "exec"), ns)  # the document's own code, as a reader runs it
+
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return WH_TS + 1.0
+
+    ns["time"] = Clock
+    assert ns["verify"](WH_SECRET, WH_HEADERS, WH_BODY) is True
+    assert ns["verify"](WH_SECRET, WH_HEADERS, WH_BODY + b" ") is False
