@@ -27,7 +27,6 @@ HOME = (48.4318, 0.0949)
 AWAY_600M = (48.4318 + 0.0054, 0.0949)  # about 600 m north
 NEAR_300M = (48.4318 + 0.0027, 0.0949)  # about 300 m: past the 150 m radius, within 500 m
 CTX = Context(
-    now_ms=NOW,
     home_lat=HOME[0],
     home_lon=HOME[1],
     home_radius_m=150.0,
@@ -55,7 +54,7 @@ def kinds(changes: list[Open | Resolve]) -> list[tuple[str, str]]:
 
 
 def test_a_parked_car_at_home_raises_nothing() -> None:
-    assert evaluate(car(), CTX, {}, [*PER_MESSAGE, *SCHEDULED]) == []
+    assert evaluate(car(), CTX, NOW, {}, [*PER_MESSAGE, *SCHEDULED]) == []
 
 
 @pytest.mark.parametrize(
@@ -65,69 +64,75 @@ def test_a_parked_car_at_home_raises_nothing() -> None:
 def test_moved_without_trip_opens_over_10_kmh_or_past_500_m(
     where: tuple[float, float], speed: float, opens: bool
 ) -> None:
-    changes = evaluate(car(lat=where[0], lon=where[1], speed_kmh=speed), CTX, {}, ["moved_without_trip"])
+    changes = evaluate(car(lat=where[0], lon=where[1], speed_kmh=speed), CTX, NOW, {}, ["moved_without_trip"])
     assert kinds(changes) == ([("open", "moved_without_trip")] if opens else [])
 
 
 def test_moved_without_trip_never_during_a_trip() -> None:
-    assert evaluate(car(lat=AWAY_600M[0], speed_kmh=80.0, trip_running=True), CTX, {}, ["moved_without_trip"]) == []
+    assert (
+        evaluate(car(lat=AWAY_600M[0], speed_kmh=80.0, trip_running=True), CTX, NOW, {}, ["moved_without_trip"]) == []
+    )
 
 
 def test_moved_without_trip_resolves_only_back_within_the_radius_and_parked() -> None:
     open_ = opened("moved_without_trip")
-    assert evaluate(car(lat=NEAR_300M[0]), CTX, open_, ["moved_without_trip"]) == []  # 300 m: not back yet
-    assert evaluate(car(speed_kmh=4.0), CTX, open_, ["moved_without_trip"]) == []  # home but rolling
-    [r] = evaluate(car(), CTX, open_, ["moved_without_trip"])
+    assert evaluate(car(lat=NEAR_300M[0]), CTX, NOW, open_, ["moved_without_trip"]) == []  # 300 m: not back yet
+    assert evaluate(car(speed_kmh=4.0), CTX, NOW, open_, ["moved_without_trip"]) == []  # home but rolling
+    [r] = evaluate(car(), CTX, NOW, open_, ["moved_without_trip"])
     assert isinstance(r, Resolve) and r.alert is open_[("moved_without_trip", "ZOE-001", "")]
 
 
 def test_an_open_alert_is_not_opened_again() -> None:
-    assert evaluate(car(speed_kmh=50.0), CTX, opened("moved_without_trip"), ["moved_without_trip"]) == []
+    assert evaluate(car(speed_kmh=50.0), CTX, NOW, opened("moved_without_trip"), ["moved_without_trip"]) == []
 
 
 def test_left_service_area_and_back() -> None:
     out = car(lat=49.2)
-    assert kinds(evaluate(out, CTX, {}, ["left_service_area"])) == [("open", "left_service_area")]
-    assert kinds(evaluate(car(lat=48.9), CTX, opened("left_service_area"), ["left_service_area"])) == [
+    assert kinds(evaluate(out, CTX, NOW, {}, ["left_service_area"])) == [("open", "left_service_area")]
+    assert kinds(evaluate(car(lat=48.9), CTX, NOW, opened("left_service_area"), ["left_service_area"])) == [
         ("resolve", "left_service_area")
     ]
-    assert evaluate(out, replace(CTX, area=None), {}, ["left_service_area"]) == []  # no area configured
-    assert evaluate(car(lat=None, lon=None), CTX, {}, ["left_service_area"]) == []  # position unknown
+    assert evaluate(out, replace(CTX, area=None), NOW, {}, ["left_service_area"]) == []  # no area configured
+    assert evaluate(car(lat=None, lon=None), CTX, NOW, {}, ["left_service_area"]) == []  # position unknown
 
 
 def test_vehicle_silent_after_its_threshold_and_not_in_the_quiet_window() -> None:
     th = CTX.thresholds.silent_after_ms
-    assert evaluate(car(heard_ms=NOW - th), CTX, {}, ["vehicle_silent"]) == []
-    assert kinds(evaluate(car(heard_ms=NOW - th - 1), CTX, {}, ["vehicle_silent"])) == [("open", "vehicle_silent")]
-    quiet = replace(CTX, quiet_until_ms=NOW + 1)  # the gateway has just reconnected
-    assert evaluate(car(heard_ms=NOW - 10 * th), quiet, {}, ["vehicle_silent"]) == []
-    assert kinds(evaluate(car(heard_ms=None), CTX, {}, ["vehicle_silent"])) == [("open", "vehicle_silent")]
-    assert kinds(evaluate(car(), CTX, opened("vehicle_silent"), ["vehicle_silent"])) == [("resolve", "vehicle_silent")]
+    assert evaluate(car(heard_ms=NOW - th), CTX, NOW, {}, ["vehicle_silent"]) == []
+    assert kinds(evaluate(car(heard_ms=NOW - th - 1), CTX, NOW, {}, ["vehicle_silent"])) == [("open", "vehicle_silent")]
+    # The gateway has just reconnected:
+    assert evaluate(car(heard_ms=NOW - 10 * th), CTX, NOW, {}, ["vehicle_silent"], quiet_until_ms=NOW + 1) == []
+    assert kinds(evaluate(car(heard_ms=None), CTX, NOW, {}, ["vehicle_silent"])) == [("open", "vehicle_silent")]
+    assert kinds(evaluate(car(), CTX, NOW, opened("vehicle_silent"), ["vehicle_silent"])) == [
+        ("resolve", "vehicle_silent")
+    ]
 
 
 def test_unlocked_unattended_needs_its_delay_and_no_trip() -> None:
     th = CTX.thresholds.unattended_after_ms
     since = NOW - th
-    assert kinds(evaluate(car(locked=False, open_since_ms=since), CTX, {}, ["unlocked_unattended"])) == [
+    assert kinds(evaluate(car(locked=False, open_since_ms=since), CTX, NOW, {}, ["unlocked_unattended"])) == [
         ("open", "unlocked_unattended")
     ]
-    assert evaluate(car(locked=False, open_since_ms=since + 1), CTX, {}, ["unlocked_unattended"]) == []
-    assert evaluate(car(locked=False, open_since_ms=since, trip_running=True), CTX, {}, ["unlocked_unattended"]) == []
+    assert evaluate(car(locked=False, open_since_ms=since + 1), CTX, NOW, {}, ["unlocked_unattended"]) == []
+    assert (
+        evaluate(car(locked=False, open_since_ms=since, trip_running=True), CTX, NOW, {}, ["unlocked_unattended"]) == []
+    )
     open_ = opened("unlocked_unattended")
-    assert evaluate(car(locked=True, closed=False), CTX, open_, ["unlocked_unattended"]) == []
-    assert kinds(evaluate(car(), CTX, open_, ["unlocked_unattended"])) == [("resolve", "unlocked_unattended")]
+    assert evaluate(car(locked=True, closed=False), CTX, NOW, open_, ["unlocked_unattended"]) == []
+    assert kinds(evaluate(car(), CTX, NOW, open_, ["unlocked_unattended"])) == [("resolve", "unlocked_unattended")]
 
 
 def test_charging_fault_only_at_the_station() -> None:
     since = NOW - CTX.thresholds.charging_fault_after_ms
     stalled = car(soc_pct=40.0, plugged=True, charging=False, stalled_since_ms=since)
-    assert kinds(evaluate(stalled, CTX, {}, ["charging_fault"])) == [("open", "charging_fault")]
+    assert kinds(evaluate(stalled, CTX, NOW, {}, ["charging_fault"])) == [("open", "charging_fault")]
     away = replace(stalled, lat=AWAY_600M[0])
-    assert evaluate(away, CTX, {}, ["charging_fault"]) == []
-    assert evaluate(replace(stalled, stalled_since_ms=since + 1), CTX, {}, ["charging_fault"]) == []
+    assert evaluate(away, CTX, NOW, {}, ["charging_fault"]) == []
+    assert evaluate(replace(stalled, stalled_since_ms=since + 1), CTX, NOW, {}, ["charging_fault"]) == []
     open_ = opened("charging_fault")
     for fixed in (replace(stalled, charging=True), replace(stalled, plugged=False), replace(stalled, soc_pct=80.0)):
-        assert kinds(evaluate(fixed, CTX, open_, ["charging_fault"])) == [("resolve", "charging_fault")]
+        assert kinds(evaluate(fixed, CTX, NOW, open_, ["charging_fault"])) == [("resolve", "charging_fault")]
 
 
 def test_projected_charge_adds_ac_power_while_charging() -> None:
@@ -140,13 +145,13 @@ def test_low_battery_before_a_reservation_in_the_horizon() -> None:
     hour = 3_600_000
     soon = Upcoming("R-1", NOW + hour, NOW + 2 * hour)
     low = car(soc_pct=25.0, charging=False)
-    [o] = evaluate(low, CTX, {}, ["low_battery_before_reservation"], [soon])
+    [o] = evaluate(low, CTX, NOW, {}, ["low_battery_before_reservation"], [soon])
     assert isinstance(o, Open) and o.reservation_id == "R-1" and o.details["projected_soc_pct"] == 25.0
     # Charging for the hour to come: 25 + 14 % is enough.
-    assert evaluate(replace(low, charging=True), CTX, {}, ["low_battery_before_reservation"], [soon]) == []
+    assert evaluate(replace(low, charging=True), CTX, NOW, {}, ["low_battery_before_reservation"], [soon]) == []
     far = Upcoming("R-2", NOW + 3 * hour, NOW + 4 * hour)  # beyond the 2 h horizon
-    assert evaluate(low, CTX, {}, ["low_battery_before_reservation"], [far]) == []
-    assert evaluate(car(soc_pct=None), CTX, {}, ["low_battery_before_reservation"], [soon]) == []
+    assert evaluate(low, CTX, NOW, {}, ["low_battery_before_reservation"], [far]) == []
+    assert evaluate(car(soc_pct=None), CTX, NOW, {}, ["low_battery_before_reservation"], [soon]) == []
 
 
 def test_low_battery_resolves_when_charged_started_or_gone() -> None:
@@ -154,17 +159,17 @@ def test_low_battery_resolves_when_charged_started_or_gone() -> None:
     soon = Upcoming("R-1", NOW + hour, NOW + 2 * hour)
     open_ = opened("low_battery_before_reservation", "R-1")
     t: list[AlertType] = ["low_battery_before_reservation"]
-    assert evaluate(car(soc_pct=25.0), CTX, open_, t, [soon]) == []
-    assert kinds(evaluate(car(soc_pct=30.0), CTX, open_, t, [soon])) == [("resolve", t[0])]
+    assert evaluate(car(soc_pct=25.0), CTX, NOW, open_, t, [soon]) == []
+    assert kinds(evaluate(car(soc_pct=30.0), CTX, NOW, open_, t, [soon])) == [("resolve", t[0])]
     started = replace(soon, starts_ms=NOW)
-    assert kinds(evaluate(car(soc_pct=25.0), CTX, open_, t, [started])) == [("resolve", t[0])]
-    assert kinds(evaluate(car(soc_pct=25.0), CTX, open_, t, [])) == [("resolve", t[0])]  # cancelled
+    assert kinds(evaluate(car(soc_pct=25.0), CTX, NOW, open_, t, [started])) == [("resolve", t[0])]
+    assert kinds(evaluate(car(soc_pct=25.0), CTX, NOW, open_, t, [])) == [("resolve", t[0])]  # cancelled
 
 
 def test_one_alert_per_reservation() -> None:
     hour = 3_600_000
     rs = [Upcoming("R-1", NOW + hour, NOW + 2 * hour), Upcoming("R-2", NOW + hour + 1, NOW + 2 * hour)]
-    changes = evaluate(car(soc_pct=10.0), CTX, {}, ["low_battery_before_reservation"], rs)
+    changes = evaluate(car(soc_pct=10.0), CTX, NOW, {}, ["low_battery_before_reservation"], rs)
     assert [c.reservation_id for c in changes if isinstance(c, Open)] == ["R-1", "R-2"]
 
 
@@ -172,12 +177,12 @@ def test_not_returned_after_the_grace_while_the_trip_runs() -> None:
     grace = CTX.thresholds.return_grace_ms
     late = Upcoming("R-1", NOW - 7_200_000, NOW - grace, trip_running=True)
     t: list[AlertType] = ["not_returned"]
-    assert kinds(evaluate(car(), CTX, {}, t, [late])) == [("open", "not_returned")]
-    assert evaluate(car(), CTX, {}, t, [replace(late, ends_ms=NOW - grace + 1)]) == []
-    assert evaluate(car(), CTX, {}, t, [replace(late, trip_running=False)]) == []  # never picked up: no trip
+    assert kinds(evaluate(car(), CTX, NOW, {}, t, [late])) == [("open", "not_returned")]
+    assert evaluate(car(), CTX, NOW, {}, t, [replace(late, ends_ms=NOW - grace + 1)]) == []
+    assert evaluate(car(), CTX, NOW, {}, t, [replace(late, trip_running=False)]) == []  # never picked up: no trip
     open_ = opened("not_returned", "R-1")
-    assert evaluate(car(), CTX, open_, t, [late]) == []
-    assert kinds(evaluate(car(), CTX, open_, t, [])) == [("resolve", "not_returned")]  # the trip ended
+    assert evaluate(car(), CTX, NOW, open_, t, [late]) == []
+    assert kinds(evaluate(car(), CTX, NOW, open_, t, [])) == [("resolve", "not_returned")]  # the trip ended
 
 
 def test_per_message_and_scheduled_split_the_types() -> None:

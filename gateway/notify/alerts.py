@@ -133,7 +133,6 @@ class AlertMonitor:
         v = self.fleet.vehicles[vid]
         home, model, area = self.fleet.stations[v.station], self.fleet.models[v.model], self.fleet.service_area
         return Context(
-            now_ms=0,
             home_lat=home.lat,
             home_lon=home.lon,
             home_radius_m=home.radius_m,
@@ -200,9 +199,11 @@ class AlertMonitor:
         )  # fmt: skip
 
     def _decide(self, vid: str, types: Iterable[AlertType], reservations: Iterable[Upcoming], now: int) -> None:
-        ctx = replace(self._contexts[vid], now_ms=now, quiet_until_ms=self.quiet_until_ms)
         mine = self.open[vid]
-        for change in evaluate(self._view(vid), ctx, mine, types, tuple(reservations)):
+        changes = evaluate(
+            self._view(vid), self._contexts[vid], now, mine, types, tuple(reservations), self.quiet_until_ms
+        )
+        for change in changes:
             if isinstance(change, Open):
                 a = Alert(
                     self.events.new_id("alr_", now), change.type, vid, change.reservation_id, now, change.message,

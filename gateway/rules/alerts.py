@@ -100,7 +100,7 @@ class Alert:
         return (self.type, self.vehicle_id, self.reservation_id or "")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every location message, and a frozen init costs 4x
 class CarView:
     """A car as the alert rules see it; each time is the reading's own ``ts`` (ms)."""
 
@@ -132,7 +132,8 @@ class Upcoming:
 
 @dataclass(frozen=True)
 class Context:
-    now_ms: int
+    """What does not change between two looks at a car: its station, its model, the thresholds."""
+
     home_lat: float
     home_lon: float
     home_radius_m: float
@@ -141,8 +142,6 @@ class Context:
     ac_charge_kw: float
     battery_kwh: float
     thresholds: Thresholds
-    # No vehicle_silent before this: the gateway itself was not listening (see the monitor).
-    quiet_until_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,13 +186,15 @@ def _s(ms: int) -> str:
     return f"{ms / 60_000:.0f} min" if ms >= 60_000 else f"{ms / 1000:.0f} s"
 
 
-def _car_rules(car: CarView, ctx: Context, type_: AlertType, is_open: bool) -> Open | str | None:
+def _car_rules(
+    car: CarView, ctx: Context, now: int, quiet_until_ms: int, type_: AlertType, is_open: bool
+) -> Open | str | None:
     """For an alert of the car itself: the Open if it should open, the reason if it should resolve, else None."""
-    now, th = ctx.now_ms, ctx.thresholds
+    th = ctx.thresholds
     vid = car.vehicle_id
     if type_ == "vehicle_silent":
         quiet = now - car.heard_ms if car.heard_ms is not None else None
-        silent = (quiet is None or quiet > th.silent_after_ms) and now >= ctx.quiet_until_ms
+        silent = (quiet is None or quiet > th.silent_after_ms) and now >= quiet_until_ms
         if not is_open and silent:
             heard = "never heard since the gateway started" if quiet is None else f"nothing heard for {_s(quiet)}"
             return Open(type_, vid, None, f"{vid}: {heard}", {"last_heard_ms": car.heard_ms})
@@ -256,10 +257,10 @@ def _car_rules(car: CarView, ctx: Context, type_: AlertType, is_open: bool) -> O
 
 
 def _reservation_rule(
-    car: CarView, ctx: Context, type_: AlertType, r: Upcoming | None, is_open: bool
+    car: CarView, ctx: Context, now: int, type_: AlertType, r: Upcoming | None, is_open: bool
 ) -> Open | str | None:
     """For an alert about a reservation of the car; `r` is None when it is no longer among the car's."""
-    now, th = ctx.now_ms, ctx.thresholds
+    th = ctx.thresholds
     vid = car.vehicle_id
     if type_ == "low_battery_before_reservation":
         if r is None or now >= r.starts_ms:
@@ -301,24 +302,28 @@ _PER_RESERVATION: frozenset[AlertType] = frozenset({"low_battery_before_reservat
 def evaluate(
     car: CarView,
     ctx: Context,
+    now_ms: int,
     open_alerts: Mapping[AlertKey, Alert],
     types: Iterable[AlertType],
     reservations: Sequence[Upcoming] = (),
+    quiet_until_ms: int = 0,
 ) -> list[Change]:
-    """The changes to `car`'s alerts of `types`: what opens, what resolves, at most one open per key."""
+    """The changes to `car`'s alerts of `types` at `now_ms`: what opens, what resolves, at most one open per key.
+
+    No ``vehicle_silent`` opens before `quiet_until_ms`: the gateway itself was not listening."""
     changes: list[Change] = []
     vid = car.vehicle_id
     by_id = {r.reservation_id: r for r in reservations}
     for type_ in types:
         if type_ not in _PER_RESERVATION:
             alert = open_alerts.get((type_, vid, ""))
-            got = _car_rules(car, ctx, type_, alert is not None)
+            got = _car_rules(car, ctx, now_ms, quiet_until_ms, type_, alert is not None)
             _collect(changes, alert, got)
             continue
         rids = set(by_id) | {k[2] for k in open_alerts if k[0] == type_ and k[1] == vid}
         for rid in sorted(rids):
             alert = open_alerts.get((type_, vid, rid))
-            got = _reservation_rule(car, ctx, type_, by_id.get(rid), alert is not None)
+            got = _reservation_rule(car, ctx, now_ms, type_, by_id.get(rid), alert is not None)
             _collect(changes, alert, got)
     return changes
 
