@@ -201,7 +201,9 @@ async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
     w, a = s.webhooks, s.alerts
     endpoints = [Endpoint(e.url, decode_secret(e.secret.get_secret_value()), e.types) for e in w.endpoints]
     app[EVENTS] = events = EventLog({e.url: e.types for e in endpoints})
-    app[DELIVERER] = deliverer = Deliverer(store, endpoints, w.first_retry_s, w.max_age_s, w.timeout_s, w.per_endpoint)
+    app[DELIVERER] = deliverer = Deliverer(
+        store, endpoints, w.first_retry_s, w.max_age_s, w.timeout_s, w.per_endpoint, on_gone=events.disable
+    )
     events.listen(deliverer.on_event)
     thresholds = Thresholds(
         silent_after_ms=int(a.silent_after_s * 1000),

@@ -235,8 +235,7 @@ class WebhooksSettings(_Section):
     max_age_s: float = Field(86400, gt=0)
     # No answer within this is a failed attempt (and retried).
     timeout_s: float = Field(15, gt=0, le=300)
-    # Attempts under way at once, in all and per endpoint: a slow endpoint holds at most its own share.
-    concurrency: int = Field(16, ge=1, le=1000)
+    # Attempts under way at once to one endpoint: a slow endpoint holds only its own.
     per_endpoint: int = Field(4, ge=1, le=100)
 
     @field_validator("endpoints", mode="before")

@@ -22,6 +22,7 @@ from gateway.rules.events import Event, EventType, make_event
 from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
+from gateway.rules.webhooks import Attempt
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Store
 from gateway.store.sqlite import open_sqlite
 from gateway.store.sqlite_schema import MIGRATIONS
@@ -365,21 +366,34 @@ async def test_an_event_queues_one_delivery_per_target(store: Store) -> None:
     [d] = await store.due_deliveries(A, T0 + 10, 10)
     assert (d.event_id, d.endpoint, d.attempts, d.event_ms, d.body) == (event(1).id, A, 0, T0 + 1, event(1).body)
     assert await store.due_deliveries(A, T0, 10) == []  # recorded at T0 + 1: due from then
-    assert await store.next_delivery_ms(A) == T0 + 1 and await store.next_delivery_ms("http://c/") is None
+    assert await store.next_delivery_ms(A, T0) == T0 + 1 and await store.next_delivery_ms("http://c/", T0) is None
+    assert await store.next_delivery_ms(A, T0 + 1) is None  # only what is due after the given time
 
 
 async def test_a_delivery_is_retried_then_finished(store: Store) -> None:
     await store.add_event(event(1, targets=(A, B)))
-    [d] = await store.due_deliveries(A, T0 + 10, 10)
-    await store.retry_delivery(d, 1, T0 + 5_000, "HTTP 500")
+    await store.add_event(event(2, targets=(A,)))
+    [d, d2] = await store.due_deliveries(A, T0 + 10, 10)
+    await store.record_attempts([Attempt(d.event_id, A, 1, "pending", T0 + 5_000, T0 + 10, "HTTP 500"),
+                                 Attempt(d2.event_id, A, 1, "delivered", d2.due_ms, T0 + 10)])  # fmt: skip
     assert await store.due_deliveries(A, T0 + 4_999, 10) == []
     [again] = await store.due_deliveries(A, T0 + 5_000, 10)
-    assert again.attempts == 1 and await store.next_delivery_ms(A) == T0 + 5_000
-    await store.finish_delivery(again, "delivered", 2, T0 + 5_001, "")
-    assert await store.due_deliveries(A, T0 + H, 10) == [] and await store.next_delivery_ms(A) is None
-    await store.finish_delivery(again, "expired", 3, T0 + 5_002, "late")  # finished once: no change
+    assert again.attempts == 1 and await store.next_delivery_ms(A, T0 + 10) == T0 + 5_000
+    await store.record_attempts([Attempt(again.event_id, A, 2, "delivered", again.due_ms, T0 + 5_001)])
+    assert await store.due_deliveries(A, T0 + H, 10) == [] and await store.next_delivery_ms(A, T0) is None
+    # Finished once: a late outcome changes nothing.
+    await store.record_attempts([Attempt(again.event_id, A, 3, "pending", T0 + 9_000, T0 + 5_002, "late")])
+    assert await store.due_deliveries(A, T0 + H, 10) == []
     assert await store.webhook_backlog() == 1  # B still owed
-    assert await store.drop_deliveries([A], T0) == 1 and await store.webhook_backlog() == 0
+    assert await store.give_up_deliveries(None, [A], "dropped", T0, "not configured") == 1
+    assert await store.webhook_backlog() == 0
+
+
+async def test_an_endpoint_gone_gives_up_what_it_is_owed(store: Store) -> None:
+    for n in range(3):
+        await store.add_event(event(n, targets=(A, B)))
+    assert await store.give_up_deliveries(A, (), "gone", T0, "410") == 3
+    assert await store.due_deliveries(A, T0 + H, 10) == [] and len(await store.due_deliveries(B, T0 + H, 10)) == 3
 
 
 async def test_recording_a_command_records_its_event(store: Store) -> None:

@@ -23,6 +23,7 @@ from gateway.rules.webhooks import (
     retry_after_s,
     retry_delay_s,
     signature,
+    too_old,
 )
 from gateway.settings import load_settings
 
@@ -68,7 +69,7 @@ def test_retries_double_from_the_first_with_jitter_up_to_an_hour() -> None:
     rng = random.Random(1)
     for attempts, base in [(1, 5.0), (2, 10.0), (3, 20.0), (11, MAX_RETRY_S), (40, MAX_RETRY_S)]:
         for _ in range(50):
-            assert 0.8 * base <= retry_delay_s(attempts, 5.0, rng) <= 1.2 * base
+            assert 0.8 * base <= retry_delay_s(attempts, 5.0, rng) <= min(1.2 * base, MAX_RETRY_S)
 
 
 def test_retry_after_in_seconds_or_as_a_date() -> None:
@@ -94,8 +95,15 @@ def test_what_each_answer_means() -> None:
     assert (v := j(429, "60")).kind == "retry" and v.next_ms == NOW_MS + 60_000
     assert (v := j(503, "7")).next_ms == NOW_MS + 7_000
     assert (v := j(500, "60")).next_ms is not None and v.next_ms - NOW_MS < 10_000  # only on 429 and 503
-    assert j(500, age_s=86398).kind == "expired"  # the next try would come past the maximum age
-    assert j(429, "3600", age_s=86000).kind == "expired"
+    # Never sooner than the first retry, whatever Retry-After says: no request loop.
+    assert (v := j(503, "0")).next_ms == NOW_MS + 5_000
+    assert j(429, "Wed, 21 Oct 2015 07:28:00 GMT").next_ms == NOW_MS + 5_000
+    # The last attempt is made at the maximum age, then it is given up.
+    assert (v := j(500, age_s=86398)).kind == "retry" and v.next_ms == NOW_MS + 2_000
+    assert j(429, "3600", age_s=86000).next_ms == NOW_MS + 400_000
+    assert j(500, age_s=86400).kind == "expired"
+    # Found later than its last retry was due (after a restart, say): given up without a try.
+    assert too_old(NOW_MS - 86_410_001, NOW_MS, 86400) and not too_old(NOW_MS - 86_400_000, NOW_MS, 86400)
 
 
 def test_event_ids_are_ulids_in_the_order_made() -> None:

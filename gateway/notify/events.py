@@ -38,6 +38,11 @@ class EventLog:
             targets = self._targets[type_] = tuple(u for u, types in self.endpoints.items() if wanted_by(types, type_))
         return make_event("evt_" + self._ids.new(ts), type_, ts, data, targets)
 
+    def disable(self, url: str) -> None:
+        """No more events for this endpoint (it answered 410): they would only pile up in the outbox."""
+        self.endpoints.pop(url, None)
+        self._targets.clear()
+
     def new_id(self, prefix: str, ts_ms: int) -> str:
         """An id of the same kind for something else (``alr_…`` for an alert)."""
         return prefix + self._ids.new(ts_ms)

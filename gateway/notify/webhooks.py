@@ -8,6 +8,14 @@ the same ``webhook-id``. Each endpoint has its own loop and at most
 answers holds its own slots for ``webhooks.timeout_s`` each and nothing
 else — ingest, unlocks and the other endpoints go on. What each answer
 means (retry when, give up, 410) is decided by ``gateway/rules/webhooks.py``.
+
+Two things keep the store's work off the hot paths. Outcomes are written
+behind, many in one transaction (:data:`OUTCOME_FLUSH_S`); until its outcome
+is stored a delivery stays "in flight" in memory, so it is never sent twice
+meanwhile, and a store that refuses writes holds it there instead of letting
+it be sent again in a loop. And a new event wakes its endpoints a moment
+later (:data:`WAKE_DELAY_S`), so a burst of commands is looked up once, after
+the store has written their events in one batch.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import aiohttp
 
 from gateway.errors import StoreError
 from gateway.rules.events import Event
-from gateway.rules.webhooks import Delivery, headers, judge
+from gateway.rules.webhooks import Attempt, Delivery, headers, judge, too_old
 from gateway.store.base import Store
 from gateway.times import iso_ms, now_ms
 
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 
 BACKLOG_EVERY_S = 5.0
 STORE_RETRY_S = 1.0
+OUTCOME_FLUSH_S = 0.05
+WAKE_DELAY_S = 0.06  # a little over the store's write-behind of command events (AUDIT_FLUSH_S)
 MAX_RESPONSE_BYTES = 64 * 1024  # a receiver's answer is read (so the connection can be reused) up to this
 
 
@@ -55,6 +65,7 @@ class Deliverer:
         per_endpoint: int,
         clock: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
+        on_gone: Callable[[str], None] = lambda url: None,
     ) -> None:
         self.store = store
         self.endpoints = list(endpoints)
@@ -64,45 +75,60 @@ class Deliverer:
         self.per_endpoint = per_endpoint
         self.clock = clock
         self.rng = rng or random.Random()
+        self.on_gone = on_gone  # stops new events being queued for an endpoint that answered 410
         self.results: Counter[str] = Counter()  # delivered, retry, expired, gone
         self.disabled: dict[str, str] = {}  # url -> why, for /healthz
         self.backlog = 0
         self._wakes = {e.url: asyncio.Event() for e in self.endpoints}
+        self._wake_soon: set[str] = set()
+        self._in_flight: dict[str, set[str]] = {e.url: set() for e in self.endpoints}  # until the outcome is stored
+        self._outcomes: list[Attempt] = []
+        self._outcomes_ready = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def on_event(self, e: Event) -> None:
-        """An event was recorded: wake the loops of the endpoints it goes to."""
+        """An event was recorded: wake the loops of the endpoints it goes to, shortly."""
         for url in e.targets:
-            wake = self._wakes.get(url)
-            if wake is not None:
-                wake.set()
+            if url in self._wakes and url not in self._wake_soon:
+                self._wake_soon.add(url)
+                asyncio.get_running_loop().call_later(WAKE_DELAY_S, self._wake, url)
+
+    def _wake(self, url: str) -> None:
+        self._wake_soon.discard(url)
+        self._wakes[url].set()
 
     async def run(self) -> None:
-        if not self.endpoints:
-            return
         urls = [e.url for e in self.endpoints]
         while True:
             try:
-                dropped = await self.store.drop_deliveries(urls, self.clock())
+                dropped = await self.store.give_up_deliveries(
+                    None, urls, "dropped", self.clock(), "endpoint no longer configured"
+                )
                 break
             except StoreError as e:
                 log.error("webhooks: %s; trying again", e)
                 await asyncio.sleep(STORE_RETRY_S)
         if dropped:
             log.warning("webhooks: %d pending deliveries to endpoints no longer configured were dropped", dropped)
+        if not urls:
+            return
         log.info("webhooks: delivering to %s", ", ".join(urls))
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         connector = aiohttp.TCPConnector(limit=self.per_endpoint * len(self.endpoints))
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             loops = [asyncio.create_task(self._serve(session, e), name=f"webhook {e.url}") for e in self.endpoints]
             loops.append(asyncio.create_task(self._count_backlog(), name="webhook backlog"))
+            loops.append(asyncio.create_task(self._write_outcomes(), name="webhook outcomes"))
             try:
                 await asyncio.gather(*loops)
             finally:
                 for t in [*loops, *self._tasks]:
                     t.cancel()
-                # An attempt cut short stays pending in the store: it is made again at the next start.
+                # An attempt cut short, or whose outcome was not yet stored, stays pending: it is made
+                # again at the next start (at least once).
                 await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
+                with contextlib.suppress(StoreError):
+                    await self.store.record_attempts(self._outcomes)
 
     async def _count_backlog(self) -> None:
         while True:
@@ -113,72 +139,110 @@ class Deliverer:
     async def _serve(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
         wake = self._wakes[ep.url]
         slots = asyncio.Semaphore(self.per_endpoint)
-        in_flight: set[str] = set()
+        in_flight = self._in_flight[ep.url]
         while ep.url not in self.disabled:
             wake.clear()
             now = self.clock()
             try:
-                due = await self.store.due_deliveries(ep.url, now, 2 * self.per_endpoint)
+                due = await self.store.due_deliveries(ep.url, now, 2 * self.per_endpoint + len(in_flight))
                 due = [d for d in due if d.event_id not in in_flight]
-                if not due:
-                    nxt = await self.store.next_delivery_ms(ep.url)
+                # Fewer than were asked for: nothing else is due now, so sleep until the next one is.
+                nxt = None if due else await self.store.next_delivery_ms(ep.url, now)
             except StoreError as e:
                 log.error("webhooks: %s; trying again", e)
                 await asyncio.sleep(STORE_RETRY_S)
                 continue
             for d in due:
+                if too_old(d.event_ms, now, self.max_age_s):
+                    in_flight.add(d.event_id)
+                    self._outcome(Attempt(d.event_id, ep.url, d.attempts, "expired", now, now, "older than max_age_s"))
+                    self.results["expired"] += 1
+                    continue
                 await slots.acquire()
                 if ep.url in self.disabled:
                     slots.release()
                     return
                 in_flight.add(d.event_id)
-                task = asyncio.create_task(self._attempt(session, ep, d, slots, in_flight))
+                task = asyncio.create_task(self._attempt(session, ep, d, slots))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             if due:
                 continue
-            # Due rows all in flight: their end wakes us. Otherwise sleep until the next is due.
-            wait = None if nxt is None or nxt <= now else (nxt - now) / 1000
+            # Due rows all in flight: their outcomes wake us. Otherwise sleep until the next is due.
+            wait = None if nxt is None else max(0.0, (nxt - self.clock()) / 1000)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), wait)
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, ep: Endpoint, d: Delivery, slots: asyncio.Semaphore, in_flight: set[str]
+        self, session: aiohttp.ClientSession, ep: Endpoint, d: Delivery, slots: asyncio.Semaphore
     ) -> None:
         try:
             status, retry_after, why = await self._post(session, ep, d)
-            attempts = d.attempts + 1
-            now = self.clock()
-            v = judge(status, retry_after, attempts, d.event_ms, now, self.first_retry_s, self.max_age_s, self.rng)
-            self.results[v.kind] += 1
-            try:
-                if v.kind == "retry" and v.next_ms is not None:
-                    await self.store.retry_delivery(d, attempts, v.next_ms, why or v.why)
-                    log.info(
-                        "webhook %s to %s: %s; retry %d at %s", d.event_id, ep.url, why or v.why, attempts,
-                        iso_ms(v.next_ms),
-                    )  # fmt: skip
-                elif v.kind == "delivered":
-                    await self.store.finish_delivery(d, "delivered", attempts, now, "")
-                elif v.kind == "gone":
-                    await self.store.finish_delivery(d, "gone", attempts, now, why or v.why)
-                else:
-                    await self.store.finish_delivery(d, "expired", attempts, now, why or v.why)
-            except StoreError as e:
-                # The attempt's outcome is lost, not the event: it stays pending and is sent again.
-                log.error("webhook %s to %s: %s", d.event_id, ep.url, e)
-            if v.kind == "gone":
-                self.disabled[ep.url] = f"answered 410 Gone at {iso_ms(now)}; restart the gateway to enable it again"
-                log.error("webhooks: %s answered 410 Gone: endpoint disabled until the gateway restarts", ep.url)
-            elif v.kind == "expired":
-                log.warning(
-                    "webhook %s to %s given up after %d attempts (%s): older than webhooks.max_age_s",
-                    d.event_id, ep.url, attempts, why or v.why,
-                )  # fmt: skip
         finally:
-            in_flight.discard(d.event_id)
             slots.release()
-            self._wakes[ep.url].set()
+        attempts = d.attempts + 1
+        now = self.clock()
+        v = judge(status, retry_after, attempts, d.event_ms, now, self.first_retry_s, self.max_age_s, self.rng)
+        self.results[v.kind] += 1
+        if v.kind == "retry" and v.next_ms is not None:
+            self._outcome(Attempt(d.event_id, ep.url, attempts, "pending", v.next_ms, now, why))
+            log.info("webhook %s to %s: %s; retry %d at %s", d.event_id, ep.url, why, attempts, iso_ms(v.next_ms))
+        elif v.kind == "delivered":
+            self._outcome(Attempt(d.event_id, ep.url, attempts, "delivered", d.due_ms, now))
+        elif v.kind == "gone":
+            self._outcome(Attempt(d.event_id, ep.url, attempts, "gone", d.due_ms, now, why))
+            self._disable(ep.url, now)
+        else:
+            self._outcome(Attempt(d.event_id, ep.url, attempts, "expired", d.due_ms, now, why))
+            log.warning(
+                "webhook %s to %s given up after %d attempts (%s): the event is webhooks.max_age_s old",
+                d.event_id, ep.url, attempts, why,
+            )  # fmt: skip
+
+    def _disable(self, url: str, now: int) -> None:
+        if url in self.disabled:
+            return
+        self.disabled[url] = f"answered 410 Gone at {iso_ms(now)}; restart the gateway to enable it again"
+        self.on_gone(url)
+        log.error("webhooks: %s answered 410 Gone: endpoint disabled until the gateway restarts", url)
+        self._wakes[url].set()  # its loop ends
+
+        async def give_up() -> None:
+            while True:
+                try:
+                    n = await self.store.give_up_deliveries(url, (), "gone", self.clock(), "endpoint answered 410")
+                    break
+                except StoreError as e:
+                    log.error("webhooks: %s; trying again", e)
+                    await asyncio.sleep(STORE_RETRY_S)
+            if n:
+                log.warning("webhooks: %d deliveries owed to %s given up (410); GET /v1/events has them", n, url)
+
+        task = asyncio.create_task(give_up())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _outcome(self, a: Attempt) -> None:
+        self._outcomes.append(a)
+        self._outcomes_ready.set()
+
+    async def _write_outcomes(self) -> None:
+        while True:
+            await self._outcomes_ready.wait()
+            await asyncio.sleep(OUTCOME_FLUSH_S)  # gather what ends meanwhile into one transaction
+            self._outcomes_ready.clear()
+            batch, self._outcomes = self._outcomes, []
+            while True:
+                try:
+                    await self.store.record_attempts(batch)
+                    break
+                except StoreError as e:
+                    # Held in flight meanwhile: not sent again until its outcome is stored.
+                    log.error("webhooks: %s; %d outcomes kept, trying again", e, len(batch))
+                    await asyncio.sleep(STORE_RETRY_S)
+            for a in batch:
+                self._in_flight[a.endpoint].discard(a.event_id)
+                self._wakes[a.endpoint].set()
 
     async def _post(
         self, session: aiohttp.ClientSession, ep: Endpoint, d: Delivery

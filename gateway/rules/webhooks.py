@@ -17,10 +17,12 @@ import hmac
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, get_args
 
 __all__ = [
     "MAX_RETRY_S",
+    "Attempt",
+    "AttemptState",
     "Delivery",
     "Verdict",
     "decode_secret",
@@ -29,6 +31,7 @@ __all__ = [
     "retry_after_s",
     "retry_delay_s",
     "signature",
+    "too_old",
 ]
 
 SECRET_PREFIX = "whsec_"
@@ -64,10 +67,10 @@ def headers(key: bytes, msg_id: str, timestamp_s: int, body: bytes) -> dict[str,
 
 
 def retry_delay_s(attempts: int, first_s: float, rng: random.Random | None = None) -> float:
-    """The wait after the `attempts`-th failed attempt: about `first_s`, doubling, capped at an hour."""
-    base = min(MAX_RETRY_S, first_s * 2.0 ** min(max(attempts - 1, 0), 30))
+    """The wait after the `attempts`-th failed attempt: about `first_s`, doubling, never over an hour."""
+    base = first_s * 2.0 ** min(max(attempts - 1, 0), 30)
     r: float = (rng or random).random()
-    return base * (1 + JITTER * (2 * r - 1))
+    return min(MAX_RETRY_S, base * (1 + JITTER * (2 * r - 1)))
 
 
 def retry_after_s(value: str | None, now_s: float) -> float | None:
@@ -106,21 +109,35 @@ def judge(
     max_age_s: float,
     rng: random.Random | None = None,
 ) -> Verdict:
-    """What to do after the `attempts`-th attempt answered `status` (None: no answer in time)."""
+    """What to do after the `attempts`-th attempt answered `status` (None: no answer in time).
+
+    Retries go on until the event is `max_age_s` old: the last one is made at that age, whatever the
+    back-off or ``Retry-After`` would have asked. ``Retry-After`` is honoured on 429 and 503, but never
+    sooner than `first_retry_s`: a receiver answering ``Retry-After: 0`` must not get a request loop.
+    """
     if status is not None and 200 <= status < 300:
         return Verdict("delivered")
     if status == 410:
         return Verdict("gone", why="410 Gone")
     why = "no answer" if status is None else f"HTTP {status}"
+    deadline = event_ms + int(max_age_s * 1000)
+    if now_ms >= deadline:
+        return Verdict("expired", why=why)
     wait = retry_delay_s(attempts, first_retry_s, rng)
     if status in (429, 503):
         asked = retry_after_s(retry_after, now_ms / 1000)
         if asked is not None:
-            wait = asked
-    next_ms = now_ms + int(wait * 1000)
-    if next_ms > event_ms + int(max_age_s * 1000):
-        return Verdict("expired", why=why)
-    return Verdict("retry", next_ms, why)
+            wait = max(asked, first_retry_s)
+    return Verdict("retry", min(now_ms + int(wait * 1000), deadline), why)
+
+
+# The last retry is due at the maximum age exactly; it may leave this much later and still be made.
+LAST_TRY_SLACK_MS = 10_000
+
+
+def too_old(event_ms: int, now_ms: int, max_age_s: float) -> bool:
+    """Past its maximum age: given up without another attempt (found after an outage or a restart)."""
+    return now_ms > event_ms + int(max_age_s * 1000) + LAST_TRY_SLACK_MS
 
 
 @dataclass(frozen=True)
@@ -133,3 +150,20 @@ class Delivery:
     due_ms: int
     event_ms: int
     body: bytes
+
+
+AttemptState = Literal["pending", "delivered", "expired", "gone", "dropped"]
+ENDS: tuple[str, ...] = get_args(AttemptState)[1:]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What became of a delivery: tried again at `due_ms` (``pending``), or finished for good."""
+
+    event_id: str
+    endpoint: str
+    attempts: int
+    state: AttemptState
+    due_ms: int
+    at_ms: int
+    error: str = ""

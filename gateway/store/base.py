@@ -11,7 +11,7 @@ after a crash. A backend turns its driver's errors into
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Literal, Protocol
 
 from gateway.rules.alerts import Alert
@@ -20,7 +20,7 @@ from gateway.rules.events import Event
 from gateway.rules.reservations import Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.rules.webhooks import Delivery
+from gateway.rules.webhooks import Attempt, Delivery
 
 __all__ = [
     "AUDIT_RETENTION_MS",
@@ -148,18 +148,19 @@ class Store(Protocol):
         """Pending deliveries to `endpoint` due by `now_ms`, the earliest first."""
         ...
 
-    async def next_delivery_ms(self, endpoint: str) -> int | None:
-        """When the earliest pending delivery to `endpoint` is due."""
+    async def next_delivery_ms(self, endpoint: str, after_ms: int) -> int | None:
+        """When the earliest pending delivery to `endpoint` due after `after_ms` is due."""
         ...
 
-    async def retry_delivery(self, d: Delivery, attempts: int, due_ms: int, error: str) -> None: ...
-
-    async def finish_delivery(self, d: Delivery, end: DeliveryEnd, attempts: int, now_ms: int, error: str) -> None:
-        """No more attempts: delivered, or given up (too old, the endpoint gone, or no longer configured)."""
+    async def record_attempts(self, attempts: Sequence[Attempt]) -> None:
+        """What became of these deliveries, in one transaction: due again later, or finished. A delivery
+        already finished is left as it is."""
         ...
 
-    async def drop_deliveries(self, keep: Collection[str], now_ms: int) -> int:
-        """Give up the pending deliveries to endpoints not in `keep`; return how many."""
+    async def give_up_deliveries(self, endpoint: str | None, keep: Collection[str], end: DeliveryEnd,
+                                 now_ms: int, why: str) -> int:  # fmt: skip
+        """Finish every pending delivery to `endpoint` (None: to any endpoint not in `keep`) as `end`;
+        return how many."""
         ...
 
     async def webhook_backlog(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import astuple, fields, replace
 from pathlib import Path
@@ -29,7 +29,7 @@ from gateway.rules.events import Event
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.rules.webhooks import Delivery
+from gateway.rules.webhooks import Attempt, Delivery
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, AlertStatus, DeliveryEnd
 from gateway.store.sqlite_schema import migrate
 
@@ -474,38 +474,42 @@ class SqliteStore:
             ).fetchall()
         return [Delivery(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), bytes(r[5])) for r in rows]
 
-    async def next_delivery_ms(self, endpoint: str) -> int | None:
+    async def next_delivery_ms(self, endpoint: str, after_ms: int) -> int | None:
         self._flush_audit()
         with _errors("read the next delivery"):
             row = self.db.execute(
-                "SELECT min(due_ms) FROM deliveries WHERE endpoint = ? AND state = 'pending'", (endpoint,)
+                "SELECT min(due_ms) FROM deliveries WHERE endpoint = ? AND state = 'pending' AND due_ms > ?",
+                (endpoint, after_ms),
             ).fetchone()
         return None if row[0] is None else int(row[0])
 
-    async def retry_delivery(self, d: Delivery, attempts: int, due_ms: int, error: str) -> None:
-        with _errors("record a delivery attempt"):
-            self.db.execute(
-                "UPDATE deliveries SET attempts = ?, due_ms = ?, last_error = ? "
+    async def record_attempts(self, attempts: Sequence[Attempt]) -> None:
+        if not attempts:
+            return
+        rows = [
+            (a.state, a.attempts, a.due_ms, None if a.state == "pending" else a.at_ms, a.error[:500] or None,
+             a.event_id, a.endpoint)
+            for a in attempts
+        ]  # fmt: skip
+        with _errors("record delivery attempts"), self._tx():
+            self.db.executemany(
+                "UPDATE deliveries SET state = ?, attempts = ?, due_ms = ?, done_ms = ?, last_error = ? "
                 "WHERE event_id = ? AND endpoint = ? AND state = 'pending'",
-                (attempts, due_ms, error[:500], d.event_id, d.endpoint),
+                rows,
             )
 
-    async def finish_delivery(self, d: Delivery, end: DeliveryEnd, attempts: int, now_ms: int, error: str) -> None:
-        with _errors("record a delivery"):
-            self.db.execute(
-                "UPDATE deliveries SET state = ?, attempts = ?, done_ms = ?, last_error = ? "
-                "WHERE event_id = ? AND endpoint = ? AND state = 'pending'",
-                (end, attempts, now_ms, error[:500] or None, d.event_id, d.endpoint),
-            )
-
-    async def drop_deliveries(self, keep: Collection[str], now_ms: int) -> int:
+    async def give_up_deliveries(
+        self, endpoint: str | None, keep: Collection[str], end: DeliveryEnd, now_ms: int, why: str
+    ) -> int:
         self._flush_audit()
-        marks = ",".join("?" * len(keep))
-        with _errors("drop deliveries"):
+        if endpoint is not None:
+            where, args = "endpoint = ?", [endpoint]
+        else:
+            where, args = f"endpoint NOT IN ({','.join('?' * len(keep))})", list(keep)
+        with _errors("give up deliveries"):
             cur = self.db.execute(
-                "UPDATE deliveries SET state = 'dropped', done_ms = ?, last_error = 'endpoint no longer configured' "
-                f"WHERE state = 'pending' AND endpoint NOT IN ({marks})",
-                (now_ms, *keep),
+                f"UPDATE deliveries SET state = ?, done_ms = ?, last_error = ? WHERE state = 'pending' AND {where}",
+                (end, now_ms, why[:500], *args),
             )
         return cur.rowcount
 
