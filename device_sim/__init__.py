@@ -19,6 +19,8 @@ The async API, for tests (including the gateway's) and scripts::
         sim.doors("ZOE-017")                    # (locked, closed) as the car knows them
         await sim.inject(Fault.MALFORMED, ["ZOE-001"])   # or "drop", "storm", "clock_skew", ...
         sim.set_behaviour("ZOE-002", Behaviour.FAIL)     # answer every command failed/door_open
+        await sim.cause("ZOE-005", "moved_without_trip") # an alert's condition (device_sim.incidents) ...
+        await sim.clear("ZOE-005", "moved_without_trip") # ... and back to normal
         sim.cars["ZOE-001"].state               # the car's physics state (soc_pct, odometer_km, ...)
     # on exit: tasks cancelled, a retained {"online": false} per car, clean DISCONNECTs
 
@@ -26,7 +28,9 @@ The async API, for tests (including the gateway's) and scripts::
 (``device_sim.faults``) lists the faults and what each one sends. Modules:
 ``mqtt`` (a minimal asyncio MQTT 3.1.1 client), ``physics`` (pure: battery,
 charging, driving), ``commands`` (pure: command verification), ``car`` (one
-car's day and answers), ``fleet`` (``SimFleet``), ``cli`` (the command line).
+car's day and answers), ``fleet`` (``SimFleet``), ``incidents`` (the alerts'
+conditions on demand, and ``--incidents``), ``renters`` (a booking day through
+the gateway's API), ``receiver`` (a webhook receiver), ``cli`` (the command line).
 """
 
 from device_sim.config import Behaviour, Intervals, SimConfig

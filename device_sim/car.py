@@ -151,6 +151,9 @@ class Car:
         return physics.rfc3339_ms(time.time() + self.skew_s)
 
     def emit(self, suffix: str, doc: dict[str, object], retain: bool = False, track: bool = False) -> Fut:
+        if self.muted:  # last_sent stays what was last published
+            self.stats.silenced += 1
+            return None
         payload = orjson.dumps(doc)
         self.last_sent[suffix] = payload
         return self.send(suffix, payload, retain, track)
@@ -299,6 +302,34 @@ class Car:
             self.state = replace(self.state, locked=locked)
         self.home_again.clear()
         self.next_event = now + trip.road_km / trip.cruise_kmh * 3600.0
+        futs = self.report_now()
+        self.poke()
+        return futs
+
+    def put(
+        self,
+        target: tuple[float, float],
+        station: str,
+        *,
+        plugged: bool | None = None,
+        locked: bool | None = None,
+        closed: bool | None = None,
+    ) -> list[asyncio.Future[None]]:
+        """Bring the car to `target` at once (towed, carried: the odometer does not move), parked at `station`
+        (or "" for none). Reports at once; the futures complete when the broker has the reports."""
+        self.update()
+        s = self.state
+        self.state = replace(
+            s, lat=target[0], lon=target[1], station=station, mode=Mode.PARKED, trip=None, speed_kmh=0.0,
+            plugged=s.plugged if plugged is None else plugged, locked=s.locked if locked is None else locked,
+            closed=s.closed if closed is None else closed,
+        )  # fmt: skip
+        now = self.clock.now()
+        if station == self.home.id:
+            self.home_again.set()
+            self.next_event = plan_departure(self.rng, now)
+        else:
+            self.home_again.clear()
         futs = self.report_now()
         self.poke()
         return futs

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +19,7 @@ from device_sim.commands import load_key_file
 from device_sim.config import DEFAULT_FLEET, Intervals, SimConfig
 from device_sim.faults import Fault
 from device_sim.fleet import SimFleet, sized_fleet
+from device_sim.incidents import Condition, Incidents
 from device_sim.renters import Renters
 from gateway.errors import ConfigError
 from gateway.fleet import load_fleet
@@ -35,10 +37,24 @@ examples:
   python -m device_sim --vehicles 300 --write-fleet /tmp/fleet-300.yaml          registry for the gateway
   python -m device_sim --port 1883 --fault drop --fault malformed --fault-share 0.1 --fault-every 20
   python -m device_sim --port 1883 --per-car-credentials --master-key "$KEY"     against config/mosquitto/
+  python -m device_sim --port 1883 --incidents 120 --pid-file /tmp/sim.pid      an alert's condition every 2 min
+  kill -USR1 "$(cat /tmp/sim.pid)"                                               ... and one now
 
 Commands are verified with each car's own key: derived from the master key
 (--master-key or $GATEWAY__COMMANDS__MASTER_KEY, the gateway's variable) or
 read from --key-file. Without either, every command is rejected bad_signature.
+
+Incidents (device_sim/incidents.py, docs/simulator.md): with --incidents S, every
+S wall seconds a car parked at its station and not in a renter's hands gets the
+condition of one of the gateway's alerts, in turn: moved_without_trip (drives off
+1-2 km and parks there), unlocked_unattended (left unlocked), charging_fault
+(plugged, under 80 %, not charging), vehicle_silent (connected, publishes
+nothing), left_service_area (drives out of the fleet's service_area),
+low_battery_before_reservation (down to 10 %, unplugged). The condition is held
+--incident-hold S (60) seconds, then cleared (the car reports it, or drives home).
+Each cause and clear is logged on stderr. SIGUSR1 plays moved_without_trip on
+such a car now, held as long, with or without --incidents: an operator's "try
+it now". --pid-file PATH writes the process id there for `kill -USR1`.
 """
 
 
@@ -46,6 +62,13 @@ def _positive(v: str) -> float:
     f = float(v)
     if not f > 0:
         raise argparse.ArgumentTypeError("must be > 0")
+    return f
+
+
+def _non_negative(v: str) -> float:
+    f = float(v)
+    if not f >= 0 or math.isinf(f):
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
     return f
 
 
@@ -116,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget-plug-share", type=_share, default=0.2,
                    help="share of renters who forget the cable and fix it after the 409 (default 0.2)")  # fmt: skip
     g.add_argument("--max-rentals", type=_count, default=6, help="rentals running at once at most (default 6)")
+
+    g = p.add_argument_group("incidents: alert conditions on demand (device_sim/incidents.py)")
+    g.add_argument("--incidents", type=_non_negative, default=0.0, metavar="S",
+                   help="every S wall seconds, cause the next alert condition in a free car parked at its "
+                        "station (default 0: off); SIGUSR1 causes moved_without_trip now")  # fmt: skip
+    g.add_argument("--incident-hold", type=_positive, default=60.0, metavar="S",
+                   help="wall seconds a condition is held before it is cleared (default 60)")  # fmt: skip
+    g.add_argument("--pid-file", type=Path, metavar="PATH",
+                   help="write the process id to PATH (for kill -USR1), removed on exit")  # fmt: skip
 
     g = p.add_argument_group("scale and output")
     g.add_argument("--connections", type=int, default=0, metavar="K",
@@ -196,44 +228,84 @@ async def _probe_api(url: str, key: str) -> None:
 
 
 async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
-    await _probe(cfg.host, cfg.port)
-    key = renters_key(a)
-    if a.renters and key:
-        await _probe_api(a.renters, key)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with SimFleet(cfg) as sim:
-        renting: asyncio.Task[None] | None = None
-        renters: Renters | None = None
+    incidents: Incidents | None = None
+
+    def try_it_now() -> None:
+        if incidents is None:
+            print("device_sim: SIGUSR1: the fleet is not up yet; ignored", file=sys.stderr, flush=True)
+        else:
+            incidents.start(Condition.MOVED_WITHOUT_TRIP)
+
+    # Before the pid file exists: whoever reads it may signal at once, and SIGUSR1 would otherwise end us.
+    loop.add_signal_handler(signal.SIGUSR1, try_it_now)
+    with _pid_file(a.pid_file):
+        await _probe(cfg.host, cfg.port)
+        key = renters_key(a)
         if a.renters and key:
-            renters = Renters(sim, a.renters, key, forget_plug_share=a.forget_plug_share,
-                              max_active=a.max_rentals, seed=sim.seed)  # fmt: skip
-            renting = loop.create_task(renters.run())
-        deadline = time.monotonic() + a.duration if a.duration else math.inf
-        next_fault = time.monotonic() + a.fault_every
-        while not stop.is_set() and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, min(deadline, next_fault) - time.monotonic())):
-                    await stop.wait()
-            if a.fault and time.monotonic() >= next_fault:
-                next_fault += a.fault_every
-                for f in a.fault:
-                    ids = sim.pick(a.fault_share, None)
-                    await sim.inject(f, ids, old_age_s=a.old_age, skew_s=a.skew, offline_s=a.offline)
-                    if not a.quiet:
-                        print(f"device_sim: fault {f} on {len(ids)} cars", file=sys.stderr)
-        if renting is not None:
-            renting.cancel()
-            await asyncio.gather(renting, return_exceptions=True)
-        if not a.quiet:
-            s = sim.stats
-            print(f"device_sim: stopping after {s.sent} messages, {s.commands} commands", file=sys.stderr)
-            if renters is not None:
-                r = renters.stats
-                print(f"device_sim: renters booked {r.booked}, ended {r.ended} ({r.refused_409} after a 409), "
-                      f"{r.failed} refused or failed", file=sys.stderr)  # fmt: skip
+            await _probe_api(a.renters, key)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with SimFleet(cfg) as sim:
+            renting: asyncio.Task[None] | None = None
+            renters: Renters | None = None
+            if a.renters and key:
+                renters = Renters(sim, a.renters, key, forget_plug_share=a.forget_plug_share,
+                                  max_active=a.max_rentals, seed=sim.seed)  # fmt: skip
+                renting = loop.create_task(renters.run())
+            in_use = (lambda: renters.active) if renters is not None else frozenset
+            incidents = Incidents(sim, hold_s=a.incident_hold, in_use=in_use)
+            scheduled = loop.create_task(incidents.run(a.incidents)) if a.incidents else None
+            if a.incidents:
+                print(f"device_sim: an incident every {a.incidents:g} s, held {a.incident_hold:g} s; "
+                      f"kill -USR1 {os.getpid()} for one now", file=sys.stderr, flush=True)  # fmt: skip
+            deadline = time.monotonic() + a.duration if a.duration else math.inf
+            next_fault = time.monotonic() + a.fault_every
+            while not stop.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(deadline, next_fault) - time.monotonic())):
+                        await stop.wait()
+                if a.fault and time.monotonic() >= next_fault:
+                    next_fault += a.fault_every
+                    for f in a.fault:
+                        ids = sim.pick(a.fault_share, None)
+                        await sim.inject(f, ids, old_age_s=a.old_age, skew_s=a.skew, offline_s=a.offline)
+                        if not a.quiet:
+                            print(f"device_sim: fault {f} on {len(ids)} cars", file=sys.stderr)
+            for task in (renting, scheduled):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            await incidents.close()
+            if not a.quiet:
+                s = sim.stats
+                print(f"device_sim: stopping after {s.sent} messages, {s.commands} commands, "
+                      f"{incidents.caused} incidents", file=sys.stderr)  # fmt: skip
+                if renters is not None:
+                    r = renters.stats
+                    print(f"device_sim: renters booked {r.booked}, ended {r.ended} ({r.refused_409} after a 409), "
+                          f"{r.failed} refused or failed", file=sys.stderr)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _pid_file(path: Path | None) -> Iterator[None]:
+    """Our process id in `path` while the block runs; removed after, if it is still ours."""
+    if path is None:
+        yield
+        return
+    pid = str(os.getpid())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(pid + "\n", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--pid-file: cannot write {path}: {e.strerror or e}") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text(encoding="utf-8").strip() == pid:
+                path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

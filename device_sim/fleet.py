@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from types import TracebackType
 
-from device_sim import faults
+from device_sim import faults, incidents
 from device_sim.car import Car, SimClock, Stats
 from device_sim.commands import vehicle_key
 from device_sim.config import Behaviour, SimConfig
 from device_sim.faults import Fault
+from device_sim.incidents import Condition
 from device_sim.mqtt import MqttClient, MqttError, Will
 from device_sim.physics import rfc3339_ms
 from gateway.fleet import Fleet, load_fleet
@@ -46,7 +47,7 @@ def sized_fleet(fleet: Fleet, n: int | None) -> Fleet:
         return fleet
     if n > len(fleet.vehicles):
         return fleet.with_generated(n)
-    return Fleet(fleet.models, fleet.stations, dict(list(fleet.vehicles.items())[:n]))
+    return Fleet(fleet.models, fleet.stations, dict(list(fleet.vehicles.items())[:n]), fleet.service_area)
 
 
 def assign_behaviours(ids: list[str], cfg: SimConfig, rng: random.Random) -> dict[str, Behaviour]:
@@ -135,6 +136,7 @@ class SimFleet:
         for car in self.cars.values():
             car.cancel_timers()
         for car, client in live:
+            car.muted = False  # a car muted by vehicle_silent still says goodbye
             if client.is_connected:
                 car.client = client
                 car.status(False)
@@ -167,6 +169,26 @@ class SimFleet:
         futs = car.report_now()
         if futs:
             await asyncio.wait_for(asyncio.gather(*futs), timeout=10)
+
+    async def cause(self, vehicle_id: str, condition: Condition | str, *, drive: bool = True) -> None:
+        """Cause the condition of an alert type in the car (``device_sim.incidents`` lists what each does);
+        return once the car's reports show it and the broker has them. ValueError if the car cannot have it
+        now (:meth:`cannot_cause` says why). With ``drive=False`` a car that would drive somewhere is brought
+        there at once."""
+        await incidents.cause(self.cars[vehicle_id], Condition(condition), self.fleet.service_area, drive=drive)
+
+    async def clear(self, vehicle_id: str, condition: Condition | str, *, drive: bool = True) -> None:
+        """Clear the condition (whether or not it was caused); return once the car's reports show it cleared.
+        A car away drives home first (``drive=False``: brought home at once)."""
+        await incidents.clear(self.cars[vehicle_id], Condition(condition), drive=drive)
+
+    def cannot_cause(self, vehicle_id: str, condition: Condition | str) -> str | None:
+        """Why the condition cannot be caused in the car now, or None if it can."""
+        return incidents.refusal(self.cars[vehicle_id], Condition(condition), self.fleet.service_area)
+
+    def held(self, vehicle_id: str) -> set[str]:
+        """The conditions caused in the car and not cleared."""
+        return set(self.cars[vehicle_id].held)
 
     def set_behaviour(self, vehicle_id: str, behaviour: Behaviour) -> None:
         car = self.cars[vehicle_id]

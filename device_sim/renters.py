@@ -98,8 +98,17 @@ class Renters:
                     t.cancel()
                 await asyncio.gather(*rentals, return_exceptions=True)
 
+    @property
+    def active(self) -> frozenset[str]:
+        """The cars in a renter's hands now (booked, driven or being returned)."""
+        return frozenset(self._active)
+
     def _free_car(self) -> Car | None:
-        free = [c for c in self.sim.cars.values() if c.id not in self._active and c.at_home and c.state.soc_pct > 80]
+        free = [
+            c
+            for c in self.sim.cars.values()
+            if c.id not in self._active and c.at_home and c.state.soc_pct > 80 and not c.held
+        ]  # a car with an incident (device_sim.incidents) is not offered
         return self.rng.choice(free) if free else None
 
     async def _call(self, http: aiohttp.ClientSession, method: str, path: str, body: Any = None) -> tuple[int, Any]:

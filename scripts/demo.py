@@ -4,12 +4,21 @@ Starts Mosquitto and InfluxDB on loopback unless something already listens
 on their ports, then the gateway and the simulated reference fleet, and
 prints one summary line every two seconds until Ctrl-C (or ``--duration``).
 Then it stops what it started, and only that.
+
+Incidents: every ``--incidents`` seconds the simulator gives a parked car
+one of the alert conditions and clears it ``--incident-hold`` seconds later
+(device_sim/incidents.py); the gateway's alert thresholds are shortened to
+fit, unless set in the environment. ``--webhook URL`` sends every event
+there, signed with ``--webhook-secret``; ``kill -USR1 $(cat
+.run/device_sim.pid)`` plays a moved_without_trip at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,17 +36,26 @@ from scripts import services
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MASTER_KEY = "demo-master-key-not-for-production"
 DEMO_API_KEY = "demo-api-key-not-for-production"
+# whsec_ + base64 of 32 bytes, like a real one; fixed so that a receiver started earlier keeps working.
+DEMO_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"demo-webhook-secret-not-for-prod").decode()
+PID_FILE = "device_sim.pid"  # in .run/
 
 
 def read_metrics(port: int) -> dict[str, float]:
-    out: dict[str, float] = {}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            name, _, value = line.rpartition(" ")
-            base = name.split("{", 1)[0]
-            out[base] = out.get(base, 0.0) + float(value)
+        return parse_metrics(r.read().decode())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → {metric name: value}; a labelled metric's series are summed under its bare name
+    (``gateway_alerts_open{type="…"}`` → ``gateway_alerts_open``, every type together)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        base = name.split("{", 1)[0]
+        out[base] = out.get(base, 0.0) + float(value)
     return out
 
 
@@ -61,20 +79,94 @@ def summary(m: dict[str, float], prev: dict[str, float], dt: float, total: int, 
         f" | online {m.get('gateway_vehicles_online', 0):.0f}/{total}"
         f" | trips {len(trips) - len(ended)} driving, {len(ended)} ended"
         f" ({sum(t.get('kind') == 'staff' for t in ended)} staff) | revenue {revenue:6.2f} EUR"
+        f" | alerts {m.get('gateway_alerts_open', 0):.0f}"
         f" | queue {m.get('gateway_queue_depth', 0):.0f}"
         f" | influx {'ok' if m.get('gateway_influx_healthy') else 'FAILING'}"
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="scripts/run.sh", description=__doc__.split("\n\n")[0])
+def _seconds(v: str) -> float:
+    f = float(v)
+    if not 0 <= f < float("inf"):
+        raise argparse.ArgumentTypeError("a number of seconds, 0 or more")
+    return f
+
+
+def _hold(v: str) -> float:
+    f = _seconds(v)
+    if f <= 0:
+        raise argparse.ArgumentTypeError("more than 0 seconds")
+    return f
+
+
+def _url(v: str) -> str:
+    if not v.startswith(("http://", "https://")) or any(c.isspace() for c in v):
+        raise argparse.ArgumentTypeError("an http:// or https:// URL")
+    return v
+
+
+def _secret(v: str) -> str:
+    try:
+        raw = base64.b64decode(v.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        raw = b""
+    if not v.startswith("whsec_") or not 24 <= len(raw) <= 64:
+        raise argparse.ArgumentTypeError("whsec_ followed by base64 of 24 to 64 random bytes")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/run.sh",
+        description=__doc__.split("\n\n")[0],
+        epilog="A receiver for --webhook: python -m device_sim.receiver --port 9000 --secret <the secret>",
+    )
     p.add_argument("--vehicles", type=int, default=29, help="simulated cars (default: the 29 of the reference fleet)")
     p.add_argument("--speed", type=float, default=60.0, help="simulated time runs this many times faster (default 60)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--influx-port", type=int, default=8086)
-    args = p.parse_args(argv)
+    p.add_argument("--webhook", action="append", default=[], type=_url, metavar="URL",
+                   help="an operator's endpoint that receives every event (repeatable)")  # fmt: skip
+    p.add_argument("--webhook-secret", type=_secret, default=DEMO_WEBHOOK_SECRET, metavar="WHSEC",
+                   help="the endpoints' signing secret (default: a fixed demo secret, printed at start)")  # fmt: skip
+    p.add_argument("--incidents", type=_seconds, default=120.0, metavar="S",
+                   help="an alert condition on a parked car every S seconds (default 120; 0: none)")  # fmt: skip
+    p.add_argument("--incident-hold", type=_hold, default=60.0, metavar="S",
+                   help="seconds each incident lasts before it is cleared (default 60)")  # fmt: skip
+    return p
+
+
+def webhook_endpoints(urls: list[str], secret: str) -> str:
+    """``GATEWAY__WEBHOOKS__ENDPOINTS``: every event to every URL."""
+    return json.dumps([{"url": u, "secret": secret, "types": ["*"]} for u in urls])
+
+
+def alert_thresholds(speed: float, hold_s: float) -> dict[str, str]:
+    """Alert thresholds short enough for an incident held `hold_s` to open its alert: a third of the hold.
+    Silence waits at least five battery reports of a parked car (one a minute, simulated)."""
+    third = max(1, round(hold_s / 3))
+    return {
+        "GATEWAY__ALERTS__UNATTENDED_AFTER_S": str(third),
+        "GATEWAY__ALERTS__CHARGING_FAULT_AFTER_S": str(third),
+        "GATEWAY__ALERTS__SILENT_AFTER_S": str(max(third, math.ceil(5 * 60 / speed))),
+    }
+
+
+def sim_command(args: argparse.Namespace, fleet_file: Path, pid_file: Path) -> list[str]:
+    argv = [sys.executable, "-m", "device_sim", "--host", "127.0.0.1", "--port", str(args.mqtt_port)]
+    argv += ["--vehicles", str(args.vehicles), "--speed", str(args.speed), "--fleet", str(fleet_file)]
+    # The booking day: renters book, drive and return the cars through the API, from a Monday at 7:30.
+    argv += ["--renters", f"http://127.0.0.1:{args.http_port}", "--api-key", DEMO_API_KEY, "--start-hour", "7.5"]
+    argv += ["--pid-file", str(pid_file)]
+    if args.incidents:
+        argv += ["--incidents", f"{args.incidents:g}", "--incident-hold", f"{args.incident_hold:g}"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     run_dir = REPO / ".run"
     run_dir.mkdir(exist_ok=True)
@@ -101,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             GATEWAY__COMMANDS__MASTER_KEY=DEMO_MASTER_KEY,
             GATEWAY__API__KEYS=f"demo:{DEMO_API_KEY}",
         )
+        if args.webhook:
+            env["GATEWAY__WEBHOOKS__ENDPOINTS"] = webhook_endpoints(args.webhook, args.webhook_secret)
+        if args.incidents:
+            for name, value in alert_thresholds(args.speed, args.incident_hold).items():
+                env.setdefault(name, value)  # the user's own setting wins
         if args.vehicles != 29:
             fleet_file = run_dir / f"fleet-{args.vehicles}.yaml"
             subprocess.run(
@@ -118,20 +215,23 @@ def main(argv: list[str] | None = None) -> int:
             )
         env["GATEWAY__FLEET__FILE"] = str(fleet_file)
         children.append(_spawn("gateway", [sys.executable, "-m", "gateway"], env, run_dir))
-        sim_argv = [sys.executable, "-m", "device_sim", "--host", "127.0.0.1", "--port", str(args.mqtt_port)]
-        sim_argv += ["--vehicles", str(args.vehicles), "--speed", str(args.speed), "--fleet", str(fleet_file)]
-        # The booking day: renters book, drive and return the cars through the API, from a Monday at 7:30.
-        sim_argv += [
-            "--renters",
-            f"http://127.0.0.1:{args.http_port}",
-            "--api-key",
-            DEMO_API_KEY,
-            "--start-hour",
-            "7.5",
-        ]
-        children.append(_spawn("device_sim", sim_argv, env, run_dir))
+        _wait_gateway(children[-1], args.http_port)  # the renters check the API before the fleet starts
+        pid_file = run_dir / PID_FILE
+        children.append(_spawn("device_sim", sim_command(args, fleet_file, pid_file), env, run_dir))
         print(f"gateway: http://127.0.0.1:{args.http_port} (API key {DEMO_API_KEY}); logs in .run/gateway.log")
         print(f"fleet: {args.vehicles} simulated cars at {args.speed:g}x; logs in .run/device_sim.log")
+        if args.incidents:
+            print(
+                f"incidents: an alert condition every {args.incidents:g} s, cleared after {args.incident_hold:g} s"
+                f" (alerts open after: unattended {env['GATEWAY__ALERTS__UNATTENDED_AFTER_S']} s, charging fault"
+                f" {env['GATEWAY__ALERTS__CHARGING_FAULT_AFTER_S']} s, silent {env['GATEWAY__ALERTS__SILENT_AFTER_S']}"
+                " s); see .run/device_sim.log"
+            )
+        if args.webhook:
+            port = urllib.parse.urlsplit(args.webhook[0]).port or 9000
+            print(f"webhooks: every event to {', '.join(args.webhook)}, secret {args.webhook_secret}")
+            print(f"  a receiver: python -m device_sim.receiver --port {port} --secret {args.webhook_secret}")
+            print(f"  an incident now: kill -USR1 $(cat .run/{PID_FILE})")
         print("Ctrl-C to stop.")
         return _watch(args, children)
     except KeyboardInterrupt:
@@ -150,6 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         for svc in reversed(started):
             svc.stop()
         print("\nstopped everything this run started")
+
+
+def _wait_gateway(proc: subprocess.Popen[bytes], port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise services.ServiceError(f"the gateway exited with {proc.returncode}; see .run/gateway.log")
+        if services.port_open(port):
+            return
+        time.sleep(0.1)
+    raise services.ServiceError(f"the gateway did not open port {port} within {timeout:.0f} s; see .run/gateway.log")
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], run_dir: Path) -> subprocess.Popen[bytes]:
