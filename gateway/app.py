@@ -86,6 +86,7 @@ __all__ = [
 SELF_REPORT_INTERVAL_S = 10.0
 PRUNE_INTERVAL_S = 3600.0
 STATE_FILE = "vehicles.json"
+ALERT_VIEWS_FILE = "alert-views.json"
 STORE_FILE = "gateway.sqlite3"
 DRAIN_DEADLINE_S = 10.0
 ALERTS_DRAIN_S = 2.0
@@ -214,8 +215,9 @@ async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
         charging_fault_after_ms=int(a.charging_fault_after_s * 1000),
     )
     app[ALERTS] = alerts = AlertMonitor(
-        store, app[FLEET], app[STATE], events, app[JOURNAL].append, thresholds, a.replay_after_s, a.check_every_s
-    )
+        store, app[FLEET], app[STATE], events, app[JOURNAL].append, thresholds, a.replay_after_s, a.check_every_s,
+        views_file=s.state.dir / ALERT_VIEWS_FILE,
+    )  # fmt: skip
     if a.enabled:
         try:
             await alerts.load()
@@ -241,6 +243,7 @@ async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     await sup.cancel(checks)
     await alerts.drain(ALERTS_DRAIN_S)
     await sup.cancel(writer)
+    alerts.save()
 
 
 async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -351,6 +354,8 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
                 state.save(state_file)
             except OSError as e:
                 log.warning("cannot save the vehicle state to %s: %s", state_file, e)
+            if s.alerts.enabled:
+                alerts.save()
 
     async def prune() -> None:
         while True:

@@ -221,12 +221,29 @@ async def test_a_replayed_reading_opens_and_resolves_nothing(env: Env) -> None:
         lambda: env.q("SELECT speed_kmh FROM location WHERE vehicle_id = 'ZOE-003'"), what="the replay stored"
     )
     assert rows[0]["speed_kmh"] == 60
-    # A live reading opens it; a replay of an older moment at the station does not resolve it.
-    await env.at("ZOE-003", AWAY, speed=40)
-    await env.delivered("alert.opened", "ZOE-003", "moved_without_trip")
-    await env.send("ZOE-003", "location", ago_s=300, lat=HOME["ZOE-003"][0], lon=HOME["ZOE-003"][1], speed_kmh=0)
-    await env.settle()
-    assert [a["type"] for a in await env.alerts(vehicle_id="ZOE-003")] == ["moved_without_trip"]
+
+
+async def test_a_replay_newer_than_the_live_reading_resolves_nothing(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    # A 2 s replay window makes the case real in seconds: a live reading that opens the alert, then,
+    # arriving later, a buffered one that is newer than it (so it becomes the car's latest) but was
+    # already 2 s old on arrival.
+    env = await start(stack, unique, tmp_path, aiohttp_client, alerts__replay_after_s=2)
+    try:
+        await env.at("ZOE-003", AWAY, speed=40, ago_s=1.5)
+        await env.delivered("alert.opened", "ZOE-003", "moved_without_trip")
+        await asyncio.sleep(1.0)
+        await env.send("ZOE-003", "location", ago_s=2.2, lat=HOME["ZOE-003"][0], lon=HOME["ZOE-003"][1], speed_kmh=0)
+        await async_wait_for(lambda: env.rt.alerts.replayed >= 1, what="the replay seen")
+        car = await env.get("/v1/vehicles/ZOE-003")
+        assert car["location"]["speed_kmh"] == 0  # it is the car's latest position...
+        await env.settle()
+        assert [a["type"] for a in await env.alerts(vehicle_id="ZOE-003")] == ["moved_without_trip"]  # ...not news
+        await env.at("ZOE-003", HOME["ZOE-003"])  # a live one is
+        await env.delivered("alert.resolved", "ZOE-003", "moved_without_trip")
+    finally:
+        await env.receiver.stop()
 
 
 async def test_not_returned_and_no_movement_alert_during_a_trip(
@@ -241,7 +258,15 @@ async def test_not_returned_and_no_movement_alert_during_a_trip(
             await sim.act("ZOE-005")
             r = await env.client.post("/v1/vehicles/ZOE-005/unlock", json={"reservation_id": "R-nr"}, headers=AUTH)
             assert r.status == 200, await r.text()
-            await async_wait_for(lambda: "ZOE-005" in env.rt.alerts.trips, what="the trip seen by the monitor")
+            await async_wait_for(lambda: env.rt.alerts.trips.get("ZOE-005"), what="the trip seen by the monitor")
+            [cmd] = await env.receiver.wait(lambda r: r.accepted("command.completed"), what="the unlock's event")
+            assert set(cmd.event["data"]) == {"command_id", "action", "reservation_id", "caller", "source",
+                                              "issued_at", "result", "reason", "latency_ms", "vehicle_id"}  # fmt: skip
+            assert {k: cmd.event["data"][k] for k in ("vehicle_id", "action", "reservation_id", "source", "result")} \
+                == {"vehicle_id": "ZOE-005", "action": "unlock", "reservation_id": "R-nr", "source": "api",
+                    "result": "done"}  # fmt: skip
+            listed = (await env.get("/v1/vehicles/ZOE-005/commands"))["commands"]
+            assert {k: v for k, v in cmd.event["data"].items() if k != "vehicle_id"} == listed[0]
             await sim.act("ZOE-005", lat=AWAY[0], lon=AWAY[1], speed_kmh=45.0)  # driven away: a trip runs
             [opened] = await env.delivered("alert.opened", "ZOE-005", "not_returned")
             assert opened["reservation_id"] == "R-nr"

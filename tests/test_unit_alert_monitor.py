@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from gateway.ingest.state import FleetState
 from gateway.ingest.telemetry import Reading
 from gateway.notify.alerts import AlertMonitor
 from gateway.notify.events import EventLog
-from gateway.rules.alerts import Thresholds
+from gateway.rules.alerts import Alert, Thresholds
 from gateway.store.sqlite import SqliteStore, open_sqlite
 from tests.helpers import REPO
 
@@ -104,11 +105,11 @@ async def test_unattended_counts_from_the_first_unlocked_reading(
 
 async def test_a_trip_event_tells_the_monitor(parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]]) -> None:
     m, store, clock, _ = parts
-    m.events.recorded(m.events.new("trip.started", {"vehicle_id": "ZOE-001"}))
+    trip_event(m, "trip.started", "R-1", clock.ms)
     m.observe(location(clock.ms, speed=60.0), clock.ms)
     await flush(m)
     assert await store.list_alerts("all", None, None, 10) == []
-    m.events.recorded(m.events.new("trip.ended", {"vehicle_id": "ZOE-001"}))
+    trip_event(m, "trip.ended", "R-1", clock.ms)
     m.observe(location(clock.ms + 1, speed=60.0), clock.ms + 1)
     await flush(m)
     assert len(await store.list_alerts("open", None, None, 10)) == 1
@@ -151,4 +152,92 @@ async def test_open_alerts_survive_a_restart(tmp_path: Path) -> None:
     again.observe(location(clock.ms + 10), clock.ms + 10)
     await flush(again)
     assert await store.list_alerts("open", None, None, 10) == []
+    await store.close()
+
+
+def trip_event(m: AlertMonitor, type_: str, rid: str, ts: int) -> None:
+    m.events.recorded(m.events.new(type_, {"vehicle_id": "ZOE-001", "reservation_id": rid}, ts))  # type: ignore[arg-type]
+
+
+async def test_a_late_trip_ending_does_not_hide_the_next_one(
+    parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]],
+) -> None:
+    m, store, clock, _ = parts
+    trip_event(m, "trip.started", "R-1", clock.ms)
+    trip_event(m, "trip.started", "R-2", clock.ms + 1)  # R-1 is late back; R-2's renter drives off
+    trip_event(m, "trip.ended", "R-1", clock.ms + 2)
+    m.observe(location(clock.ms + 3, speed=50.0), clock.ms + 3)
+    await flush(m)
+    assert await store.list_alerts("all", None, None, 10) == []
+
+
+async def test_unattended_counts_from_the_end_of_the_trip(
+    parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]],
+) -> None:
+    m, store, clock, _ = parts
+    trip_event(m, "trip.started", "R-1", clock.ms)
+    m.observe(doors(clock.ms, locked=False), clock.ms)  # the renter opens it
+    clock.ms += 3_600_000
+    trip_event(m, "trip.ended", "R-1", clock.ms)  # ended (forced) with the car unlocked
+    await m.check()
+    await flush(m)
+    assert await store.list_alerts("open", None, "unlocked_unattended", 10) == []  # not for the trip's hour
+    clock.ms += 10_000
+    await m.check()
+    await flush(m)
+    [a] = await store.list_alerts("open", None, "unlocked_unattended", 10)
+    assert a.type == "unlocked_unattended" and a.details["since_ms"] == clock.ms - 10_000
+
+
+async def test_a_full_queue_decides_again_later(parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]]) -> None:
+    m, store, clock, _ = parts
+    m._queue = asyncio.Queue(1)
+    m.observe(location(clock.ms, speed=40.0), clock.ms)
+    m.observe(location(clock.ms, speed=40.0, vid="ZOE-002"), clock.ms)
+    assert m.dropped == 1 and m.open_by_type()["moved_without_trip"] == 1
+    await flush(m)
+    m.observe(location(clock.ms + 1, speed=40.0, vid="ZOE-002"), clock.ms + 1)  # still moving: decided now
+    await flush(m)
+    assert {a.vehicle_id for a in await store.list_alerts("open", None, None, 10)} == {"ZOE-001", "ZOE-002"}
+
+
+async def test_an_alert_open_in_the_store_already_is_the_one_followed(
+    parts: tuple[AlertMonitor, SqliteStore, Clock, list[bytes]],
+) -> None:
+    m, store, clock, _ = parts
+    theirs = Alert("alr_theirs", "moved_without_trip", "ZOE-001", None, clock.ms - 5, "m")
+    assert await store.open_alert(theirs, m.events.new("alert.opened", {}))  # e.g. another instance's
+    m.observe(location(clock.ms, speed=40.0), clock.ms)
+    await flush(m)
+    assert [a.id for a in await store.list_alerts("open", None, None, 10)] == ["alr_theirs"]
+    m.observe(location(clock.ms + 1), clock.ms + 1)  # back home, parked
+    await flush(m)
+    assert await store.list_alerts("open", None, None, 10) == []
+
+
+async def test_the_view_of_the_cars_survives_a_restart(tmp_path: Path) -> None:
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    clock = Clock()
+    th = Thresholds(unattended_after_ms=600_000)
+    views = tmp_path / "views.json"
+
+    def monitor() -> AlertMonitor:
+        return AlertMonitor(
+            store, FLEET, FleetState(FLEET), EventLog(clock=clock), lambda b: None, th, 120, 1.0, clock, views
+        )
+
+    m = monitor()
+    await m.load()
+    m.broker(True, 1)
+    m.observe(doors(clock.ms, locked=False), clock.ms)
+    m.save()
+    clock.ms += 300_000
+    again = monitor()
+    await again.load()  # the saved vehicle state is empty: the view comes from the monitor's own file
+    again.broker(True, 1)
+    clock.ms += 300_000
+    await again.check()
+    await flush(again)
+    [a] = await store.list_alerts("open", None, "unlocked_unattended", 10)
+    assert a.details["since_ms"] == T0  # ten minutes from the first reading, across the restart
     await store.close()

@@ -188,3 +188,13 @@ def test_not_returned_after_the_grace_while_the_trip_runs() -> None:
 def test_per_message_and_scheduled_split_the_types() -> None:
     assert {"moved_without_trip", "left_service_area"} == PER_MESSAGE
     assert not PER_MESSAGE & SCHEDULED and len(PER_MESSAGE | SCHEDULED) == 7
+
+
+def test_left_service_area_resolves_only_well_inside() -> None:
+    lat_max = CTX.area[1] if CTX.area else 0.0
+    open_ = opened("left_service_area")
+    t: list[AlertType] = ["left_service_area"]
+    assert evaluate(car(lat=lat_max - 0.00001), CTX, NOW, open_, t) == []  # a metre inside: GPS noise
+    assert evaluate(car(lat=lat_max - 0.0017), CTX, NOW, open_, t) == []  # 190 m
+    assert kinds(evaluate(car(lat=lat_max - 0.0019), CTX, NOW, open_, t)) == [("resolve", "left_service_area")]
+    assert evaluate(car(lat=lat_max - 0.00001), CTX, NOW, {}, t) == []  # and inside opens nothing

@@ -25,10 +25,15 @@ outage never reads as every car falling silent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+import orjson
 
 from gateway.errors import StoreError
 from gateway.fleet import Fleet
@@ -85,6 +90,7 @@ class _Change:
     alert: Alert
     opened: bool  # False: resolved
     why: str = ""
+    resolved_ms: int = 0  # when the resolution was decided
 
 
 BrokerState = Callable[[], tuple[bool, int]]
@@ -103,8 +109,13 @@ class AlertMonitor:
         replay_after_s: float,
         check_every_s: float | None = None,
         clock: Callable[[], int] = now_ms,
+        views_file: Path | None = None,
     ) -> None:
         self.store = store
+        # What the monitor knows of each car (streaks included) is saved here, so that a restart
+        # neither forgets how long a door has been open nor takes the saved vehicle state (which
+        # keeps replays too) for current.
+        self.views_file = views_file
         self.fleet = fleet
         self.state = state
         self.events = events
@@ -119,7 +130,8 @@ class AlertMonitor:
         self.clock = clock
         self.cars = {vid: _Car() for vid in fleet.vehicles}
         self.open: dict[str, dict[AlertKey, Alert]] = {vid: {} for vid in fleet.vehicles}  # by car
-        self.trips: set[str] = set()  # cars with a trip running
+        # Each car's running trips, by reservation: a late trip may still run when the next one starts.
+        self.trips: dict[str, set[str]] = {}
         self.replayed = 0  # readings too old on arrival to count
         self.dropped = 0  # changes not queued: the queue was full (decided again later)
         self.quiet_until_ms = LATEST_MS  # until the broker connection is first seen
@@ -151,12 +163,39 @@ class AlertMonitor:
             if a.vehicle_id in self.open:
                 self.open[a.vehicle_id][a.key] = a
                 n += 1
-        self.trips = {t.vehicle_id for t in await self.store.running_trips(LATEST_MS)}
-        for vid, st in self.state.vehicles.items():
-            for r in st.readings.values():
-                self._take(self.cars[vid], r)
+        for t in await self.store.running_trips(LATEST_MS):
+            self.trips.setdefault(t.vehicle_id, set()).add(t.reservation_id)
+        if not self._restore():
+            for vid, st in self.state.vehicles.items():  # first start: what the saved vehicle state says
+                for r in st.readings.values():
+                    self._take(self.cars[vid], r)
         if n:
             log.info("alerts: %d open from before the restart", n)
+
+    def save(self) -> None:
+        if self.views_file is None:
+            return
+        doc = {vid: dataclasses.asdict(c) for vid, c in self.cars.items()}
+        tmp = self.views_file.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(orjson.dumps(doc))
+            os.replace(tmp, self.views_file)
+        except OSError as e:
+            log.warning("cannot save the alert monitor's view of the cars to %s: %s", self.views_file, e)
+
+    def _restore(self) -> bool:
+        if self.views_file is None:
+            return False
+        try:
+            doc = orjson.loads(self.views_file.read_bytes())
+            cars = {vid: _Car(**fields) for vid, fields in doc.items() if vid in self.cars}
+        except FileNotFoundError:
+            return False
+        except (OSError, orjson.JSONDecodeError, TypeError, AttributeError) as e:
+            log.warning("ignoring %s (%s): the alert monitor starts from the saved vehicle state", self.views_file, e)
+            return False
+        self.cars.update(cars)
+        return True
 
     # -- ingest's side: every new latest reading, on the event loop, cheap --
 
@@ -195,7 +234,7 @@ class AlertMonitor:
         c = self.cars[vid]
         return CarView(
             vid, self.state.vehicles[vid].last_seen_ms, c.location_ms, c.lat, c.lon, c.speed_kmh, c.locked, c.closed,
-            c.open_since_ms, c.soc_pct, c.charging, c.plugged, c.stalled_since_ms, vid in self.trips,
+            c.open_since_ms, c.soc_pct, c.charging, c.plugged, c.stalled_since_ms, bool(self.trips.get(vid)),
         )  # fmt: skip
 
     def _decide(self, vid: str, types: Iterable[AlertType], reservations: Iterable[Upcoming], now: int) -> None:
@@ -211,7 +250,7 @@ class AlertMonitor:
                 )  # fmt: skip
                 item = _Change(a, True)
             else:
-                a, item = change.alert, _Change(change.alert, False, change.why)
+                a, item = change.alert, _Change(change.alert, False, change.why, now)
             try:
                 self._queue.put_nowait(item)
             except asyncio.QueueFull:
@@ -223,9 +262,19 @@ class AlertMonitor:
                 mine.pop(a.key, None)
 
     def _on_event(self, e: Event) -> None:
-        if e.type in ("trip.started", "trip.ended"):
-            vid = e.doc()["data"]["vehicle_id"]
-            (self.trips.add if e.type == "trip.started" else self.trips.discard)(vid)
+        if e.type not in ("trip.started", "trip.ended"):
+            return
+        data = e.doc()["data"]
+        vid, rid = data["vehicle_id"], data["reservation_id"]
+        running = self.trips.setdefault(vid, set())
+        if e.type == "trip.started":
+            running.add(rid)
+            return
+        running.discard(rid)
+        car = self.cars.get(vid)
+        if car is not None and car.open_since_ms is not None and not running:
+            # Left unlocked at the end of the trip: unattended from now, not from when the renter opened it.
+            car.open_since_ms = max(car.open_since_ms, e.ts_ms)
 
     # -- the scheduled side --
 
@@ -274,6 +323,7 @@ class AlertMonitor:
                     log.error("alerts: %s; trying again", e)
                     await asyncio.sleep(STORE_RETRY_S)
             self._queue.task_done()
+            await asyncio.sleep(0)  # a burst of decisions (the end of the quiet window) must not stall the loop
 
     async def drain(self, deadline_s: float) -> None:
         """At shutdown: wait (a little) for the decisions taken to be written. What is left is decided again
@@ -288,18 +338,33 @@ class AlertMonitor:
         if c.opened:
             e = self.events.new("alert.opened", alert_doc(a), a.opened_ms)
             if not await self.store.open_alert(a, e):
+                # One of this key is open in the store already (recorded by another instance, or a commit
+                # that reported an error): follow that one, so that it is the one resolved.
+                stored = await self._stored(a)
+                mine = self.open[a.vehicle_id]
+                if stored is not None and mine.get(a.key) is a:
+                    mine[a.key] = stored
                 log.info("alerts: %s of %s was open already", a.type, a.vehicle_id)
                 return
             self._line(a, "opened", a.opened_ms)
             log.warning("alert opened: %s (%s)", a.message, a.type)
         else:
-            resolved = self.clock()
+            resolved = c.resolved_ms
             e = self.events.new("alert.resolved", alert_doc(replace(a, resolved_ms=resolved)), resolved)
             if not await self.store.resolve_alert(a, resolved, e):
+                stored = await self._stored(a)
+                if stored is not None and stored.id != a.id:  # the store had another open: it is over too
+                    await self._record(_Change(stored, False, c.why, resolved))
                 return
             self._line(a, "resolved", resolved)
             log.info("alert resolved: %s of %s: %s", a.type, a.vehicle_id, c.why)
         self.events.recorded(e)
+
+    async def _stored(self, a: Alert) -> Alert | None:
+        for s in await self.store.list_alerts("open", a.vehicle_id, a.type, 1000):
+            if s.key == a.key:
+                return s
+        return None
 
     def _line(self, a: Alert, state: str, ts: int) -> None:
         tags = {"vehicle_id": a.vehicle_id, "type": a.type, "severity": a.severity, "state": state}

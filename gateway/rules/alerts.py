@@ -13,6 +13,7 @@ within its station's radius, parked.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -65,6 +66,10 @@ SCHEDULED: frozenset[AlertType] = frozenset(ALERT_TYPES) - PER_MESSAGE
 
 MOVING_KMH = 10.0
 AWAY_M = 500.0
+# Back inside the service area means inside by this much: a car parked on its edge, with GPS noise,
+# would otherwise open and resolve it on every reading.
+AREA_MARGIN_M = 200.0
+M_PER_DEG_LAT = 111_320.0
 FULL_ENOUGH_PCT = 80.0  # a car charged to this is not in need of charging
 
 AlertKey = tuple[str, str, str]  # (type, vehicle_id, reservation_id or "")
@@ -175,11 +180,14 @@ def _from_home_m(car: CarView, ctx: Context) -> float | None:
     return distance_m(car.lat, car.lon, ctx.home_lat, ctx.home_lon)
 
 
-def _outside(car: CarView, ctx: Context) -> bool | None:
+def _outside(car: CarView, ctx: Context, margin_m: float = 0.0) -> bool | None:
+    """Outside the service area (shrunk by `margin_m` on every side); None if unknown or no area."""
     if ctx.area is None or car.lat is None or car.lon is None:
         return None
     lat_min, lat_max, lon_min, lon_max = ctx.area
-    return not (lat_min <= car.lat <= lat_max and lon_min <= car.lon <= lon_max)
+    dlat = margin_m / M_PER_DEG_LAT
+    dlon = margin_m / (M_PER_DEG_LAT * max(0.01, math.cos(math.radians(car.lat))))
+    return not (lat_min + dlat <= car.lat <= lat_max - dlat and lon_min + dlon <= car.lon <= lon_max - dlon)
 
 
 def _s(ms: int) -> str:
@@ -208,9 +216,10 @@ def _car_rules(
                 return None
             speed = car.speed_kmh or 0.0
             if speed > MOVING_KMH or away > AWAY_M:
+                what = f"is moving with no trip at {speed:.0f} km/h" if speed > MOVING_KMH else "is away with no trip"
                 return Open(
                     type_, vid, None,
-                    f"{vid} is moving with no trip: {speed:.0f} km/h, {away:.0f} m from its station",
+                    f"{vid} {what}, {away:.0f} m from its station",
                     {"speed_kmh": speed, "distance_m": round(away), "lat": car.lat, "lon": car.lon},
                 )  # fmt: skip
             return None
@@ -218,10 +227,11 @@ def _car_rules(
             return "back at its station, parked"
         return None
     if type_ == "left_service_area":
-        outside = _outside(car, ctx)
-        if not is_open and outside:
-            return Open(type_, vid, None, f"{vid} is outside the service area", {"lat": car.lat, "lon": car.lon})
-        if is_open and outside is False:
+        if not is_open:
+            if _outside(car, ctx):
+                return Open(type_, vid, None, f"{vid} is outside the service area", {"lat": car.lat, "lon": car.lon})
+            return None
+        if _outside(car, ctx, AREA_MARGIN_M) is False:
             return "back inside the service area"
         return None
     if type_ == "unlocked_unattended":
