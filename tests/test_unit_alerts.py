@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.rules.alerts import (
     PER_MESSAGE,
@@ -19,6 +21,7 @@ from gateway.rules.alerts import (
     Thresholds,
     Upcoming,
     evaluate,
+    location_is_news,
     projected_soc,
 )
 
@@ -198,3 +201,29 @@ def test_left_service_area_resolves_only_well_inside() -> None:
     assert evaluate(car(lat=lat_max - 0.0017), CTX, NOW, open_, t) == []  # 190 m
     assert kinds(evaluate(car(lat=lat_max - 0.0019), CTX, NOW, open_, t)) == [("resolve", "left_service_area")]
     assert evaluate(car(lat=lat_max - 0.00001), CTX, NOW, {}, t) == []  # and inside opens nothing
+
+
+@given(
+    dlat=st.floats(-0.05, 0.05),
+    dlon=st.floats(-0.05, 0.05),
+    speed=st.one_of(st.none(), st.floats(0, 200)),
+    trip=st.booleans(),
+    area=st.booleans(),
+)
+def test_the_shortcut_never_hides_what_the_rules_would_open(
+    dlat: float, dlon: float, speed: float | None, trip: bool, area: bool
+) -> None:
+    ctx = CTX if area else replace(CTX, area=None)
+    lat, lon = HOME[0] + dlat, HOME[1] + dlon
+    view = car(lat=lat, lon=lon, speed_kmh=speed, trip_running=trip)
+    opens = evaluate(view, ctx, NOW, {}, sorted(PER_MESSAGE))
+    if not location_is_news(ctx, lat, lon, speed, trip):
+        assert opens == []
+
+
+def test_the_shortcut_lets_the_usual_parked_car_through_cheaply() -> None:
+    assert not location_is_news(CTX, HOME[0], HOME[1], 0.0, False)
+    assert not location_is_news(CTX, NEAR_300M[0], HOME[1], None, False)
+    assert location_is_news(CTX, HOME[0], HOME[1], 30.0, False)
+    assert not location_is_news(CTX, AWAY_600M[0], HOME[1], 30.0, True)  # on a trip, inside the area
+    assert location_is_news(CTX, 49.5, HOME[1], 30.0, True)  # on a trip, out of the area

@@ -54,6 +54,7 @@ from gateway.rules.alerts import (
     Thresholds,
     Upcoming,
     evaluate,
+    location_is_news,
 )
 from gateway.rules.events import Event, alert_doc
 from gateway.store.base import Store
@@ -207,8 +208,14 @@ class AlertMonitor:
         if car is None:
             return
         self._take(car, r)
-        if r.kind == "location":
-            self._decide(r.vehicle_id, PER_MESSAGE, (), received_ms)
+        if r.kind != "location":
+            return
+        vid = r.vehicle_id
+        # Most positions are a parked car at its station: no news, and no need for the full rules.
+        if self.open[vid] or location_is_news(
+            self._contexts[vid], r.fields["lat"], r.fields["lon"], r.fields.get("speed_kmh"), bool(self.trips.get(vid))
+        ):
+            self._decide(vid, PER_MESSAGE, (), received_ms)
 
     @staticmethod
     def _take(car: _Car, r: Reading) -> None:

@@ -13,9 +13,9 @@ Two things keep the store's work off the hot paths. Outcomes are written
 behind, many in one transaction (:data:`OUTCOME_FLUSH_S`); until its outcome
 is stored a delivery stays "in flight" in memory, so it is never sent twice
 meanwhile, and a store that refuses writes holds it there instead of letting
-it be sent again in a loop. And a new event wakes its endpoints a moment
-later (:data:`WAKE_DELAY_S`), so a burst of commands is looked up once, after
-the store has written their events in one batch.
+it be sent again in a loop. And a command's event wakes its endpoints a
+moment later (:data:`WAKE_DELAY_S`), so a burst of commands is looked up
+once, after the store has written their events in one batch.
 """
 
 from __future__ import annotations
@@ -87,11 +87,15 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def on_event(self, e: Event) -> None:
-        """An event was recorded: wake the loops of the endpoints it goes to, shortly."""
+        """An event was recorded: wake the loops of the endpoints it goes to.
+
+        A command's event is written behind (with the audit, see ``Store.record_command``): its
+        endpoints are woken a moment later, once for a burst, when the batch is in the store."""
+        delay = WAKE_DELAY_S if e.type == "command.completed" else 0.0
         for url in e.targets:
             if url in self._wakes and url not in self._wake_soon:
                 self._wake_soon.add(url)
-                asyncio.get_running_loop().call_later(WAKE_DELAY_S, self._wake, url)
+                asyncio.get_running_loop().call_later(delay, self._wake, url)
 
     def _wake(self, url: str) -> None:
         self._wake_soon.discard(url)

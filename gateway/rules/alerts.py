@@ -36,6 +36,7 @@ __all__ = [
     "Thresholds",
     "Upcoming",
     "evaluate",
+    "location_is_news",
     "projected_soc",
 ]
 
@@ -147,6 +148,15 @@ class Context:
     ac_charge_kw: float
     battery_kwh: float
     thresholds: Thresholds
+    # lat_min, lat_max, lon_min, lon_max of a square around the station inside the AWAY_M circle
+    near_home: tuple[float, float, float, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        half_m = AWAY_M / math.sqrt(2)
+        dlat = half_m / M_PER_DEG_LAT
+        dlon = half_m / (M_PER_DEG_LAT * max(0.01, math.cos(math.radians(self.home_lat))))
+        box = (self.home_lat - dlat, self.home_lat + dlat, self.home_lon - dlon, self.home_lon + dlon)
+        object.__setattr__(self, "near_home", box)
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,20 @@ class Resolve:
 
 
 Change = Open | Resolve
+
+
+def location_is_news(ctx: Context, lat: float, lon: float, speed_kmh: float | None, trip_running: bool) -> bool:
+    """Whether a position could open a per-message alert; False for the common case — parked or slow near
+    its station (or on a trip), inside the service area — with a few comparisons instead of a distance.
+    Only for a car with no alert open (an open one needs :func:`evaluate` to see if it resolves)."""
+    if not trip_running:
+        lat_min, lat_max, lon_min, lon_max = ctx.near_home
+        if (speed_kmh or 0.0) > MOVING_KMH or not (lat_min <= lat <= lat_max and lon_min <= lon <= lon_max):
+            return True
+    if ctx.area is not None:
+        a_lat_min, a_lat_max, a_lon_min, a_lon_max = ctx.area
+        return not (a_lat_min <= lat <= a_lat_max and a_lon_min <= lon <= a_lon_max)
+    return False
 
 
 def projected_soc(soc_pct: float, charging: bool, ac_charge_kw: float, battery_kwh: float, hours: float) -> float:
