@@ -14,9 +14,18 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_SECONDS: dict[int, str] = {}  # second -> "YYYY-MM-DDTHH:MM:SS": times come in runs, often two at once
+
+
 def iso_ms(ts_ms: int) -> str:
     """``2026-11-26T09:00:00.123Z``: what the API answers for every time."""
-    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    second, ms = divmod(ts_ms, 1000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) >= 64:
+            _SECONDS.clear()
+        prefix = _SECONDS[second] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{prefix}.{ms:03d}Z"
 
 
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z")

@@ -18,7 +18,7 @@ import pytest
 from gateway.errors import StartupError
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
-from gateway.rules.events import Event, EventType, make_event
+from gateway.rules.events import Event, EventType, make_event, ulid_floor
 from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
@@ -342,7 +342,8 @@ A, B = "http://a.example/hook", "http://b.example/hook"
 
 
 def event(n: int, type_: EventType = "alert.opened", targets: tuple[str, ...] = (A,), ts: int = T0) -> Event:
-    return make_event(f"evt_{n:026d}", type_, ts + n, {"n": n}, targets)
+    """The n-th event, recorded at `ts` + n ms, with the id the event log would give it."""
+    return make_event("evt_" + ulid_floor(ts + n), type_, ts + n, {"n": n}, targets)
 
 
 async def test_events_are_listed_after_an_id_oldest_first_and_by_type(store: Store) -> None:
@@ -351,10 +352,8 @@ async def test_events_are_listed_after_an_id_oldest_first_and_by_type(store: Sto
     assert [e.id for e in await store.list_events(None, None, 10)] == [event(n).id for n in range(5)]
     assert [e.id for e in await store.list_events(event(2).id, None, 10)] == [event(3).id, event(4).id]
     assert [e.id for e in await store.list_events(None, "trip.started", 10)] == [event(1).id, event(3).id]
-    assert [e.id for e in await store.list_events("evt_00000000000000000000000001Z", None, 2)] == [
-        event(2).id,
-        event(3).id,
-    ]  # fmt: skip  (an id that was never recorded, or was pruned)
+    never = event(1).id[:-1] + "Z"  # after event 1, before event 2: never recorded (or pruned)
+    assert [e.id for e in await store.list_events(never, None, 2)] == [event(2).id, event(3).id]
     [got] = await store.list_events(event(3).id, "alert.opened", 10)
     assert got.body == event(4).body and got.ts_ms == T0 + 4 and got.type == "alert.opened"
 
@@ -451,5 +450,5 @@ async def test_prune_forgets_old_events_and_their_deliveries(store: Store) -> No
     await store.add_event(event(1, ts=T0))
     await store.add_event(event(2, ts=T0 + H))
     assert await store.prune(T0 + H, T0 + H) >= 1
-    assert [e.id for e in await store.list_events(None, None, 10)] == [event(2).id]
+    assert [e.id for e in await store.list_events(None, None, 10)] == [event(2, ts=T0 + H).id]
     assert await store.webhook_backlog() == 1

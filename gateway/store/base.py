@@ -136,7 +136,8 @@ class Store(Protocol):
 
     # -- events and the webhook outbox --
     # Recording an event also queues one delivery per endpoint in ``event.targets``, in the same
-    # transaction: an event in the store is an event that will be delivered.
+    # transaction: an event in the store is an event that will be delivered. Event ids are ULIDs of
+    # the event's time (``gateway/rules/events.py``): a backend may order and prune by id.
 
     async def add_event(self, e: Event) -> None: ...
 

@@ -25,7 +25,7 @@ import orjson
 from gateway.errors import StartupError, StoreError
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
-from gateway.rules.events import Event
+from gateway.rules.events import Event, ulid_floor
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
@@ -446,10 +446,11 @@ class SqliteStore:
             "INSERT OR IGNORE INTO events (id, type, ts_ms, body) VALUES (?,?,?,?)",
             [(e.id, e.type, e.ts_ms, e.body) for e in events],
         )
-        self.db.executemany(
-            "INSERT OR IGNORE INTO deliveries (event_id, endpoint, due_ms) VALUES (?,?,?)",
-            [(e.id, url, e.ts_ms) for e in events for url in e.targets],
-        )
+        deliveries = [(e.id, url, e.ts_ms) for e in events for url in e.targets]
+        if deliveries:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO deliveries (event_id, endpoint, due_ms) VALUES (?,?,?)", deliveries
+            )
 
     async def add_event(self, e: Event) -> None:
         with _errors("record an event"), self._tx():
@@ -564,9 +565,8 @@ class SqliteStore:
             b = self.db.execute("DELETE FROM commands WHERE issued_ms < ?", (now_ms - AUDIT_RETENTION_MS,))
             n = a.rowcount + b.rowcount
             if events_before_ms is not None:
-                self.db.execute(
-                    "DELETE FROM deliveries WHERE event_id IN (SELECT id FROM events WHERE ts_ms < ?)",
-                    (events_before_ms,),
-                )
-                n += self.db.execute("DELETE FROM events WHERE ts_ms < ?", (events_before_ms,)).rowcount
+                # Ids are ULIDs, ordered by time: every event before a time has an id below that time's.
+                first_kept = "evt_" + ulid_floor(events_before_ms)
+                self.db.execute("DELETE FROM deliveries WHERE event_id < ?", (first_kept,))
+                n += self.db.execute("DELETE FROM events WHERE id < ?", (first_kept,)).rowcount
         return n
