@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Rentals", "readings_from"]
 
 AUTO_END_EVERY_S = 30.0
+STARTED_MEMORY = 100_000
 
 
 def readings_from(state: FleetState) -> Callable[[str], Readings]:
@@ -99,6 +100,8 @@ class Rentals:
         self.auto_end_after_ms = int(auto_end_after_s * 1000)
         self.clock = clock
         self._ending: set[str] = set()  # reservations whose end is under way in this process
+        # Reservations known to have a trip: a car unlocked again during its trip costs no store call.
+        self._started: set[str] = set()
 
     def _home(self, vehicle_id: str) -> Place:
         s = self.fleet.stations[self.fleet.vehicles[vehicle_id].station]
@@ -106,7 +109,7 @@ class Rentals:
 
     async def unlocked(self, r: Reservation) -> None:
         """Called after every ``done`` unlock of a reservation: the first one starts its trip."""
-        if r.completed:
+        if r.completed or r.id in self._started:
             return
         station = self.fleet.vehicles[r.vehicle_id].station
         trip = start_trip(r, station, self.readings(r.vehicle_id), self.clock())
@@ -114,6 +117,9 @@ class Rentals:
         if await self.store.start_trip(trip, e):
             self.events.recorded(e)
             log.info("trip of %s started on %s (user %s)", r.id, r.vehicle_id, r.user_id)
+        if len(self._started) >= STARTED_MEMORY:
+            self._started.clear()
+        self._started.add(r.id)
 
     async def trip(self, reservation_id: str) -> Trip:
         await self.booking.get(reservation_id)

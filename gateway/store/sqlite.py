@@ -333,6 +333,11 @@ class SqliteStore:
     # -- trips --
 
     async def start_trip(self, t: Trip, event: Event | None = None) -> bool:
+        # Every `done` unlock of a reservation comes here and all but the first find its trip: a read,
+        # not a write transaction, for those.
+        with _errors("start a trip"):
+            if self.db.execute("SELECT 1 FROM trips WHERE reservation_id = ?", (t.reservation_id,)).fetchone():
+                return False
         with _errors("start a trip"), self._tx():
             cur = self.db.execute(
                 f"INSERT OR IGNORE INTO trips ({_TRIP_COLUMNS}) VALUES ({','.join('?' * len(fields(Trip)))})",
