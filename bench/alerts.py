@@ -56,7 +56,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event as MpEvent
@@ -65,7 +65,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import API_KEY, REPO, broker_and_database, gateway_env, start_gateway
+from bench.common import API_KEY, REPO, broker_and_database, gateway_env, start_gateway, wait_until
 from device_sim.receiver import Answer, Delivery, Receiver
 from gateway.fleet import Fleet, load_fleet
 from gateway.mqtt.codec import Message
@@ -87,15 +87,6 @@ def now_ms() -> int:
 
 def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(poll)
-    return cond()
 
 
 def count_rows(influx_port: int, db: str) -> dict[str, int]:

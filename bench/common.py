@@ -11,7 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scripts import services
@@ -19,6 +19,16 @@ from scripts import services
 REPO = Path(__file__).resolve().parent.parent
 MASTER = "bench-master-key-0123456789"
 API_KEY = "bench-api-key-0123456789"
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.2) -> bool:
+    """Poll `cond` until it holds or `timeout` passes; whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(poll)
+    return cond()
 
 
 def gateway_env(broker_port: int, influx_port: int, http_port: int, state_dir: Path, **extra: str) -> dict[str, str]:

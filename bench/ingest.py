@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import REPO, gateway_env, start_gateway
+from bench.common import REPO, gateway_env, start_gateway, wait_until
 from scripts import services
 
 T0_MS = 1795683600000
@@ -84,15 +84,6 @@ def publish_all(broker_port: int, prefix: str, files: dict[str, Path]) -> list[s
                 )
             )
     return procs
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(poll)
-    return cond()
 
 
 class Run:

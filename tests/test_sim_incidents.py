@@ -34,7 +34,7 @@ from gateway.signing import sign, vehicle_key
 from tests.conftest import Stack, Unique
 from tests.helpers import MASTER_KEY, REPO, async_wait_for
 from tests.test_booking_integration import sim_config, start_env
-from tests.test_sim_integration import Observer
+from tests.test_sim_integration import Observer, subscribed
 
 integration = pytest.mark.integration
 
@@ -101,14 +101,8 @@ class Watch(Observer):
 
 @pytest.fixture
 async def watch(stack: Stack, unique: Unique) -> AsyncIterator[Watch]:
-    obs = Watch(unique.prefix)
-    client = await MqttClient.connect("127.0.0.1", stack.broker.port, f"obs-{uuid.uuid4().hex[:8]}")
-    client.on_message = obs.on_message
-    await client.subscribe([(f"{unique.prefix}/#", 1)])
-    obs.client = client  # type: ignore[attr-defined]
-    yield obs
-    client.disconnect()
-    await asyncio.wait_for(client.closed, 5)
+    async with subscribed(Watch(unique.prefix), stack.broker.port) as obs:
+        yield obs
 
 
 @contextlib.asynccontextmanager

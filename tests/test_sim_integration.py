@@ -6,6 +6,7 @@ Every test watches the broker with its own subscriber on its own topic prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -62,16 +63,27 @@ class Observer:
         return next((d for d in self.docs(vid, "commands/ack") if d.get("command_id") == command_id), None)
 
 
+ObserverT = TypeVar("ObserverT", bound=Observer)
+
+
+@contextlib.asynccontextmanager
+async def subscribed(obs: ObserverT, port: int) -> AsyncIterator[ObserverT]:
+    """`obs` receiving everything under its prefix on the broker at `port`."""
+    client = await MqttClient.connect("127.0.0.1", port, f"obs-{uuid.uuid4().hex[:8]}")
+    client.on_message = obs.on_message
+    await client.subscribe([(f"{obs.prefix}/#", 1)])
+    obs.client = client  # type: ignore[attr-defined]
+    try:
+        yield obs
+    finally:
+        client.disconnect()
+        await asyncio.wait_for(client.closed, 5)
+
+
 @pytest.fixture
 async def observer(stack: Stack, unique: Unique) -> AsyncIterator[Observer]:
-    obs = Observer(unique.prefix)
-    client = await MqttClient.connect("127.0.0.1", stack.broker.port, f"obs-{uuid.uuid4().hex[:8]}")
-    client.on_message = obs.on_message
-    await client.subscribe([(f"{unique.prefix}/#", 1)])
-    obs.client = client  # type: ignore[attr-defined]
-    yield obs
-    client.disconnect()
-    await asyncio.wait_for(client.closed, 5)
+    async with subscribed(Observer(unique.prefix), stack.broker.port) as obs:
+        yield obs
 
 
 def config(stack: Stack, unique: Unique, **kw: Any) -> SimConfig:

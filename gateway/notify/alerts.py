@@ -69,23 +69,6 @@ STORE_RETRY_S = 1.0
 LATEST_MS = 2**62
 
 
-@dataclass(slots=True)
-class _Car:
-    """What the monitor knows of a car: the latest current reading of each kind, and two streaks."""
-
-    location_ms: int | None = None
-    lat: float | None = None
-    lon: float | None = None
-    speed_kmh: float | None = None
-    locked: bool | None = None
-    closed: bool | None = None
-    open_since_ms: int | None = None
-    soc_pct: float | None = None
-    charging: bool | None = None
-    plugged: bool | None = None
-    stalled_since_ms: int | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class _Change:
     alert: Alert
@@ -129,7 +112,8 @@ class AlertMonitor:
         )  # fmt: skip
         self.check_every_s = check_every_s or max(1.0, min(15.0, shortest / 10_000))
         self.clock = clock
-        self.cars = {vid: _Car() for vid in fleet.vehicles}
+        # What the monitor knows of each car: the latest current reading of each kind, and two streaks.
+        self.cars = {vid: CarView(vid) for vid in fleet.vehicles}
         self.open: dict[str, dict[AlertKey, Alert]] = {vid: {} for vid in fleet.vehicles}  # by car
         # Each car's running trips, by reservation: a late trip may still run when the next one starts.
         self.trips: dict[str, set[str]] = {}
@@ -189,7 +173,7 @@ class AlertMonitor:
             return False
         try:
             doc = orjson.loads(self.views_file.read_bytes())
-            cars = {vid: _Car(**fields) for vid, fields in doc.items() if vid in self.cars}
+            cars = {vid: CarView(**fields) for vid, fields in doc.items() if vid in self.cars}
         except FileNotFoundError:
             return False
         except (OSError, orjson.JSONDecodeError, TypeError, AttributeError) as e:
@@ -218,7 +202,7 @@ class AlertMonitor:
             self._decide(vid, PER_MESSAGE, (), received_ms)
 
     @staticmethod
-    def _take(car: _Car, r: Reading) -> None:
+    def _take(car: CarView, r: Reading) -> None:
         f = r.fields
         if r.kind == "location":
             car.location_ms, car.lat, car.lon, car.speed_kmh = r.ts_ms, f["lat"], f["lon"], f.get("speed_kmh")
@@ -238,11 +222,11 @@ class AlertMonitor:
                 car.stalled_since_ms = None
 
     def _view(self, vid: str) -> CarView:
+        """The car as of now: when it was last heard of, and whether a trip of it runs."""
         c = self.cars[vid]
-        return CarView(
-            vid, self.state.vehicles[vid].last_seen_ms, c.location_ms, c.lat, c.lon, c.speed_kmh, c.locked, c.closed,
-            c.open_since_ms, c.soc_pct, c.charging, c.plugged, c.stalled_since_ms, bool(self.trips.get(vid)),
-        )  # fmt: skip
+        c.heard_ms = self.state.vehicles[vid].last_seen_ms
+        c.trip_running = bool(self.trips.get(vid))
+        return c
 
     def _decide(self, vid: str, types: Iterable[AlertType], reservations: Iterable[Upcoming], now: int) -> None:
         mine = self.open[vid]

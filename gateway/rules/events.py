@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -44,15 +44,7 @@ EventType = Literal[
     "alert.opened",
     "alert.resolved",
 ]
-EVENT_TYPES: tuple[EventType, ...] = (
-    "command.completed",
-    "trip.started",
-    "trip.ended",
-    "reservation.reassigned",
-    "reservation.preempted",
-    "alert.opened",
-    "alert.resolved",
-)
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # every 10-bit value as two digits
