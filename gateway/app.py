@@ -292,8 +292,9 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
 async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     s, sup = app[SETTINGS], app[SUPERVISOR]
     booking = Booking(
-        app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s, events=app[EVENTS]
-    )
+        app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s, events=app[EVENTS],
+        preempt_notice_s=s.booking.preempt_notice_s,
+    )  # fmt: skip
     starts = StartUnlocks(app[STORE], booking)
     booking.on_change = starts.wake
     b, t = s.billing, s.trips
@@ -342,6 +343,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             webhook_results=dict(deliverer.results),
             webhook_backlog=deliverer.backlog,
             webhooks_disabled=dict(deliverer.disabled),
+            reservations_displaced=dict(app[BOOKING].displaced),
         )
 
     app[MONITOR].watch(snapshot)

@@ -52,6 +52,7 @@ class Snapshot:
     webhook_results: dict[str, int] = field(default_factory=dict)  # delivered, retry, expired, gone
     webhook_backlog: int = 0
     webhooks_disabled: dict[str, str] = field(default_factory=dict)  # url -> why
+    reservations_displaced: dict[str, int] = field(default_factory=dict)  # reassigned, cancelled
 
 
 def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
@@ -129,6 +130,14 @@ def families(s: Snapshot) -> Iterable[Metric]:
     for result, n in sorted(s.webhook_results.items()):
         deliveries.add_metric([result], n)
     yield deliveries
+    displaced = CounterMetricFamily(
+        "gateway_reservations_displaced",
+        "Public reservations a staff reservation moved to another car (reassigned) or cancelled.",
+        labels=["action"],
+    )
+    for action, n in sorted(s.reservations_displaced.items()):
+        displaced.add_metric([action], n)
+    yield displaced
     yield gauge("gateway_webhook_backlog", "Webhook deliveries not yet made (the outbox).", s.webhook_backlog)
     yield counter(
         "gateway_acks_unmatched_total",

@@ -155,6 +155,11 @@ class CommandsSettings(_Section):
     _qos = field_validator("qos", mode="before")(_digits_to_int)
 
 
+class BookingSettings(_Section):
+    # A public booking may be cancelled for a staff one only if it starts more than this from now.
+    preempt_notice_s: float = Field(86400, ge=0)
+
+
 class TripsSettings(_Section):
     # What the car must show before a rental may end (all five by default).
     end_checks: tuple[Check, ...] = CHECKS
@@ -280,6 +285,7 @@ class Settings(_Section):
     commands: CommandsSettings = CommandsSettings()
     state: StateSettings = StateSettings()
     trips: TripsSettings = TripsSettings()
+    booking: BookingSettings = BookingSettings()
     billing: BillingSettings = BillingSettings()
     alerts: AlertsSettings = AlertsSettings()
     events: EventsSettings = EventsSettings()

@@ -94,10 +94,10 @@ def req(vehicle: str = "ZOE-001", start_h: float = -0.1, end_h: float = 1, unloc
 
 
 async def test_put_creates_then_updates_and_records_the_point(w: World) -> None:
-    r, created = await w.booking.put("R-1", req(), "booking")
+    r, created, _ = await w.booking.put("R-1", req(), "booking")
     assert created and r.created_by == "booking"
     w.clock.now += 1000
-    r2, created2 = await w.booking.put("R-1", req(end_h=2), "other-key")
+    r2, created2, _ = await w.booking.put("R-1", req(end_h=2), "other-key")
     assert not created2 and r2.created_ms == r.created_ms and r2.updated_ms == T0 + 1000
     assert r2.created_by == "booking"  # who created it stays: its start unlock is theirs
     assert len(w.points) == 2 and all(p.startswith(b"reservations,") for p in w.points)
@@ -122,7 +122,7 @@ async def test_a_cancelled_reservation_cannot_come_back(w: World) -> None:
 
 
 async def test_a_completed_reservation_cannot_be_reopened(w: World) -> None:
-    r, _ = await w.booking.put("R-1", req(), "booking")
+    r, _, _ = await w.booking.put("R-1", req(), "booking")
     assert await w.store.start_trip(start_trip(r, "alencon-cd61", Readings(), T0))
     trip = await w.store.get_trip("R-1")
     assert trip is not None and await w.store.end_trip(replace(trip, ended_ms=T0 + 60_000, ended_by="user"), "2026-11")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Protocol
 
 from gateway.errors import (
@@ -20,6 +22,7 @@ from gateway.errors import (
     IdempotencyKeyReused,
     InvalidBody,
     InvalidIdempotencyKey,
+    InvalidQuery,
     ReservationCancelled,
     ReservationConflict,
     ReservationNotActive,
@@ -32,7 +35,8 @@ from gateway.ids import IDEMPOTENCY_KEY
 from gateway.ingest.lineproto import line
 from gateway.notify.events import EventLog
 from gateway.rules.commands import Action, CommandRecord, Outcome, Source, fingerprint
-from gateway.rules.events import command_doc
+from gateway.rules.events import Event, EventType, command_doc
+from gateway.rules.priority import Move, Plan, Refusal, free_vehicles
 from gateway.rules.reservations import (
     Reservation,
     ReservationRequest,
@@ -41,12 +45,15 @@ from gateway.rules.reservations import (
     merge_update,
     new_reservation,
 )
-from gateway.store.base import Store
+from gateway.store.base import Room, Store
 from gateway.times import iso_ms, now_ms
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Booking", "CommandSender"]
+
+AVAILABILITY_SPAN_MS = 3_600_000  # GET /v1/availability without `to`: the hour from `from`
+MAX_OVERLAPPING = 1_000_000  # every reservation over a span: a fleet's bookings of a month are thousands
 
 
 class CommandSender(Protocol):
@@ -68,6 +75,7 @@ class Booking:
         clock: Callable[[], int] = now_ms,
         on_change: Callable[[], None] = lambda: None,
         events: EventLog | None = None,
+        preempt_notice_s: float = 86400,
     ) -> None:
         self.store = store
         self.fleet = fleet
@@ -77,6 +85,8 @@ class Booking:
         self.clock = clock
         self.on_change = on_change  # wakes the start-unlock scheduler
         self.events = events or EventLog()
+        self.preempt_notice_ms = int(preempt_notice_s * 1000)
+        self.displaced: Counter[str] = Counter()  # public reservations a staff one moved or cancelled, by action
         # Told of every `done` unlock of a reservation (its first starts the trip).
         self.on_unlocked: Callable[[Reservation], Awaitable[None]] | None = None
         # (caller, key) -> (request fingerprint, the first call's outcome to come)
@@ -84,8 +94,10 @@ class Booking:
 
     # -- reservations --
 
-    async def put(self, reservation_id: str, req: ReservationRequest, caller: str) -> tuple[Reservation, bool]:
-        """Create or update; returns the stored reservation and whether it is new."""
+    async def put(
+        self, reservation_id: str, req: ReservationRequest, caller: str
+    ) -> tuple[Reservation, bool, tuple[Move, ...]]:
+        """Create or update; returns the stored reservation, whether it is new, and (staff) what it displaced."""
         now = self.clock()
         new = new_reservation(reservation_id, req, self.fleet.vehicles, now, caller)
         old = await self.store.get_reservation(reservation_id)
@@ -94,18 +106,63 @@ class Booking:
         if old is not None and old.completed:
             raise ReservationNotActive(f"the rental of reservation {reservation_id} has ended; use a new id")
         stored = merge_update(old, new, now) if old is not None else new
-        clash = await self.store.put_reservation(stored, now)
-        if clash is not None:
-            raise ReservationConflict(
-                f"{stored.vehicle_id} is already reserved by {clash.id} from {iso_ms(clash.starts_ms)} "
-                f"to {iso_ms(clash.ends_ms)}",
-                clash.id,
-            )
+        moves: tuple[Move, ...] = ()
+        made: list[Event] = []  # the displacement's events, told once the transaction has committed
+        if stored.kind == "staff":
+            decision = await self.store.put_with_priority(stored, now, self._room(stored, now, made))
+            if isinstance(decision, Refusal):
+                raise ReservationConflict(f"{stored.vehicle_id}: {decision.why}", decision.blocking.id)
+            moves = decision.moves
+        else:
+            clash = await self.store.put_reservation(stored, now)
+            if clash is not None:
+                raise ReservationConflict(
+                    f"{stored.vehicle_id} is already reserved by {clash.id} from {iso_ms(clash.starts_ms)} "
+                    f"to {iso_ms(clash.ends_ms)}",
+                    clash.id,
+                )
         if old is not None and (old.starts_ms, old.vehicle_id, old.kind) != (new.starts_ms, new.vehicle_id, new.kind):
             self._record(old, cancelled=True)  # the old point would otherwise still count in the usage dashboard
         self._record(stored, cancelled=False)
+        for m in moves:
+            self.displaced[m.action] += 1
+            self._record(m.reservation, cancelled=True)
+            if m.action == "reassigned":
+                self._record(replace(m.reservation, vehicle_id=m.vehicle_id), cancelled=False)
+            log.info(
+                "staff reservation %s on %s: public reservation %s %s%s", stored.id, stored.vehicle_id,
+                m.reservation_id, m.action, f" to {m.vehicle_id}" if m.action == "reassigned" else "",
+            )  # fmt: skip
+        for e in made:
+            self.events.recorded(e)
         self.on_change()
-        return stored, old is None
+        return stored, old is None, moves
+
+    def _room(self, staff: Reservation, now: int, made: list[Event]) -> Room:
+        """What a staff reservation may do to make room: the cars of its model at its station, and events."""
+        home = self.fleet.vehicles[staff.vehicle_id]
+        candidates = tuple(
+            v.id for v in self.fleet.vehicles.values()
+            if v.model == home.model and v.station == home.station and v.id != staff.vehicle_id
+        )  # fmt: skip
+
+        def events(plan: Plan) -> list[Event]:
+            out = []
+            for m in plan.moves:
+                r = m.reservation
+                data = {
+                    "reservation_id": r.id,
+                    "user_id": r.user_id,
+                    "from_vehicle_id": r.vehicle_id,
+                    "to_vehicle_id": m.vehicle_id if m.action == "reassigned" else None,
+                    "by_reservation_id": staff.id,
+                }
+                type_: EventType = "reservation.reassigned" if m.action == "reassigned" else "reservation.preempted"
+                out.append(self.events.new(type_, data, now))
+            made[:] = out
+            return out
+
+        return Room(candidates, self.preempt_notice_ms, events)
 
     async def get(self, reservation_id: str) -> Reservation:
         r = await self.store.get_reservation(reservation_id)
@@ -124,6 +181,26 @@ class Booking:
         if vehicle_id is not None:
             self.vehicle(vehicle_id)
         return await self.store.list_reservations(vehicle_id, from_ms, to_ms, limit)
+
+    async def available(
+        self, station: str | None, model: str | None, from_ms: int | None, to_ms: int | None
+    ) -> list[str]:
+        """The cars (of a station, of a model) with no live reservation overlapping ``[from, to)``."""
+        now = self.clock()
+        start = now if from_ms is None else from_ms
+        end = start + AVAILABILITY_SPAN_MS if to_ms is None else to_ms
+        if end <= start:
+            raise InvalidQuery("to", "must be after from")
+        if station is not None and station not in self.fleet.stations:
+            raise InvalidQuery("station", f"{station[:40]!r} is not a station of the fleet")
+        if model is not None and model not in self.fleet.models:
+            raise InvalidQuery("model", f"{model[:40]!r} is not a model of the fleet ({', '.join(self.fleet.models)})")
+        cars = [
+            v.id for v in self.fleet.vehicles.values()
+            if (station is None or v.station == station) and (model is None or v.model == model)
+        ]  # fmt: skip
+        overlapping = await self.store.list_reservations(None, start, end, MAX_OVERLAPPING)
+        return free_vehicles(cars, overlapping, start, end, now)
 
     def vehicle(self, vehicle_id: str) -> None:
         if vehicle_id not in self.fleet.vehicles:

@@ -17,6 +17,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gateway.http.schemas import (
     AlertList,
+    Availability,
     CommandDone,
     CommandIn,
     CommandList,
@@ -26,6 +27,7 @@ from gateway.http.schemas import (
     ReservationIn,
     ReservationList,
     ReservationOut,
+    ReservationPut,
     TripList,
     TripOut,
     UsageReport,
@@ -41,6 +43,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (CommandIn, "validation"),
     (Error, "serialization"),
     (ReservationOut, "serialization"),
+    (ReservationPut, "serialization"),
+    (Availability, "serialization"),
     (ReservationList, "serialization"),
     (CommandDone, "serialization"),
     (CommandList, "serialization"),
@@ -218,8 +222,8 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [rid],
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref(ReservationIn)}}},
             "responses": {
-                "200": _ok("updated", ref(ReservationOut)),
-                "201": _ok("created", ref(ReservationOut)),
+                "200": _ok("updated (a staff reservation: with what it displaced)", ref(ReservationPut)),
+                "201": _ok("created (a staff reservation: with what it displaced)", ref(ReservationPut)),
                 "400": bad_body,
                 "401": unauthorized,
                 "409": _err("reservation_conflict (overlaps another live reservation) or reservation_cancelled"),
@@ -298,6 +302,23 @@ def openapi_document() -> dict[str, Any]:
                 "400": _err("bad_query"),
                 "401": unauthorized,
                 "404": _err("unknown_vehicle"),
+                "503": store_down,
+            },
+        }
+    }
+    paths["/v1/availability"] = {
+        "get": {
+            "summary": "The cars with no live reservation over a span, with their latest charge",
+            "parameters": [
+                query("station", {"type": "string"}, "only this station's cars"),
+                query("model", {"type": "string"}, "only this model"),
+                query("from", TIME_PARAM, "start of the span (default now)"),
+                query("to", TIME_PARAM, "end of the span, exclusive (default an hour after from)"),
+            ],
+            "responses": {
+                "200": _ok("the free cars", ref(Availability)),
+                "400": _err("bad_query"),
+                "401": unauthorized,
                 "503": store_down,
             },
         }

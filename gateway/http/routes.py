@@ -25,10 +25,12 @@ from gateway.http.schemas import (
     CommandIn,
     CommandList,
     CommandOut,
+    DisplacedOut,
     EndIn,
     ReservationIn,
     ReservationList,
     ReservationOut,
+    ReservationPut,
     TripList,
     TripOut,
 )
@@ -95,8 +97,10 @@ async def put_reservation(request: web.Request) -> web.Response:
     rid = request.match_info["reservation_id"]
     check_id(rid)
     body = _parse(ReservationIn, await read_json(request), InvalidReservation)
-    stored, created = await request.app[BOOKING].put(rid, body.request(), request[CALLER])
-    return json_response(ReservationOut.of(stored).model_dump(), 201 if created else 200)
+    stored, created, moves = await request.app[BOOKING].put(rid, body.request(), request[CALLER])
+    displaced = [DisplacedOut(reservation_id=m.reservation_id, action=m.action, vehicle_id=m.vehicle_id) for m in moves]
+    answer = ReservationPut(**ReservationOut.of(stored).model_dump(), displaced=displaced)
+    return json_response(answer.model_dump(), 201 if created else 200)
 
 
 async def get_reservation(request: web.Request) -> web.Response:
@@ -184,6 +188,21 @@ async def usage_report(request: web.Request) -> web.Response:
     return json_response(report)
 
 
+async def availability(request: web.Request) -> web.Response:
+    q = request.query
+    start, end, _ = _query(q, {"station", "model", "from", "to"}, InvalidQuery)
+    free = await request.app[BOOKING].available(q.get("station"), q.get("model"), start, end)
+    state, fleet = request.app[STATE], request.app[FLEET]
+    out = []
+    for vid in free:
+        v = fleet.vehicles[vid]
+        bat = state.vehicles[vid].readings.get("battery")
+        f = bat.fields if bat else {}
+        out.append({"vehicle_id": vid, "model": v.model, "station": v.station, "soc_pct": f.get("soc_pct"),
+                    "range_km": f.get("range_km")})  # fmt: skip
+    return json_response({"vehicles": out})
+
+
 async def list_events(request: web.Request) -> web.Response:
     q = request.query
     _, _, limit = _query(q, {"after", "type", "limit"}, InvalidQuery)
@@ -233,5 +252,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/reservations/{reservation_id}/trip", get_trip)
     r.add_get("/v1/trips", list_trips)
     r.add_get("/v1/reports/usage", usage_report)
+    r.add_get("/v1/availability", availability)
     r.add_get("/v1/events", list_events)
     r.add_get("/v1/alerts", list_alerts)

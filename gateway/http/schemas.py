@@ -111,11 +111,13 @@ class ReservationOut(_Out):
     created_at: TimeOut
     updated_at: TimeOut
     start_unlock: StartUnlockOut | None
+    cancel_reason: str | None = Field(description="null unless cancelled: preempted_by_staff, or cancelled")
 
     @classmethod
     def of(cls, r: Reservation) -> ReservationOut:
         su = r.start_unlock
         return cls(
+            cancel_reason=r.cancel_reason if r.cancelled else None,
             reservation_id=r.id,
             vehicle_id=r.vehicle_id,
             user_id=r.user_id,
@@ -130,6 +132,30 @@ class ReservationOut(_Out):
             if su is None
             else StartUnlockOut(status=su.status, at=iso_ms(su.at_ms), command_id=su.command_id, reason=su.reason),
         )
+
+
+class DisplacedOut(_Out):
+    reservation_id: str
+    action: Literal["reassigned", "cancelled"]
+    vehicle_id: str = Field(description="reassigned: the car it was moved to; cancelled: the car it had")
+
+
+class ReservationPut(ReservationOut):
+    """The answer to a PUT: the reservation, and the public ones a staff reservation moved or cancelled."""
+
+    displaced: list[DisplacedOut]
+
+
+class AvailableVehicle(_Out):
+    vehicle_id: str
+    model: str
+    station: str
+    soc_pct: float | None
+    range_km: float | None
+
+
+class Availability(_Out):
+    vehicles: list[AvailableVehicle]
 
 
 class ReservationList(_Out):

@@ -63,6 +63,7 @@ class Reservation:
     start_unlock: StartUnlock | None = None
     created_by: str | None = None  # the API key name that created it; the caller of its start unlock
     completed: bool = False  # its rental was ended: it opens nothing and blocks nothing any more
+    cancel_reason: str | None = None  # why it was cancelled ("preempted_by_staff", "cancelled")
 
     def live(self, now_ms: int) -> bool:
         return not self.cancelled and not self.completed and self.ends_ms > now_ms

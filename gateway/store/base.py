@@ -11,12 +11,14 @@ after a crash. A backend turns its driver's errors into
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from gateway.rules.alerts import Alert
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event
+from gateway.rules.priority import Plan, Refusal
 from gateway.rules.reservations import Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
@@ -27,6 +29,7 @@ __all__ = [
     "IDEMPOTENCY_RETENTION_MS",
     "AlertStatus",
     "DeliveryEnd",
+    "Room",
     "Store",
     "UsageRows",
     "UsageUser",
@@ -39,6 +42,18 @@ AUDIT_RETENTION_MS = 410 * 86_400_000
 IDEMPOTENCY_RETENTION_MS = 86_400_000
 
 AlertStatus = Literal["open", "resolved", "all"]
+
+
+@dataclass(frozen=True)
+class Room:
+    """How a staff reservation may make room: the other cars of its model at its station (in the order to
+    try them), the notice a public booking is owed before it may be cancelled, and the events of a plan."""
+
+    candidates: tuple[str, ...]
+    notice_ms: int
+    events: Callable[[Plan], list[Event]]
+
+
 DeliveryEnd = Literal["delivered", "expired", "gone", "dropped"]
 
 
@@ -51,8 +66,13 @@ class Store(Protocol):
         """Store `r` (insert or replace) unless a live reservation of its car overlaps it; return that one."""
         ...
 
-    async def cancel_reservation(self, reservation_id: str, now_ms: int) -> bool:
-        """Mark it cancelled; False if it was not there or already cancelled."""
+    async def put_with_priority(self, r: Reservation, now_ms: int, room: Room) -> Plan | Refusal:
+        """Store a staff reservation, making room as ``rules/priority.py`` decides, in one transaction:
+        the moves, the reservation and the events of ``room.events(plan)``, or (refused) nothing."""
+        ...
+
+    async def cancel_reservation(self, reservation_id: str, now_ms: int, reason: str = "cancelled") -> bool:
+        """Mark it cancelled, with why; False if it was not there or already cancelled."""
         ...
 
     async def list_reservations(

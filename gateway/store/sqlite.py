@@ -26,11 +26,12 @@ from gateway.errors import StartupError, StoreError
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, ulid_floor
+from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.rules.webhooks import Attempt, Delivery
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, AlertStatus, DeliveryEnd
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, AlertStatus, DeliveryEnd, Room
 from gateway.store.sqlite_schema import migrate
 
 __all__ = ["AUDIT_FLUSH_S", "SqliteStore", "open_sqlite"]
@@ -44,7 +45,7 @@ AUDIT_MAX_PENDING = 100_000
 
 _COLUMNS = (
     "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
-    "su_status, su_at_ms, su_command_id, su_reason, created_by, completed"
+    "su_status, su_at_ms, su_command_id, su_reason, created_by, completed, cancel_reason"
 )
 _TRIP_COLUMNS = ", ".join(f.name for f in fields(Trip))
 _ENDED_AT = [f.name for f in fields(Trip)].index("ended_ms")
@@ -69,6 +70,7 @@ def _reservation(r: Any) -> Reservation:
         start_unlock=su,
         created_by=r[14],
         completed=bool(r[15]),
+        cancel_reason=r[16],
     )
 
 
@@ -167,30 +169,67 @@ class SqliteStore:
 
     async def put_reservation(self, r: Reservation, now_ms: int) -> Reservation | None:
         with _errors("store a reservation"), self._tx():
-            rows = self.db.execute(
-                f"SELECT {_COLUMNS} FROM reservations WHERE vehicle_id = ? AND ends_ms > ? AND NOT cancelled",
-                (r.vehicle_id, now_ms),
-            ).fetchall()
-            clash = conflict(r, map(_reservation, rows), now_ms)
+            clash = conflict(r, self._live_of(r.vehicle_id, now_ms), now_ms)
             if clash is not None:
                 return clash
-            su = r.start_unlock
-            self.db.execute(
-                f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    r.id, r.vehicle_id, r.user_id, r.starts_ms, r.ends_ms, r.kind, int(r.unlock_at_start),
-                    int(r.cancelled), r.created_ms, r.updated_ms,
-                    su.status if su else None, su.at_ms if su else None, su.command_id if su else None,
-                    su.reason if su else None, r.created_by, int(r.completed),
-                ),
-            )  # fmt: skip
+            self._insert_reservation(r)
         return None
 
-    async def cancel_reservation(self, reservation_id: str, now_ms: int) -> bool:
+    async def put_with_priority(self, r: Reservation, now_ms: int, room: Room) -> Plan | Refusal:
+        with _errors("store a staff reservation"), self._tx():
+            in_the_way = [o for o in self._live_of(r.vehicle_id, now_ms) if o.id != r.id and o.overlaps(r)]
+            others = {vid: self._live_of(vid, now_ms) for vid in room.candidates if vid != r.vehicle_id}
+            marks = ",".join("?" * len(in_the_way))
+            started = {
+                row[0]
+                for row in self.db.execute(
+                    f"SELECT reservation_id FROM trips WHERE reservation_id IN ({marks})", [o.id for o in in_the_way]
+                )
+            }
+            decision = make_room(r, in_the_way, others, started, now_ms, room.notice_ms)
+            if isinstance(decision, Refusal):
+                return decision
+            for m in decision.moves:
+                if m.action == "reassigned":
+                    self.db.execute(
+                        "UPDATE reservations SET vehicle_id = ?, updated_ms = ? WHERE id = ?",
+                        (m.vehicle_id, now_ms, m.reservation_id),
+                    )
+                else:
+                    self.db.execute(
+                        "UPDATE reservations SET cancelled = 1, cancel_reason = ?, updated_ms = ? WHERE id = ?",
+                        (PREEMPTED_BY_STAFF, now_ms, m.reservation_id),
+                    )
+            self._insert_reservation(r)
+            self._insert_events(room.events(decision))
+        return decision
+
+    def _live_of(self, vehicle_id: str, now_ms: int) -> list[Reservation]:
+        rows = self.db.execute(
+            f"SELECT {_COLUMNS} FROM reservations WHERE vehicle_id = ? AND ends_ms > ? AND NOT cancelled "
+            "AND NOT completed ORDER BY starts_ms, id",
+            (vehicle_id, now_ms),
+        ).fetchall()
+        return [_reservation(row) for row in rows]
+
+    def _insert_reservation(self, r: Reservation) -> None:
+        su = r.start_unlock
+        self.db.execute(
+            f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                r.id, r.vehicle_id, r.user_id, r.starts_ms, r.ends_ms, r.kind, int(r.unlock_at_start),
+                int(r.cancelled), r.created_ms, r.updated_ms,
+                su.status if su else None, su.at_ms if su else None, su.command_id if su else None,
+                su.reason if su else None, r.created_by, int(r.completed), r.cancel_reason,
+            ),
+        )  # fmt: skip
+
+    async def cancel_reservation(self, reservation_id: str, now_ms: int, reason: str = "cancelled") -> bool:
         with _errors("cancel a reservation"):
             cur = self.db.execute(
-                "UPDATE reservations SET cancelled = 1, updated_ms = ? WHERE id = ? AND NOT cancelled",
-                (now_ms, reservation_id),
+                "UPDATE reservations SET cancelled = 1, cancel_reason = ?, updated_ms = ? "
+                "WHERE id = ? AND NOT cancelled",
+                (reason, now_ms, reservation_id),
             )
         return cur.rowcount == 1
 

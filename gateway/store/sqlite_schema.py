@@ -177,6 +177,10 @@ MIGRATIONS: list[tuple[str, list[Migration]]] = [
             "CREATE INDEX alerts_opened ON alerts (opened_ms)",
         ],
     ),
+    (
+        "why a reservation was cancelled",
+        ["ALTER TABLE reservations ADD COLUMN cancel_reason TEXT"],
+    ),
 ]
 
 
