@@ -19,11 +19,12 @@ from gateway.errors import StartupError
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, EventType, make_event, ulid_floor
+from gateway.rules.priority import Plan, Refusal
 from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
 from gateway.rules.webhooks import Attempt
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Store
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room, Store
 from gateway.store.sqlite import open_sqlite
 from gateway.store.sqlite_schema import MIGRATIONS
 
@@ -452,3 +453,49 @@ async def test_prune_forgets_old_events_and_their_deliveries(store: Store) -> No
     assert await store.prune(T0 + H, T0 + H) >= 1
     assert [e.id for e in await store.list_events(None, None, 10)] == [event(2, ts=T0 + H).id]
     assert await store.webhook_backlog() == 1
+
+
+# -- staff priority ----------------------------------------------------------------------------------------
+
+
+def room(*candidates: str, notice_h: float = 24) -> Room:
+    return Room(candidates, int(notice_h * H), lambda plan: [event(i, "reservation.reassigned") for i, _ in
+                                                             enumerate(plan.moves)])  # fmt: skip
+
+
+async def test_a_staff_reservation_moves_cancels_or_changes_nothing(store: Store) -> None:
+    assert await store.put_reservation(res("P-1", start_h=30, end_h=32), T0) is None
+    assert await store.put_reservation(res("P-2", start_h=40, end_h=42), T0) is None
+    assert await store.put_reservation(res("X", "ZOE-002", start_h=39, end_h=43), T0) is None
+    plan = await store.put_with_priority(res("S-1", start_h=29, end_h=45, kind="staff"), T0, room("ZOE-002"))
+    assert isinstance(plan, Plan) and [(m.reservation_id, m.action, m.vehicle_id) for m in plan.moves] == [
+        ("P-1", "reassigned", "ZOE-002"), ("P-2", "cancelled", "ZOE-001"),
+    ]  # fmt: skip
+    moved, gone = await store.get_reservation("P-1"), await store.get_reservation("P-2")
+    assert moved is not None and moved.vehicle_id == "ZOE-002" and not moved.cancelled
+    assert gone is not None and gone.cancelled and gone.cancel_reason == "preempted_by_staff"
+    assert await store.get_reservation("S-1") is not None
+    assert len(await store.list_events(None, "reservation.reassigned", 10)) == 2
+
+
+async def test_a_refused_staff_reservation_changes_nothing(store: Store) -> None:
+    assert await store.put_reservation(res("P-1", start_h=1, end_h=3), T0) is None
+    refused = await store.put_with_priority(res("S-1", start_h=0.5, end_h=4, kind="staff"), T0, room())
+    assert isinstance(refused, Refusal) and refused.blocking.id == "P-1"
+    assert await store.get_reservation("S-1") is None and await store.list_events(None, None, 10) == []
+    got = await store.get_reservation("P-1")
+    assert got is not None and got.vehicle_id == "ZOE-001" and not got.cancelled
+
+
+async def test_a_reservation_whose_trip_has_started_is_never_displaced(store: Store) -> None:
+    assert await store.put_reservation(res("P-1", start_h=30, end_h=32), T0) is None
+    assert await store.start_trip(replace(trip("P-1"), booked_start_ms=T0 + 30 * H, booked_end_ms=T0 + 32 * H))
+    refused = await store.put_with_priority(res("S-1", start_h=29, end_h=33, kind="staff"), T0, room("ZOE-002"))
+    assert isinstance(refused, Refusal) and "started" in refused.why
+
+
+async def test_a_cancelled_reservation_says_why(store: Store) -> None:
+    assert await store.put_reservation(res("P-1"), T0) is None
+    assert await store.cancel_reservation("P-1", T0)
+    got = await store.get_reservation("P-1")
+    assert got is not None and got.cancel_reason == "cancelled"
