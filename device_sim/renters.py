@@ -8,6 +8,15 @@ plugs the cable in, then ends the rental (``POST …/end``). A share forget the
 cable: the gateway answers 409 ``end_checks_failed`` naming ``plugged``, and
 they go back and plug it in, as the app would tell them to.
 
+Bookings are also made ahead: members of the public book a car for one of
+the coming days, and now and then a member of staff books the same car over
+one of them. The gateway then moves the public booking to another car of
+the model at that station, or cancels it with enough notice, or refuses the
+staff booking (see docs/booking-api.md, Staff priority); the renters count
+each outcome. A public booking made ahead that is still there an hour (of
+simulated time) before it starts is cancelled by its user: plans change, and
+the demo's cars stay free for the renters of the day.
+
 Times sent to the gateway are wall-clock times: at ``--speed 60`` a two-hour
 booking lasts two real minutes, and is billed as such.
 """
@@ -15,6 +24,7 @@ booking lasts two real minutes, and is billed as such.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -40,6 +50,21 @@ class RenterStats:
     ended: int = 0
     refused_409: int = 0  # ends the gateway refused (a check failed), fixed and tried again
     failed: int = 0  # bookings or unlocks the gateway refused
+    ahead: int = 0  # bookings made for a coming day
+    reassigned: int = 0  # public bookings a staff one moved to another car
+    preempted: int = 0  # public bookings a staff one cancelled
+    staff_refused: int = 0  # staff bookings the gateway refused (no room could be made)
+
+
+@dataclass
+class Ahead:
+    """A booking made for a coming day: its id, car and span (wall-clock epoch seconds)."""
+
+    rid: str
+    car: str
+    starts_s: float
+    ends_s: float
+    kind: str
 
 
 def wants_a_car(sim_time_s: float, rng: random.Random) -> str | None:
@@ -75,6 +100,7 @@ class Renters:
         self.rng = random.Random(f"{seed}:renters")
         self.stats = RenterStats()
         self._active: set[str] = set()
+        self._ahead: list[Ahead] = []
         self._n = 0
         for car in sim.cars.values():
             car.autonomous = False
@@ -92,11 +118,68 @@ class Renters:
                             task = asyncio.create_task(self._rental(http, car, kind))
                             rentals.add(task)
                             task.add_done_callback(rentals.discard)
+                    await self._plan_ahead(http)
                     await asyncio.sleep(self.sim.clock.wall_delay(self.every_sim_s))
             finally:
                 for t in list(rentals):
                     t.cancel()
                 await asyncio.gather(*rentals, return_exceptions=True)
+
+    async def _plan_ahead(self, http: aiohttp.ClientSession) -> None:
+        """Book ahead, let staff book over it, and let the bookings nobody needs any more go."""
+        now = time.time()
+        sim_h = self.sim.clock.wall_delay(3600.0)  # one simulated hour, in wall seconds
+        for a in [a for a in self._ahead if a.starts_s - now < sim_h]:
+            self._ahead.remove(a)
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                await self._call(http, "DELETE", f"/v1/reservations/{a.rid}")
+        try:
+            if self.rng.random() < 0.3:
+                await self._book_ahead(http, now, sim_h)
+            public = [a for a in self._ahead if a.kind == "public"]
+            if public and self.rng.random() < 0.2:
+                await self._staff_over(http, self.rng.choice(public), sim_h)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+            log.warning("renters: booking ahead: no usable answer from the gateway (%r)", e)
+
+    async def _book_ahead(self, http: aiohttp.ClientSession, now: float, sim_h: float) -> None:
+        car = self.rng.choice(list(self.sim.cars))
+        start = now + self.rng.uniform(12, 60) * sim_h
+        end = start + self.rng.choice((2, 3, 4)) * sim_h
+        self._n += 1
+        a = Ahead(f"SIM-AHEAD-{int(now)}-{self._n}", car, start, end, "public")
+        user = f"U-{self.rng.randrange(1, 400):04d}"
+        status, _ = await self._call(http, "PUT", f"/v1/reservations/{a.rid}", _body(car, user, start, end, "public"))
+        if status == 201:
+            self.stats.ahead += 1
+            self._ahead.append(a)
+
+    async def _staff_over(self, http: aiohttp.ClientSession, public: Ahead, sim_h: float) -> None:
+        """A member of staff needs that very car, for a span around the public booking."""
+        self._n += 1
+        s = Ahead(f"SIM-STAFF-{int(time.time())}-{self._n}", public.car, public.starts_s - sim_h,
+                  public.ends_s + sim_h, "staff")  # fmt: skip
+        user = f"S-{self.rng.randrange(1, 60):04d}"
+        status, answer = await self._call(
+            http, "PUT", f"/v1/reservations/{s.rid}", _body(s.car, user, s.starts_s, s.ends_s, "staff")
+        )
+        if status == 409:
+            self.stats.staff_refused += 1
+            return
+        if status != 201:
+            return
+        self._ahead.append(s)
+        for d in answer.get("displaced", []):
+            moved = next((a for a in self._ahead if a.rid == d["reservation_id"]), None)
+            if d["action"] == "reassigned":
+                self.stats.reassigned += 1
+                if moved is not None:
+                    moved.car = d["vehicle_id"]
+            else:
+                self.stats.preempted += 1
+                if moved is not None:
+                    self._ahead.remove(moved)
+        log.info("renters: staff booking %s of %s displaced %s", s.rid, s.car, answer.get("displaced"))
 
     @property
     def active(self) -> frozenset[str]:
@@ -171,3 +254,10 @@ class Renters:
             log.info("renter: ending %s failed: %s", rid, answer)
             await asyncio.sleep(1.0)
         self.stats.failed += 1
+
+
+def _body(car: str, user: str, starts_s: float, ends_s: float, kind: str) -> dict[str, Any]:
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+    return {"vehicle_id": car, "user_id": user, "starts_at": iso(starts_s), "ends_at": iso(ends_s), "kind": kind}

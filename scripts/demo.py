@@ -41,9 +41,21 @@ DEMO_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"demo-webhook-secret-not-for-
 PID_FILE = "device_sim.pid"  # in .run/
 
 
-def read_metrics(port: int) -> dict[str, float]:
+def read_metrics(port: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Every metric summed by name, and the public bookings staff displaced, by action."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        return parse_metrics(r.read().decode())
+        text = r.read().decode()
+    return parse_metrics(text), labelled(text, "gateway_reservations_displaced_total", "action")
+
+
+def labelled(text: str, name: str, label: str) -> dict[str, float]:
+    """One labelled family's samples by the value of `label`: ``{"reassigned": 3.0, …}``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'{label}="' in line:
+            key = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            out[key] = float(line.rpartition(" ")[2])
+    return out
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -69,7 +81,15 @@ def read_trips(port: int, since: str) -> list[dict[str, object]]:
         return list(json.load(r)["trips"])
 
 
-def summary(m: dict[str, float], prev: dict[str, float], dt: float, total: int, trips: list[dict[str, Any]]) -> str:
+def summary(
+    m: dict[str, float],
+    prev: dict[str, float],
+    dt: float,
+    total: int,
+    trips: list[dict[str, Any]],
+    displaced: dict[str, float] | None = None,
+) -> str:
+    displaced = displaced or {}
     rate = (m.get("gateway_messages_received_total", 0) - prev.get("gateway_messages_received_total", 0)) / dt
     ended = [t for t in trips if t.get("ended_at")]
     revenue = sum(float(t.get("amount_eur") or 0) for t in ended)
@@ -79,6 +99,7 @@ def summary(m: dict[str, float], prev: dict[str, float], dt: float, total: int, 
         f" | online {m.get('gateway_vehicles_online', 0):.0f}/{total}"
         f" | trips {len(trips) - len(ended)} driving, {len(ended)} ended"
         f" ({sum(t.get('kind') == 'staff' for t in ended)} staff) | revenue {revenue:6.2f} EUR"
+        f" | staff moved {displaced.get('reassigned', 0):.0f}, bumped {displaced.get('cancelled', 0):.0f}"
         f" | alerts {m.get('gateway_alerts_open', 0):.0f}"
         f" | queue {m.get('gateway_queue_depth', 0):.0f}"
         f" | influx {'ok' if m.get('gateway_influx_healthy') else 'FAILING'}"
@@ -195,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.webhook:
             env["GATEWAY__WEBHOOKS__ENDPOINTS"] = webhook_endpoints(args.webhook, args.webhook_secret)
+        # A day's notice for cancelling a public booking, in the demo's time: at 60x, 24 real minutes.
+        env.setdefault("GATEWAY__BOOKING__PREEMPT_NOTICE_S", str(round(86400 / args.speed)))
         if args.incidents:
             for name, value in alert_thresholds(args.speed, args.incident_hold).items():
                 env.setdefault(name, value)  # the user's own setting wins
@@ -280,13 +303,13 @@ def _watch(args: argparse.Namespace, children: list[subprocess.Popen[bytes]]) ->
                 print(f"\n{name} exited with {child.returncode}; see .run/{name}.log", file=sys.stderr)
                 return 1
         try:
-            m = read_metrics(args.http_port)
+            m, displaced = read_metrics(args.http_port)
             trips = read_trips(args.http_port, since)
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             print("\rwaiting for the gateway ...", end="", flush=True)
             continue
         now = time.monotonic()
-        line = summary(m, prev, now - t_prev, args.vehicles, trips)
+        line = summary(m, prev, now - t_prev, args.vehicles, trips, displaced)
         print(f"\r[{now - t_start:5.0f} s] {line}", end="" if sys.stdout.isatty() else "\n", flush=True)
         prev, t_prev = m, now
     return 0

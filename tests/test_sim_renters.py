@@ -7,10 +7,12 @@ Real Mosquitto and InfluxDB, the gateway in-process; the simulated day runs
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from device_sim import Intervals, SimConfig, SimFleet
@@ -61,3 +63,25 @@ async def test_renters_end_their_rentals_and_fix_a_forgotten_cable(
         assert report["totals"]["trips"] >= len(trips) - 1  # all but one crossing midnight at a month's end
         kinds = [t["kind"] for t in trips]
         assert kinds.count("staff") > kinds.count("public")  # a Monday morning: mostly staff
+
+
+async def test_staff_booking_ahead_over_the_public_moves_or_bumps_them(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    cfg = SimConfig(port=stack.broker.port, prefix=unique.prefix, master_key=MASTER_KEY, speed=60, seed=5)
+    async with SimFleet(cfg) as sim:
+        await sim.wait_ready(timeout=15)
+        # A day's notice at 60x, as the main job sets it: 24 real minutes.
+        env = await start_env(stack, unique, tmp_path, aiohttp_client, sim, booking__preempt_notice_s=1440)
+        renters = Renters(sim, f"http://127.0.0.1:{env.client.port}", API_KEY, seed=5)
+        async with aiohttp.ClientSession(headers=renters.headers) as http:
+            sim_h = sim.clock.wall_delay(3600.0)
+            for _ in range(40):
+                await renters._book_ahead(http, time.time(), sim_h)
+            for a in list(renters._ahead):
+                await renters._staff_over(http, a, sim_h)
+        s = renters.stats
+        assert s.ahead >= 30  # a few land on a car already booked ahead then
+        assert s.reassigned >= 1 and s.preempted >= 1, s  # ahead 12-60 simulated hours: both sides of the notice
+        r = await env.client.get("/v1/events", params={"type": "reservation.reassigned"}, headers=AUTH)
+        assert len((await r.json())["events"]) == s.reassigned

@@ -48,3 +48,11 @@ async def test_an_unreachable_gateway_is_one_clear_error() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError, match="cannot reach the gateway"):
         await _probe_api(url, "key")
+
+
+def test_a_staff_booking_made_ahead_covers_the_public_one_it_is_for() -> None:
+    from device_sim.renters import _body
+
+    b = _body("ZOE-007", "S-0001", 1_795_683_600.0, 1_795_690_800.0, "staff")
+    assert b == {"vehicle_id": "ZOE-007", "user_id": "S-0001", "starts_at": "2026-11-26T09:00:00.000+00:00",
+                 "ends_at": "2026-11-26T11:00:00.000+00:00", "kind": "staff"}  # fmt: skip

@@ -149,3 +149,13 @@ gateway_webhook_deliveries_total{result="delivered"} 7.0
     assert m["gateway_alerts_open"] == 3.0 and m["gateway_webhook_deliveries_total"] == 7.0
     line = demo.summary(m, {}, 2.0, 29, [])
     assert "| alerts 3 |" in line and "online 29/29" in line
+
+
+def test_displaced_bookings_are_counted_by_action_and_shown() -> None:
+    text = """gateway_reservations_displaced_total{action="cancelled"} 1.0
+gateway_reservations_displaced_total{action="reassigned"} 4.0
+gateway_vehicles_online 29.0
+"""
+    displaced = demo.labelled(text, "gateway_reservations_displaced_total", "action")
+    assert displaced == {"cancelled": 1.0, "reassigned": 4.0}
+    assert "| staff moved 4, bumped 1 |" in demo.summary(demo.parse_metrics(text), {}, 2.0, 29, [], displaced)
