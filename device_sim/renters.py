@@ -134,10 +134,11 @@ class Renters:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                 await self._call(http, "DELETE", f"/v1/reservations/{a.rid}")
         try:
-            if self.rng.random() < 0.3:
+            # Often enough to be seen within a few minutes of the main job.
+            if self.rng.random() < 0.6:
                 await self._book_ahead(http, now, sim_h)
             public = [a for a in self._ahead if a.kind == "public"]
-            if public and self.rng.random() < 0.2:
+            if public and self.rng.random() < 0.4:
                 await self._staff_over(http, self.rng.choice(public), sim_h)
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
             log.warning("renters: booking ahead: no usable answer from the gateway (%r)", e)
