@@ -13,9 +13,9 @@ the coming days, and now and then a member of staff books the same car over
 one of them. The gateway then moves the public booking to another car of
 the model at that station, or cancels it with enough notice, or refuses the
 staff booking (see docs/booking-api.md, Staff priority); the renters count
-each outcome. A public booking made ahead that is still there an hour (of
-simulated time) before it starts is cancelled by its user: plans change, and
-the demo's cars stay free for the renters of the day.
+each outcome. A booking made ahead (public or staff) that is still there an
+hour (of simulated time) before it starts is cancelled by its user: plans
+change, and the demo's cars stay free for the renters of the day.
 
 Times sent to the gateway are wall-clock times: at ``--speed 60`` a two-hour
 booking lasts two real minutes, and is billed as such.

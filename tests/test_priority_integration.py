@@ -103,6 +103,10 @@ async def test_a_started_booking_and_staff_ones_are_never_displaced(env: Env) ->
     assert (await put(env, "P-now", booking("ZOE-007", -0.5, 2)))[0] == 201  # the renter has the car
     status, err = await put(env, "S-1", booking("ZOE-007", 1, 3, "staff"))
     assert status == 409 and "started" in err["error"]["message"]
+    # Starting in 10 minutes: within the early grace its user may be opening the car right now.
+    assert (await put(env, "P-soon", booking("ZOE-009", 10 / 60, 2)))[0] == 201
+    status, err = await put(env, "S-9", booking("ZOE-009", 0.5, 3, "staff"))
+    assert status == 409 and "may open its car" in err["error"]["message"]
     assert (await put(env, "S-a", booking("ZOE-008", 30, 32, "staff")))[0] == 201
     status, err = await put(env, "S-b", booking("ZOE-008", 31, 33, "staff"))
     assert status == 409 and "staff never displace staff" in err["error"]["message"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import StartupError
+from gateway.errors import StartupError, StoreError
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, EventType, make_event, ulid_floor
@@ -499,3 +499,53 @@ async def test_a_cancelled_reservation_says_why(store: Store) -> None:
     assert await store.cancel_reservation("P-1", T0)
     got = await store.get_reservation("P-1")
     assert got is not None and got.cancel_reason == "cancelled"
+
+
+async def test_a_staff_reservation_moving_car_frees_the_one_it_leaves(store: Store) -> None:
+    assert await store.put_reservation(res("X", "ZOE-001", start_h=0, end_h=9), T0) is None
+    assert await store.put_with_priority(res("S-1", "ZOE-002", start_h=1, end_h=5, kind="staff"), T0, room()) == Plan()
+    assert await store.put_reservation(res("P-3", "ZOE-003", start_h=2, end_h=3), T0) is None
+    # S-1 moves from ZOE-002 to ZOE-003: P-3 (within the notice) can go to the ZOE-002 that S-1 leaves.
+    plan = await store.put_with_priority(
+        res("S-1", "ZOE-003", start_h=1, end_h=5, kind="staff"), T0, room("ZOE-001", "ZOE-002", notice_h=48)
+    )
+    assert isinstance(plan, Plan) and [(m.reservation_id, m.action, m.vehicle_id) for m in plan.moves] == [
+        ("P-3", "reassigned", "ZOE-002")
+    ]
+
+
+async def test_a_plan_that_fails_half_way_changes_nothing(store: Store) -> None:
+    assert await store.put_reservation(res("P-1", start_h=30, end_h=32), T0) is None
+
+    def explode(plan: Plan) -> list[Event]:
+        raise StoreError("the disk is full")
+
+    with pytest.raises(StoreError):
+        await store.put_with_priority(
+            res("S-1", start_h=29, end_h=33, kind="staff"), T0, Room(("ZOE-002",), H, explode)
+        )
+    got = await store.get_reservation("P-1")
+    assert got is not None and got.vehicle_id == "ZOE-001" and await store.get_reservation("S-1") is None
+
+
+def test_the_v5_migration_gives_old_cancellations_their_reason(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN")
+    for _, steps in MIGRATIONS[:4]:
+        for step in steps:
+            if isinstance(step, str):
+                db.execute(step)
+            else:
+                step(db)
+    db.execute("PRAGMA user_version = 4")
+    db.execute("COMMIT")
+    db.execute(
+        "INSERT INTO reservations (id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, "
+        "created_ms, updated_ms) VALUES ('R-old', 'ZOE-001', 'U-1', 1, 2, 'public', 0, 1, 0, 0)"
+    )
+    db.close()
+    store = open_sqlite(path)
+    got = asyncio.run(store.get_reservation("R-old"))
+    assert got is not None and got.cancelled and got.cancel_reason == "cancelled"
+    asyncio.run(store.close())

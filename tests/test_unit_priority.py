@@ -45,6 +45,19 @@ def test_without_enough_notice_the_staff_booking_is_refused() -> None:
     assert isinstance(p, Refusal) and p.blocking == soon and "notice" in p.why
 
 
+def test_a_car_not_back_from_an_overdue_trip_is_not_free_now() -> None:
+    assert free_vehicles(CARS, [], NOW, NOW + H, NOW, {"ZOE-002"}) == ["ZOE-001", "ZOE-003", "KANGOO-001"]
+    assert free_vehicles(CARS, [], NOW + DAY, NOW + DAY + H, NOW, {"ZOE-002"}) == CARS  # tomorrow it may be
+
+
+def test_a_booking_whose_car_may_open_now_is_never_touched() -> None:
+    soon = res("P-1", start_h=0.2, end_h=2)  # 12 min ahead, within a 15 min early grace
+    staff = replace(STAFF, starts_ms=NOW, ends_ms=NOW + 3 * H)
+    r = make_room(staff, [soon], {"ZOE-002": []}, set(), NOW, DAY, early_grace_ms=15 * 60_000)
+    assert isinstance(r, Refusal) and "may open its car" in r.why
+    assert isinstance(make_room(staff, [soon], {"ZOE-002": []}, set(), NOW, DAY), Plan)  # no grace: movable
+
+
 def test_a_started_booking_or_trip_is_never_touched() -> None:
     started = res("P-1", start_h=-1, end_h=2)
     assert isinstance(r := plan([started], {"ZOE-002": []}), Refusal) and "started" in r.why
@@ -106,8 +119,9 @@ def test_free_cars_are_those_no_live_reservation_overlaps(rs: list[Reservation],
     start, end = NOW + a * H, NOW + (a + span) * H
 
     def busy(car: str) -> bool:
+        # Brute force: step through each still-to-be-used reservation a quarter-hour at a time.
         for r in rs:
-            if r.vehicle_id != car or r.cancelled or r.completed or r.ends_ms <= NOW:
+            if r.vehicle_id != car or r.cancelled or r.completed:
                 continue
             if any(start <= t < end for t in range(r.starts_ms, r.ends_ms, H // 4)) or (
                 r.starts_ms <= start < r.ends_ms

@@ -38,6 +38,7 @@ from gateway.rules.commands import Action, CommandRecord, Outcome, Source, finge
 from gateway.rules.events import Event, EventType, command_doc
 from gateway.rules.priority import Move, Plan, Refusal, free_vehicles
 from gateway.rules.reservations import (
+    MAX_SPAN_MS,
     Reservation,
     ReservationRequest,
     check_locks,
@@ -162,7 +163,7 @@ class Booking:
             made[:] = out
             return out
 
-        return Room(candidates, self.preempt_notice_ms, events)
+        return Room(candidates, self.preempt_notice_ms, events, self.early_grace_ms)
 
     async def get(self, reservation_id: str) -> Reservation:
         r = await self.store.get_reservation(reservation_id)
@@ -195,12 +196,15 @@ class Booking:
             raise InvalidQuery("station", f"{station[:40]!r} is not a station of the fleet")
         if model is not None and model not in self.fleet.models:
             raise InvalidQuery("model", f"{model[:40]!r} is not a model of the fleet ({', '.join(self.fleet.models)})")
+        if end - start > MAX_SPAN_MS:
+            raise InvalidQuery("to", "a span of at most 31 days")
         cars = [
             v.id for v in self.fleet.vehicles.values()
             if (station is None or v.station == station) and (model is None or v.model == model)
         ]  # fmt: skip
         overlapping = await self.store.list_reservations(None, start, end, MAX_OVERLAPPING)
-        return free_vehicles(cars, overlapping, start, end, now)
+        overdue = {t.vehicle_id for t in await self.store.running_trips(now)}
+        return free_vehicles(cars, overlapping, start, end, now, overdue)
 
     def vehicle(self, vehicle_id: str) -> None:
         if vehicle_id not in self.fleet.vehicles:

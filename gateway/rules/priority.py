@@ -9,9 +9,9 @@ have not started, each of them, earliest first, is
    from now, or else
 3. the staff reservation is refused, and nothing changes.
 
-A public reservation that has started (or whose trip has, with the early
-unlock grace) is never touched, and staff never displace staff: either
-refuses the staff reservation. :func:`make_room` decides; the store applies
+A public reservation whose car may be opened for it (from the early unlock
+grace before its start), or whose trip has started, is never touched, and
+staff never displace staff: either refuses the staff reservation. :func:`make_room` decides; the store applies
 the decision in the same transaction as the staff reservation.
 """
 
@@ -63,11 +63,13 @@ def make_room(
     started: Collection[str],
     now_ms: int,
     notice_ms: int,
+    early_grace_ms: int = 0,
 ) -> Plan | Refusal:
     """What to do with `in_the_way` (the live reservations of the staff car overlapping `staff`).
 
     `others`: for each other car of the same model at the same station, in the order to try them, its
-    live reservations. `started`: the ids of reservations whose trip has started.
+    live reservations. `started`: the ids of reservations whose trip has started. `early_grace_ms`: how
+    long before its start a reservation may open its car (its user may be unlocking it right now).
     """
     taken: dict[str, list[tuple[int, int]]] = {
         vid: [(r.starts_ms, r.ends_ms) for r in rs] for vid, rs in others.items()
@@ -76,8 +78,8 @@ def make_room(
     for r in sorted(in_the_way, key=lambda r: (r.starts_ms, r.id)):
         if r.kind == "staff":
             return Refusal(r, f"staff reservation {r.id} has the car; staff never displace staff")
-        if r.starts_ms <= now_ms or r.id in started:
-            return Refusal(r, f"public reservation {r.id} has started; it is never moved")
+        if r.starts_ms - early_grace_ms <= now_ms or r.id in started:
+            return Refusal(r, f"public reservation {r.id} has started (or may open its car now); it is never moved")
         to = next((vid for vid, spans in taken.items() if _free(spans, r.starts_ms, r.ends_ms)), None)
         if to is not None:
             taken[to].append((r.starts_ms, r.ends_ms))
@@ -92,8 +94,21 @@ def make_room(
 
 
 def free_vehicles(
-    vehicles: Iterable[str], reservations: Iterable[Reservation], from_ms: int, to_ms: int, now_ms: int
+    vehicles: Iterable[str],
+    reservations: Iterable[Reservation],
+    from_ms: int,
+    to_ms: int,
+    now_ms: int,
+    out_overdue: Collection[str] = (),
 ) -> list[str]:
-    """The cars of `vehicles` (in their order) with no live reservation overlapping ``[from_ms, to_ms)``."""
-    busy = {r.vehicle_id for r in reservations if r.live(now_ms) and r.starts_ms < to_ms and from_ms < r.ends_ms}
+    """The cars of `vehicles` (in their order) with no reservation overlapping ``[from_ms, to_ms)`` that
+    is still to be used (not cancelled, not ended by its rental). A car in `out_overdue` (its trip runs
+    past its booked end) is not free for a span that has begun: it is not back."""
+    busy = {
+        r.vehicle_id
+        for r in reservations
+        if not r.cancelled and not r.completed and r.starts_ms < to_ms and from_ms < r.ends_ms
+    }
+    if from_ms <= now_ms:
+        busy |= set(out_overdue)
     return [v for v in vehicles if v not in busy]

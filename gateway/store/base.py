@@ -52,6 +52,7 @@ class Room:
     candidates: tuple[str, ...]
     notice_ms: int
     events: Callable[[Plan], list[Event]]
+    early_grace_ms: int = 0
 
 
 DeliveryEnd = Literal["delivered", "expired", "gone", "dropped"]

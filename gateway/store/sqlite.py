@@ -178,7 +178,12 @@ class SqliteStore:
     async def put_with_priority(self, r: Reservation, now_ms: int, room: Room) -> Plan | Refusal:
         with _errors("store a staff reservation"), self._tx():
             in_the_way = [o for o in self._live_of(r.vehicle_id, now_ms) if o.id != r.id and o.overlaps(r)]
-            others = {vid: self._live_of(vid, now_ms) for vid in room.candidates if vid != r.vehicle_id}
+            # Without `r` itself: a staff reservation moving to another car frees the one it leaves.
+            others = {
+                vid: [o for o in self._live_of(vid, now_ms) if o.id != r.id]
+                for vid in room.candidates
+                if vid != r.vehicle_id
+            }
             marks = ",".join("?" * len(in_the_way))
             started = {
                 row[0]
@@ -186,7 +191,7 @@ class SqliteStore:
                     f"SELECT reservation_id FROM trips WHERE reservation_id IN ({marks})", [o.id for o in in_the_way]
                 )
             }
-            decision = make_room(r, in_the_way, others, started, now_ms, room.notice_ms)
+            decision = make_room(r, in_the_way, others, started, now_ms, room.notice_ms, room.early_grace_ms)
             if isinstance(decision, Refusal):
                 return decision
             for m in decision.moves:

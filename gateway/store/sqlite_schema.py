@@ -179,7 +179,11 @@ MIGRATIONS: list[tuple[str, list[Migration]]] = [
     ),
     (
         "why a reservation was cancelled",
-        ["ALTER TABLE reservations ADD COLUMN cancel_reason TEXT"],
+        [
+            "ALTER TABLE reservations ADD COLUMN cancel_reason TEXT",
+            # Every cancellation before this version was a DELETE.
+            "UPDATE reservations SET cancel_reason = 'cancelled' WHERE cancelled",
+        ],
     ),
 ]
 
