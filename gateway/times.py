@@ -19,12 +19,13 @@ _SECONDS: dict[int, str] = {}  # second -> "YYYY-MM-DDTHH:MM:SS": times come in 
 
 def iso_ms(ts_ms: int) -> str:
     """``2026-11-26T09:00:00.123Z``: what the API answers for every time."""
-    second, ms = divmod(ts_ms, 1000)
+    second, ms = divmod(int(ts_ms), 1000)
     prefix = _SECONDS.get(second)
     if prefix is None:
         if len(_SECONDS) >= 64:
             _SECONDS.clear()
-        prefix = _SECONDS[second] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        d = datetime.fromtimestamp(second, UTC)
+        prefix = _SECONDS[second] = f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
     return f"{prefix}.{ms:03d}Z"
 
 

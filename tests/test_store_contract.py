@@ -8,6 +8,7 @@ joins the list when it exists). A test here says only what the protocol in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -549,3 +550,23 @@ def test_the_v5_migration_gives_old_cancellations_their_reason(tmp_path: Path) -
     got = asyncio.run(store.get_reservation("R-old"))
     assert got is not None and got.cancelled and got.cancel_reason == "cancelled"
     asyncio.run(store.close())
+
+
+async def test_deliveries_too_old_are_given_up_in_one_go(store: Store) -> None:
+    for n in range(5):
+        await store.add_event(event(n, targets=(A, B), ts=T0))
+    await store.add_event(event(0, targets=(A,), ts=T0 + H))
+    assert await store.expire_deliveries(A, T0 + H, T0 + 2 * H) == 5
+    assert [d.event_id for d in await store.due_deliveries(A, T0 + 3 * H, 10)] == [event(0, ts=T0 + H).id]
+    assert len(await store.due_deliveries(B, T0 + 3 * H, 10)) == 5  # another endpoint's are its own
+
+
+# Each released schema version, as it shipped: a version is never edited, a change is a new one.
+RELEASED = {1: "8477f18777579388", 2: "54bed9e0b62c3c5a", 3: "2446e9a303d05f29"}  # 0.1.0, 0.2.0, 0.3.0
+
+
+def test_released_schema_versions_are_never_edited() -> None:
+    for version, digest in RELEASED.items():
+        _, steps = MIGRATIONS[version - 1]
+        text = "\n".join(s if isinstance(s, str) else s.__name__ for s in steps)
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, f"schema version {version} was edited"

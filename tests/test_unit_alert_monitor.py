@@ -210,6 +210,7 @@ async def test_an_alert_open_in_the_store_already_is_the_one_followed(
     m.observe(location(clock.ms, speed=40.0), clock.ms)
     await flush(m)
     assert [a.id for a in await store.list_alerts("open", None, None, 10)] == ["alr_theirs"]
+    assert [a.id for a in m.open["ZOE-001"].values()] == ["alr_theirs"]  # the monitor follows the stored one
     m.observe(location(clock.ms + 1), clock.ms + 1)  # back home, parked
     await flush(m)
     assert await store.list_alerts("open", None, None, 10) == []
@@ -240,4 +241,24 @@ async def test_the_view_of_the_cars_survives_a_restart(tmp_path: Path) -> None:
     await flush(again)
     [a] = await store.list_alerts("open", None, "unlocked_unattended", 10)
     assert a.details["since_ms"] == T0  # ten minutes from the first reading, across the restart
+    await store.close()
+
+
+async def test_a_stale_view_gives_way_to_a_newer_vehicle_state(tmp_path: Path) -> None:
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    clock = Clock()
+    th = Thresholds(unattended_after_ms=600_000)
+    views = tmp_path / "views.json"
+    state = FleetState(FLEET)
+    m = AlertMonitor(store, FLEET, state, EventLog(clock=clock), lambda b: None, th, 120, 1.0, clock, views)
+    await m.load()
+    m.observe(doors(clock.ms, locked=False), clock.ms)
+    m.save()
+    clock.ms += 86_400_000  # a day with the alerts off: the car was locked meanwhile
+    state.update(doors(clock.ms - 1_000, locked=True), clock.ms - 1_000)
+    again = AlertMonitor(store, FLEET, state, EventLog(clock=clock), lambda b: None, th, 120, 1.0, clock, views)
+    await again.load()
+    again.broker(True, 1)
+    await again.check()
+    assert again._queue.empty() and again.cars["ZOE-001"].locked is True
     await store.close()

@@ -159,3 +159,10 @@ def test_deliveries_must_give_up_before_their_events_are_pruned() -> None:
     with pytest.raises(ConfigError, match=r"^webhooks.max_age_s: longer than events.retention_days"):
         load_settings(None, env)
     assert load_settings(None, {**env, "GATEWAY__WEBHOOKS__MAX_AGE_S": "3600"}).webhooks.max_age_s == 3600
+
+
+def test_an_absurd_retry_after_is_read_or_ignored_never_an_error() -> None:
+    now = 1_795_683_600.0
+    assert retry_after_s("9" * 5000, now) == 1e9
+    assert retry_after_s("Mon, 01 Jan 99999999999999999999 00:00:00 GMT", now) is None
+    assert retry_after_s("Mon, 01 Jan 1990 00:00:00", now) is None  # no zone

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from typing import Any
 import pytest
 
 from device_sim.receiver import Answer, Delivery, Receiver
+from gateway.errors import StoreError
+from gateway.notify.events import EventLog
+from gateway.notify.webhooks import Deliverer, Endpoint
+from gateway.rules.webhooks import decode_secret
+from gateway.store.sqlite import open_sqlite
 from scripts.services import free_port
 from tests.conftest import Stack, Unique
 from tests.helpers import AUTH, async_wait_for, mosquitto_pub, wait_for
@@ -140,6 +146,8 @@ async def test_410_disables_that_endpoint_only(
         await asyncio.sleep(0.5)
         assert len(gone.deliveries) == 1
         assert 'gateway_webhook_deliveries_total{result="gone"} 1.0' in await metrics(env)
+        assert gone.url not in env.rt.events.endpoints  # nothing new is queued for it
+        assert await env.rt.store.webhook_backlog() == 0  # and what it was owed is given up
     finally:
         await gone.stop()
         await fine.stop()
@@ -264,3 +272,73 @@ async def test_events_recorded_before_a_sigkill_are_delivered_after_it_with_the_
     finally:
         gw.stop()
         await rx.stop()
+
+
+# -- the deliverer on its own, against the real SQLite store and a real receiver --------------------------
+
+
+class RefusingWrites:
+    """The real store, refusing to record outcomes for a while (a full disk)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.refuse = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def record_attempts(self, attempts: Any) -> None:
+        if self.refuse:
+            raise StoreError("the disk is full")
+        await self.store.record_attempts(attempts)
+
+
+async def test_an_outcome_the_store_refuses_is_held_not_sent_again(tmp_path: Path) -> None:
+    rx = await Receiver(SECRET).start()
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    refusing = RefusingWrites(store)
+    d = Deliverer(refusing, [Endpoint(rx.url, decode_secret(SECRET), ("*",))], 0.05, 3600, 2, 4)
+    e = EventLog({rx.url: ("*",)}).new("alert.opened", {"n": 1})
+    await store.add_event(e)
+    task = asyncio.create_task(d.run())
+    try:
+        await rx.wait(lambda r: r.deliveries, what="the first delivery")
+        await asyncio.sleep(1.5)  # the outcome cannot be stored: it must not be sent again meanwhile
+        assert len(rx.deliveries) == 1
+        refusing.refuse = False
+        for _ in range(60):
+            if await store.webhook_backlog() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.webhook_backlog() == 0 and len(rx.deliveries) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rx.stop()
+        await store.close()
+
+
+async def test_a_backlog_past_its_age_is_given_up_untried_and_the_rest_goes_out(tmp_path: Path) -> None:
+    rx = await Receiver(SECRET).start()
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    log = EventLog({rx.url: ("*",)})
+    old = int(time.time() * 1000) - 3 * 86_400_000
+    for i in range(2000):  # three days of a dead receiver's backlog
+        await store.add_event(log.new("alert.opened", {"n": i}, old + i))
+    fresh = log.new("alert.opened", {"n": "fresh"})
+    await store.add_event(fresh)
+    d = Deliverer(store, [Endpoint(rx.url, decode_secret(SECRET), ("*",))], 5, 86400, 15, 4)
+    task = asyncio.create_task(d.run())
+    try:
+        await rx.wait(lambda r: r.accepted(), what="the fresh event")
+        for _ in range(60):
+            if await store.webhook_backlog() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert [x.id for x in rx.deliveries] == [fresh.id]  # none of the 2,000 was tried
+        assert d.results["expired"] == 2000 and await store.webhook_backlog() == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rx.stop()
+        await store.close()

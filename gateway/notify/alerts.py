@@ -150,10 +150,20 @@ class AlertMonitor:
                 n += 1
         for t in await self.store.running_trips(LATEST_MS):
             self.trips.setdefault(t.vehicle_id, set()).add(t.reservation_id)
-        if not self._restore():
-            for vid, st in self.state.vehicles.items():  # first start: what the saved vehicle state says
-                for r in st.readings.values():
-                    self._take(self.cars[vid], r)
+        self._restore()
+        # The saved vehicle state may know newer readings (saved later, or while the alerts were off). It
+        # keeps replays too, so a newer reading is taken only if it was current when the car was last heard.
+        for vid, st in self.state.vehicles.items():
+            car = self.cars[vid]
+            known = {"location": car.location_ms, "doors": car.doors_ms, "battery": car.battery_ms}
+            heard = st.last_seen_ms
+            for kind, r in st.readings.items():
+                if kind not in known:
+                    continue
+                seen = known[kind]
+                current = heard is not None and heard - r.ts_ms <= self.replay_ms
+                if seen is None or (r.ts_ms > seen and current):
+                    self._take(car, r)
         if n:
             log.info("alerts: %d open from before the restart", n)
 
@@ -207,14 +217,15 @@ class AlertMonitor:
         if r.kind == "location":
             car.location_ms, car.lat, car.lon, car.speed_kmh = r.ts_ms, f["lat"], f["lon"], f.get("speed_kmh")
         elif r.kind == "doors":
-            car.locked, car.closed = f["locked"], f.get("closed")
+            car.doors_ms, car.locked, car.closed = r.ts_ms, f["locked"], f.get("closed")
             if car.locked is False or car.closed is False:
                 if car.open_since_ms is None:
                     car.open_since_ms = r.ts_ms
             else:
                 car.open_since_ms = None
         elif r.kind == "battery":
-            car.soc_pct, car.charging, car.plugged = f["soc_pct"], f.get("charging"), f.get("plugged")
+            car.battery_ms, car.soc_pct = r.ts_ms, f["soc_pct"]
+            car.charging, car.plugged = f.get("charging"), f.get("plugged")
             if car.plugged is True and car.charging is False and car.soc_pct < 80:
                 if car.stalled_since_ms is None:
                     car.stalled_since_ms = r.ts_ms

@@ -32,7 +32,7 @@ import aiohttp
 
 from gateway.errors import StoreError
 from gateway.rules.events import Event
-from gateway.rules.webhooks import Attempt, Delivery, headers, judge, too_old
+from gateway.rules.webhooks import LAST_TRY_SLACK_MS, Attempt, Delivery, headers, judge, too_old
 from gateway.store.base import Store
 from gateway.times import iso_ms, now_ms
 
@@ -41,6 +41,7 @@ __all__ = ["Deliverer", "Endpoint"]
 log = logging.getLogger(__name__)
 
 BACKLOG_EVERY_S = 5.0
+EXPIRE_EVERY_S = 10.0
 STORE_RETRY_S = 1.0
 OUTCOME_FLUSH_S = 0.05
 WAKE_DELAY_S = 0.06  # a little over the store's write-behind of command events (AUDIT_FLUSH_S)
@@ -80,7 +81,7 @@ class Deliverer:
         self.disabled: dict[str, str] = {}  # url -> why, for /healthz
         self.backlog = 0
         self._wakes = {e.url: asyncio.Event() for e in self.endpoints}
-        self._wake_soon: set[str] = set()
+        self._wake_soon: set[tuple[str, bool]] = set()  # (url, delayed) wakes already on their way
         self._in_flight: dict[str, set[str]] = {e.url: set() for e in self.endpoints}  # until the outcome is stored
         self._outcomes: list[Attempt] = []
         self._outcomes_ready = asyncio.Event()
@@ -90,15 +91,16 @@ class Deliverer:
         """An event was recorded: wake the loops of the endpoints it goes to.
 
         A command's event is written behind (with the audit, see ``Store.record_command``): its
-        endpoints are woken a moment later, once for a burst, when the batch is in the store."""
-        delay = WAKE_DELAY_S if e.type == "command.completed" else 0.0
+        endpoints are woken a moment later, once for a burst, when the batch is in the store. Any
+        other event wakes them now."""
+        delayed = e.type == "command.completed"
         for url in e.targets:
-            if url in self._wakes and url not in self._wake_soon:
-                self._wake_soon.add(url)
-                asyncio.get_running_loop().call_later(delay, self._wake, url)
+            if url in self._wakes and (url, delayed) not in self._wake_soon:
+                self._wake_soon.add((url, delayed))
+                asyncio.get_running_loop().call_later(WAKE_DELAY_S if delayed else 0.0, self._wake, url, delayed)
 
-    def _wake(self, url: str) -> None:
-        self._wake_soon.discard(url)
+    def _wake(self, url: str, delayed: bool) -> None:
+        self._wake_soon.discard((url, delayed))
         self._wakes[url].set()
 
     async def run(self) -> None:
@@ -144,10 +146,21 @@ class Deliverer:
         wake = self._wakes[ep.url]
         slots = asyncio.Semaphore(self.per_endpoint)
         in_flight = self._in_flight[ep.url]
+        expired_at = 0  # when the outbox was last cleared of what is too old for this endpoint
         while ep.url not in self.disabled:
+            await asyncio.sleep(0)  # the store's calls do not yield: a long backlog must not hold the loop
             wake.clear()
             now = self.clock()
             try:
+                if now - expired_at >= EXPIRE_EVERY_S * 1000:
+                    # In one statement, not one by one: after a long outage these can be thousands.
+                    n = await self.store.expire_deliveries(
+                        ep.url, now - int(self.max_age_s * 1000) - LAST_TRY_SLACK_MS, now
+                    )
+                    expired_at = now
+                    if n:
+                        self.results["expired"] += n
+                        log.warning("webhooks: %d deliveries to %s given up untried: older than max_age_s", n, ep.url)
                 due = await self.store.due_deliveries(ep.url, now, 2 * self.per_endpoint + len(in_flight))
                 due = [d for d in due if d.event_id not in in_flight]
                 # Fewer than were asked for: nothing else is due now, so sleep until the next one is.
@@ -186,7 +199,11 @@ class Deliverer:
             slots.release()
         attempts = d.attempts + 1
         now = self.clock()
-        v = judge(status, retry_after, attempts, d.event_ms, now, self.first_retry_s, self.max_age_s, self.rng)
+        try:
+            v = judge(status, retry_after, attempts, d.event_ms, now, self.first_retry_s, self.max_age_s, self.rng)
+        except Exception:  # whatever the receiver sent: the delivery must leave "in flight" with an outcome
+            log.exception("webhook %s to %s: cannot judge the answer; retrying", d.event_id, ep.url)
+            v = judge(None, None, attempts, d.event_ms, now, self.first_retry_s, self.max_age_s, self.rng)
         self.results[v.kind] += 1
         if v.kind == "retry" and v.next_ms is not None:
             self._outcome(Attempt(d.event_id, ep.url, attempts, "pending", v.next_ms, now, why))
@@ -235,7 +252,7 @@ class Deliverer:
             await self._outcomes_ready.wait()
             await asyncio.sleep(OUTCOME_FLUSH_S)  # gather what ends meanwhile into one transaction
             self._outcomes_ready.clear()
-            batch, self._outcomes = self._outcomes, []
+            batch = self._outcomes[:]  # left in the list until stored: shutdown writes what is still there
             while True:
                 try:
                     await self.store.record_attempts(batch)
@@ -244,6 +261,7 @@ class Deliverer:
                     # Held in flight meanwhile: not sent again until its outcome is stored.
                     log.error("webhooks: %s; %d outcomes kept, trying again", e, len(batch))
                     await asyncio.sleep(STORE_RETRY_S)
+            del self._outcomes[: len(batch)]
             for a in batch:
                 self._in_flight[a.endpoint].discard(a.event_id)
                 self._wakes[a.endpoint].set()

@@ -116,9 +116,11 @@ class CarView:
     lat: float | None = None
     lon: float | None = None
     speed_kmh: float | None = None
+    doors_ms: int | None = None
     locked: bool | None = None
     closed: bool | None = None
     open_since_ms: int | None = None  # unlocked or not closed, without a break, since
+    battery_ms: int | None = None
     soc_pct: float | None = None
     charging: bool | None = None
     plugged: bool | None = None

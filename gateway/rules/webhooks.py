@@ -79,14 +79,14 @@ def retry_after_s(value: str | None, now_s: float) -> float | None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(min(int(value), 10**9))
+        return 1e9 if len(value) > 9 else float(value)  # a receiver's number, whatever its size
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            return None
+        return max(0.0, when.timestamp() - now_s)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now_s)
 
 
 Kind = Literal["delivered", "gone", "retry", "expired"]

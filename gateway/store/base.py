@@ -185,6 +185,11 @@ class Store(Protocol):
         return how many."""
         ...
 
+    async def expire_deliveries(self, endpoint: str, events_before_ms: int, now_ms: int) -> int:
+        """Give up, untried, the pending deliveries to `endpoint` of events recorded before `events_before_ms`
+        (past their maximum age, found after an outage); return how many."""
+        ...
+
     async def webhook_backlog(self) -> int:
         """Deliveries still pending."""
         ...

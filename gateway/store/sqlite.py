@@ -563,6 +563,17 @@ class SqliteStore:
             )
         return cur.rowcount
 
+    async def expire_deliveries(self, endpoint: str, events_before_ms: int, now_ms: int) -> int:
+        self._flush_audit()
+        # An event's id is never earlier than its time (ULIDs, monotonic), so below this id means older.
+        with _errors("expire deliveries"):
+            cur = self.db.execute(
+                "UPDATE deliveries SET state = 'expired', done_ms = ?, last_error = 'older than max_age_s' "
+                "WHERE endpoint = ? AND state = 'pending' AND event_id < ?",
+                (now_ms, endpoint, "evt_" + ulid_floor(events_before_ms)),
+            )
+        return cur.rowcount
+
     async def webhook_backlog(self) -> int:
         with _errors("count the webhook backlog"):
             return int(self.db.execute("SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0])
