@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[codec.Message, int], None]
 """Called for every incoming message with an ack token (0 for QoS 0)."""
 
+# A connection that lasted this long (or a keepalive period) was healthy: back-off starts afresh after it.
+STABLE_AFTER_S = 30.0
+
 CONNACK_REASONS = {
     0x84: "unsupported protocol version (the broker needs MQTT 5)",
     0x85: "client identifier not valid",
@@ -191,7 +194,7 @@ class MqttLink:
                 s.client_id,
             )
             failing = False
-            delay = s.reconnect_min_s
+            up_since = asyncio.get_running_loop().time()
             pinger = asyncio.create_task(self._keepalive(proto), name="mqtt-keepalive")
             try:
                 # shielded: cancelling run() must not cancel the future close() waits on
@@ -200,7 +203,15 @@ class MqttLink:
                 pinger.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pinger
-            log.warning("MQTT connection lost; reconnecting")
+            # A CONNACK is no proof of health: a broker may accept and drop us at once (a client id taken
+            # over by another instance, a quota, an ACL), and reconnecting at once would loop hot. The
+            # back-off starts again from its floor only after a connection that stayed up.
+            if asyncio.get_running_loop().time() - up_since >= max(STABLE_AFTER_S, s.keepalive_s):
+                delay = s.reconnect_min_s
+            wait = delay * (0.5 + random.random())
+            log.warning("MQTT connection lost; reconnecting in %.1f s", wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, s.reconnect_max_s)
 
     async def _connect_once(self) -> _Protocol:
         s = self.settings

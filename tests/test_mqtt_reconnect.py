@@ -1,0 +1,55 @@
+"""Reconnecting without a hot loop, against the real Mosquitto (part of issue 14).
+
+Two clients with one client id take the session over from each other: the
+broker accepts each (CONNACK) and drops the other at once. A client that
+resets its back-off on CONNACK reconnects at once, forever — thousands of
+connections a second between two instances left with the default id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.mqtt.link import MqttLink
+from gateway.settings import MqttSettings
+from tests.conftest import Stack, Unique
+
+pytestmark = pytest.mark.integration
+
+
+async def test_two_links_sharing_a_client_id_back_off_instead_of_looping(stack: Stack, unique: Unique) -> None:
+    settings = MqttSettings(
+        host="127.0.0.1", port=stack.broker.port, client_id=f"twin-{unique.database}",
+        reconnect_min_s=0.2, reconnect_max_s=2.0, session_expiry_s=0,
+    )  # fmt: skip
+    links = [MqttLink(settings, lambda m, t: None, [f"{unique.prefix}/#"], auto_ack=True) for _ in range(2)]
+    tasks = [asyncio.create_task(link.run()) for link in links]
+    t0 = time.monotonic()
+    try:
+        await asyncio.sleep(4.0)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = time.monotonic() - t0
+    connects = sum(link.connects for link in links)
+    # With back-off from 0.2 s doubling to 2 s, each link connects about log2(10) + 2 times in 4 s; resetting
+    # the back-off on every CONNACK made it thousands.
+    assert 2 <= connects <= 30, f"{connects} connections in {elapsed:.1f} s"
+
+
+async def test_a_stopped_link_ends_at_once_even_while_backing_off(stack: Stack, unique: Unique) -> None:
+    settings = MqttSettings(
+        host="127.0.0.1", port=stack.broker.port, client_id=f"twin2-{unique.database}",
+        reconnect_min_s=5.0, reconnect_max_s=30.0, session_expiry_s=0,
+    )  # fmt: skip
+    links = [MqttLink(settings, lambda m, t: None, [f"{unique.prefix}/#"], auto_ack=True) for _ in range(2)]
+    tasks = [asyncio.create_task(link.run()) for link in links]
+    await asyncio.sleep(1.0)  # both have kicked each other off and wait out their back-off
+    for t in tasks:
+        t.cancel()
+    _, pending = await asyncio.wait(tasks, timeout=2.0)
+    assert not pending, "a link did not stop while reconnecting"
