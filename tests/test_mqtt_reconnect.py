@@ -34,6 +34,8 @@ async def test_two_links_sharing_a_client_id_back_off_instead_of_looping(stack: 
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for link in links:
+            await link.close()
     elapsed = time.monotonic() - t0
     connects = sum(link.connects for link in links)
     # With back-off from 0.2 s doubling to 2 s, each link connects about log2(10) + 2 times in 4 s; resetting
@@ -52,4 +54,6 @@ async def test_a_stopped_link_ends_at_once_even_while_backing_off(stack: Stack, 
     for t in tasks:
         t.cancel()
     _, pending = await asyncio.wait(tasks, timeout=2.0)
+    for link in links:
+        await link.close()
     assert not pending, "a link did not stop while reconnecting"
