@@ -17,7 +17,7 @@ import hmac
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Literal, get_args
+from typing import Literal
 
 __all__ = [
     "MAX_RETRY_S",
@@ -153,7 +153,6 @@ class Delivery:
 
 
 AttemptState = Literal["pending", "delivered", "expired", "gone", "dropped"]
-ENDS: tuple[str, ...] = get_args(AttemptState)[1:]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """The embedded store: one SQLite file in the state directory.
 
+Reservations, idempotency, the command audit and trips are here; events,
+the webhook outbox and alerts in ``sqlite_events.py``; the transaction and
+error mapping both share, in ``sqlite_sql.py``.
 The schema and its versions are in ``sqlite_schema.py``; opening the store
 brings any older file up to date. Every call is a short local transaction, so it runs on the
 event loop instead of a thread pool: one loop, no threads beside it. WAL
@@ -14,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import astuple, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,16 @@ from typing import Any
 import orjson
 
 from gateway.errors import StartupError, StoreError
-from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, ulid_floor
 from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.rules.webhooks import Attempt, Delivery
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, AlertStatus, DeliveryEnd, Room
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room
+from gateway.store.sqlite_events import EventTables
 from gateway.store.sqlite_schema import migrate
+from gateway.store.sqlite_sql import errors, listing
 
 __all__ = ["AUDIT_FLUSH_S", "SqliteStore", "open_sqlite"]
 
@@ -80,34 +81,8 @@ def _trip(r: Any) -> Trip:
     return replace(t, forced=bool(t.forced), end_at_station=at)
 
 
-_ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
-
-
-def _alert(r: Any) -> Alert:
-    at: AlertType = r[1]
-    return Alert(r[0], at, r[2], r[3] or None, int(r[4]), r[5], orjson.loads(r[6]), r[7])
-
-
 def _command(r: Any) -> CommandRecord:
     return CommandRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8], r[9])
-
-
-def _listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
-    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
-
-    A condition without a ``?`` takes no argument: its value only says whether it applies."""
-    used = [(cond, value) for cond, value in filters if value is not None]
-    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
-    args = [value for cond, value in used if "?" in cond]
-    return f"{select}{where} ORDER BY {order} LIMIT ?", [*args, limit]
-
-
-@contextmanager
-def _errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as e:
-        raise StoreError(f"the store could not {what}: {e}") from e
 
 
 def open_sqlite(path: Path) -> SqliteStore:
@@ -133,22 +108,12 @@ def open_sqlite(path: Path) -> SqliteStore:
     return SqliteStore(db)
 
 
-class SqliteStore:
+class SqliteStore(EventTables):
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._audit: list[CommandRecord] = []
         self._audit_events: list[Event] = []
         self._flush_handle: asyncio.TimerHandle | None = None
-
-    @contextmanager
-    def _tx(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     async def close(self) -> None:
         if self._flush_handle is not None:
@@ -163,12 +128,12 @@ class SqliteStore:
     # -- reservations --
 
     async def get_reservation(self, reservation_id: str) -> Reservation | None:
-        with _errors("read a reservation"):
+        with errors("read a reservation"):
             row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
         return None if row is None else _reservation(row)
 
     async def put_reservation(self, r: Reservation, now_ms: int) -> Reservation | None:
-        with _errors("store a reservation"), self._tx():
+        with errors("store a reservation"), self._tx():
             clash = conflict(r, self._live_of(r.vehicle_id, now_ms), now_ms)
             if clash is not None:
                 return clash
@@ -176,7 +141,7 @@ class SqliteStore:
         return None
 
     async def put_with_priority(self, r: Reservation, now_ms: int, room: Room) -> Plan | Refusal:
-        with _errors("store a staff reservation"), self._tx():
+        with errors("store a staff reservation"), self._tx():
             in_the_way = [o for o in self._live_of(r.vehicle_id, now_ms) if o.id != r.id and o.overlaps(r)]
             # Without `r` itself: a staff reservation moving to another car frees the one it leaves.
             others = {
@@ -230,7 +195,7 @@ class SqliteStore:
         )  # fmt: skip
 
     async def cancel_reservation(self, reservation_id: str, now_ms: int, reason: str = "cancelled") -> bool:
-        with _errors("cancel a reservation"):
+        with errors("cancel a reservation"):
             cur = self.db.execute(
                 "UPDATE reservations SET cancelled = 1, cancel_reason = ?, updated_ms = ? "
                 "WHERE id = ? AND NOT cancelled",
@@ -241,19 +206,19 @@ class SqliteStore:
     async def list_reservations(
         self, vehicle_id: str | None, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[Reservation]:
-        sql, args = _listing(
+        sql, args = listing(
             f"SELECT {_COLUMNS} FROM reservations",
             [("vehicle_id = ?", vehicle_id), ("ends_ms > ?", from_ms), ("starts_ms < ?", to_ms)],
             "starts_ms, id",
             limit,
         )
-        with _errors("list reservations"):
+        with errors("list reservations"):
             return [_reservation(r) for r in self.db.execute(sql, args).fetchall()]
 
     # -- the start-time unlock --
 
     async def due_start_unlocks(self, now_ms: int) -> list[Reservation]:
-        with _errors("read due start unlocks"):
+        with errors("read due start unlocks"):
             rows = self.db.execute(
                 f"SELECT {_COLUMNS} FROM reservations WHERE unlock_at_start = 1 AND su_status IS NULL "
                 "AND NOT cancelled AND starts_ms <= ? AND ends_ms > ? ORDER BY starts_ms",
@@ -262,7 +227,7 @@ class SqliteStore:
         return [_reservation(r) for r in rows]
 
     async def next_start_unlock_ms(self, now_ms: int) -> int | None:
-        with _errors("read the next start unlock"):
+        with errors("read the next start unlock"):
             row = self.db.execute(
                 "SELECT min(starts_ms) FROM reservations "
                 "WHERE unlock_at_start = 1 AND su_status IS NULL AND NOT cancelled AND ends_ms > ?",
@@ -271,7 +236,7 @@ class SqliteStore:
         return None if row[0] is None else int(row[0])
 
     async def pending_start_unlocks(self) -> list[Reservation]:
-        with _errors("read pending start unlocks"):
+        with errors("read pending start unlocks"):
             rows = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE su_status = 'pending'").fetchall()
         return [_reservation(r) for r in rows]
 
@@ -283,7 +248,7 @@ class SqliteStore:
 
     def _set_start_unlock(self, reservation_id: str, su: StartUnlock | None, where: str) -> bool:
         values = (su.status, su.at_ms, su.command_id, su.reason) if su else (None, None, None, None)
-        with _errors("record a start unlock"):
+        with errors("record a start unlock"):
             cur = self.db.execute(
                 "UPDATE reservations SET su_status = ?, su_at_ms = ?, su_command_id = ?, su_reason = ? WHERE id = ?"
                 + where,
@@ -294,7 +259,7 @@ class SqliteStore:
     # -- idempotency --
 
     async def idempotent_outcome(self, caller: str, key: str) -> tuple[str, Outcome] | None:
-        with _errors("read an idempotency key"):
+        with errors("read an idempotency key"):
             row = self.db.execute(
                 "SELECT fingerprint, outcome FROM idempotency WHERE caller = ? AND key = ?", (caller, key)
             ).fetchone()
@@ -303,7 +268,7 @@ class SqliteStore:
     async def save_idempotent_outcome(
         self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
     ) -> None:
-        with _errors("save an idempotency key"):
+        with errors("save an idempotency key"):
             self.db.execute(
                 "INSERT OR REPLACE INTO idempotency (caller, key, fingerprint, outcome, created_ms) VALUES (?,?,?,?,?)",
                 (caller, key, fingerprint, orjson.dumps(outcome.to_doc()), now_ms),
@@ -353,7 +318,7 @@ class SqliteStore:
             )
             for r in self._audit
         ]
-        with _errors("record commands"), self._tx():
+        with errors("record commands"), self._tx():
             self.db.executemany(
                 f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
             )
@@ -365,13 +330,13 @@ class SqliteStore:
         self, vehicle_id: str, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[CommandRecord]:
         self._flush_audit()
-        sql, args = _listing(
+        sql, args = listing(
             f"SELECT {_COMMAND_COLUMNS} FROM commands",
             [("vehicle_id = ?", vehicle_id), ("issued_ms >= ?", from_ms), ("issued_ms < ?", to_ms)],
             "issued_ms DESC, command_id DESC",
             limit,
         )
-        with _errors("list commands"):
+        with errors("list commands"):
             return [_command(r) for r in self.db.execute(sql, args).fetchall()]
 
     # -- trips --
@@ -379,10 +344,10 @@ class SqliteStore:
     async def start_trip(self, t: Trip, event: Event | None = None) -> bool:
         # Every `done` unlock of a reservation comes here and all but the first find its trip: a read,
         # not a write transaction, for those.
-        with _errors("start a trip"):
+        with errors("start a trip"):
             if self.db.execute("SELECT 1 FROM trips WHERE reservation_id = ?", (t.reservation_id,)).fetchone():
                 return False
-        with _errors("start a trip"), self._tx():
+        with errors("start a trip"), self._tx():
             cur = self.db.execute(
                 f"INSERT OR IGNORE INTO trips ({_TRIP_COLUMNS}) VALUES ({','.join('?' * len(fields(Trip)))})",
                 astuple(t),
@@ -394,14 +359,14 @@ class SqliteStore:
         return True
 
     async def get_trip(self, reservation_id: str) -> Trip | None:
-        with _errors("read a trip"):
+        with errors("read a trip"):
             row = self.db.execute(
                 f"SELECT {_TRIP_COLUMNS} FROM trips WHERE reservation_id = ?", (reservation_id,)
             ).fetchone()
         return None if row is None else _trip(row)
 
     async def running_trips(self, booked_end_before_ms: int) -> list[Trip]:
-        with _errors("read running trips"):
+        with errors("read running trips"):
             rows = self.db.execute(
                 f"SELECT {_TRIP_COLUMNS} FROM trips WHERE ended_ms IS NULL AND booked_end_ms < ? "
                 "ORDER BY booked_end_ms",
@@ -413,7 +378,7 @@ class SqliteStore:
         # What ending sets: ended_ms and every field after it, and the month the statement counts it in.
         names = [*[f.name for f in fields(Trip)][_ENDED_AT:], "month"]
         values = (*astuple(t)[_ENDED_AT:], month)
-        with _errors("end a trip"), self._tx():
+        with errors("end a trip"), self._tx():
             cur = self.db.execute(
                 f"UPDATE trips SET {', '.join(f'{n} = ?' for n in names)} "
                 "WHERE reservation_id = ? AND ended_ms IS NULL",
@@ -441,18 +406,18 @@ class SqliteStore:
     async def list_trips(
         self, from_ms: int | None, to_ms: int | None, vehicle_id: str | None, user_id: str | None, limit: int
     ) -> list[Trip]:
-        sql, args = _listing(
+        sql, args = listing(
             f"SELECT {_TRIP_COLUMNS} FROM trips",
             [("started_ms >= ?", from_ms), ("started_ms < ?", to_ms), ("vehicle_id = ?", vehicle_id),
              ("user_id = ?", user_id)],
             "started_ms, reservation_id",
             limit,
         )  # fmt: skip
-        with _errors("list trips"):
+        with errors("list trips"):
             return [_trip(r) for r in self.db.execute(sql, args).fetchall()]
 
     async def usage(self, month: str) -> UsageRows:
-        with _errors("read the usage of a month"):
+        with errors("read the usage of a month"):
             # One min() in the query: SQLite then takes the bare `station` from the row of that minimum,
             # the user's first public trip of the month.
             users = self.db.execute(
@@ -476,7 +441,7 @@ class SqliteStore:
 
     def rebuild_usage(self) -> None:
         """Sum every month's cars again from the stored trips and their months (after a bulk load)."""
-        with _errors("rebuild the usage sums"), self._tx():
+        with errors("rebuild the usage sums"), self._tx():
             self.db.execute("DELETE FROM usage_cars")
             self.db.execute(
                 "INSERT INTO usage_cars SELECT month, vehicle_id, station, kind, count(*), "
@@ -485,142 +450,11 @@ class SqliteStore:
                 "FROM trips WHERE month IS NOT NULL GROUP BY month, vehicle_id, station, kind"
             )
 
-    # -- events and the webhook outbox --
-
-    def _insert_events(self, events: list[Event]) -> None:
-        """Within a transaction: the events and one pending delivery per target, due now."""
-        if not events:
-            return
-        self.db.executemany(
-            "INSERT OR IGNORE INTO events (id, type, ts_ms, body) VALUES (?,?,?,?)",
-            [(e.id, e.type, e.ts_ms, e.body) for e in events],
-        )
-        deliveries = [(e.id, url, e.ts_ms) for e in events for url in e.targets]
-        if deliveries:
-            self.db.executemany(
-                "INSERT OR IGNORE INTO deliveries (event_id, endpoint, due_ms) VALUES (?,?,?)", deliveries
-            )
-
-    async def add_event(self, e: Event) -> None:
-        with _errors("record an event"), self._tx():
-            self._insert_events([e])
-
-    async def list_events(self, after: str | None, type_: str | None, limit: int) -> list[Event]:
-        self._flush_audit()
-        sql, args = _listing(
-            "SELECT id, type, ts_ms, body FROM events", [("id > ?", after), ("type = ?", type_)], "id", limit
-        )
-        with _errors("list events"):
-            return [Event(r[0], r[1], int(r[2]), bytes(r[3])) for r in self.db.execute(sql, args).fetchall()]
-
-    async def due_deliveries(self, endpoint: str, now_ms: int, limit: int) -> list[Delivery]:
-        self._flush_audit()  # an event written behind is due as soon as it is recorded
-        with _errors("read due deliveries"):
-            rows = self.db.execute(
-                "SELECT d.event_id, d.endpoint, d.attempts, d.due_ms, e.ts_ms, e.body FROM deliveries d "
-                "JOIN events e ON e.id = d.event_id WHERE d.endpoint = ? AND d.state = 'pending' AND d.due_ms <= ? "
-                "ORDER BY d.due_ms, d.event_id LIMIT ?",
-                (endpoint, now_ms, limit),
-            ).fetchall()
-        return [Delivery(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), bytes(r[5])) for r in rows]
-
-    async def next_delivery_ms(self, endpoint: str, after_ms: int) -> int | None:
-        self._flush_audit()
-        with _errors("read the next delivery"):
-            row = self.db.execute(
-                "SELECT min(due_ms) FROM deliveries WHERE endpoint = ? AND state = 'pending' AND due_ms > ?",
-                (endpoint, after_ms),
-            ).fetchone()
-        return None if row[0] is None else int(row[0])
-
-    async def record_attempts(self, attempts: Sequence[Attempt]) -> None:
-        if not attempts:
-            return
-        rows = [
-            (a.state, a.attempts, a.due_ms, None if a.state == "pending" else a.at_ms, a.error[:500] or None,
-             a.event_id, a.endpoint)
-            for a in attempts
-        ]  # fmt: skip
-        with _errors("record delivery attempts"), self._tx():
-            self.db.executemany(
-                "UPDATE deliveries SET state = ?, attempts = ?, due_ms = ?, done_ms = ?, last_error = ? "
-                "WHERE event_id = ? AND endpoint = ? AND state = 'pending'",
-                rows,
-            )
-
-    async def give_up_deliveries(
-        self, endpoint: str | None, keep: Collection[str], end: DeliveryEnd, now_ms: int, why: str
-    ) -> int:
-        self._flush_audit()
-        if endpoint is not None:
-            where, args = "endpoint = ?", [endpoint]
-        else:
-            where, args = f"endpoint NOT IN ({','.join('?' * len(keep))})", list(keep)
-        with _errors("give up deliveries"):
-            cur = self.db.execute(
-                f"UPDATE deliveries SET state = ?, done_ms = ?, last_error = ? WHERE state = 'pending' AND {where}",
-                (end, now_ms, why[:500], *args),
-            )
-        return cur.rowcount
-
-    async def expire_deliveries(self, endpoint: str, events_before_ms: int, now_ms: int) -> int:
-        self._flush_audit()
-        # An event's id is never earlier than its time (ULIDs, monotonic), so below this id means older.
-        with _errors("expire deliveries"):
-            cur = self.db.execute(
-                "UPDATE deliveries SET state = 'expired', done_ms = ?, last_error = 'older than max_age_s' "
-                "WHERE endpoint = ? AND state = 'pending' AND event_id < ?",
-                (now_ms, endpoint, "evt_" + ulid_floor(events_before_ms)),
-            )
-        return cur.rowcount
-
-    async def webhook_backlog(self) -> int:
-        with _errors("count the webhook backlog"):
-            return int(self.db.execute("SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0])
-
-    # -- alerts --
-
-    async def open_alert(self, a: Alert, e: Event) -> bool:
-        with _errors("open an alert"), self._tx():
-            cur = self.db.execute(
-                f"INSERT OR IGNORE INTO alerts ({_ALERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
-                (a.id, a.type, a.vehicle_id, a.reservation_id or "", a.opened_ms, a.message, orjson.dumps(a.details),
-                 None),
-            )  # fmt: skip
-            if cur.rowcount != 1:
-                return False
-            self._insert_events([e])
-        return True
-
-    async def resolve_alert(self, a: Alert, resolved_ms: int, e: Event) -> bool:
-        with _errors("resolve an alert"), self._tx():
-            cur = self.db.execute(
-                "UPDATE alerts SET resolved_ms = ? WHERE id = ? AND resolved_ms IS NULL", (resolved_ms, a.id)
-            )
-            if cur.rowcount != 1:
-                return False
-            self._insert_events([e])
-        return True
-
-    async def list_alerts(
-        self, status: AlertStatus, vehicle_id: str | None, type_: str | None, limit: int
-    ) -> list[Alert]:
-        sql, args = _listing(
-            f"SELECT {_ALERT_COLUMNS} FROM alerts",
-            [("vehicle_id = ?", vehicle_id), ("type = ?", type_),
-             ("resolved_ms IS NULL", True if status == "open" else None),
-             ("resolved_ms IS NOT NULL", True if status == "resolved" else None)],
-            "opened_ms DESC, id DESC",
-            limit,
-        )  # fmt: skip
-        with _errors("list alerts"):
-            return [_alert(r) for r in self.db.execute(sql, args).fetchall()]
-
     # -- housekeeping --
 
     async def prune(self, now_ms: int, events_before_ms: int | None = None) -> int:
         self._flush_audit()
-        with _errors("prune old rows"), self._tx():
+        with errors("prune old rows"), self._tx():
             a = self.db.execute("DELETE FROM idempotency WHERE created_ms < ?", (now_ms - IDEMPOTENCY_RETENTION_MS,))
             b = self.db.execute("DELETE FROM commands WHERE issued_ms < ?", (now_ms - AUDIT_RETENTION_MS,))
             n = a.rowcount + b.rowcount

@@ -1,0 +1,50 @@
+"""What the SQLite store's parts share: its transaction, its error mapping, its listing builder."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from gateway.errors import StoreError
+
+__all__ = ["SqliteBase", "errors", "listing"]
+
+
+def listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
+    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
+
+    A condition without a ``?`` takes no argument: its value only says whether it applies."""
+    used = [(cond, value) for cond, value in filters if value is not None]
+    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
+    args = [value for cond, value in used if "?" in cond]
+    return f"{select}{where} ORDER BY {order} LIMIT ?", [*args, limit]
+
+
+@contextmanager
+def errors(what: str) -> Iterator[None]:
+    """Driver errors as :class:`StoreError` naming what the store was doing."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise StoreError(f"the store could not {what}: {e}") from e
+
+
+class SqliteBase:
+    """The connection and the write-behind flush every part of the store relies on."""
+
+    db: sqlite3.Connection
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _flush_audit(self) -> None:
+        """Write what was written behind (the command audit and its events); see ``SqliteStore``."""
+        raise NotImplementedError
