@@ -113,8 +113,18 @@ async def serve(settings: Settings, fleet: Fleet) -> None:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            # An operator's second signal must work even if shutdown is stuck: nothing acknowledged is lost
+            # by leaving now (the journal is on disk, unacknowledged messages are still the broker's).
+            log.warning("second stop signal: exiting at once; the journal is replayed at the next start")
+            logging.shutdown()
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     log.info("shutting down: no new messages, sealing the journal, draining to InfluxDB")
     await runner.cleanup()

@@ -47,7 +47,7 @@ from gateway.ingest.journal import Journal
 from gateway.ingest.pipeline import Ingest
 from gateway.ingest.sinks import Sink, make_sink
 from gateway.ingest.state import FleetState
-from gateway.ingest.telemetry import Limits
+from gateway.ingest.telemetry import KINDS, Limits
 from gateway.ingest.writer import Writer
 from gateway.metrics import Monitor, Snapshot, self_report_line
 from gateway.mqtt.link import MqttLink
@@ -276,7 +276,13 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
         observe=app[MONITOR].command_duration.observe,
     )
     ingest = Ingest(app[FLEET], app[STATE], journal, prefix, limits, dispatcher.on_ack)
-    link = MqttLink(s.mqtt, ingest.handle, [f"{prefix}/#"])
+    if s.mqtt.shared_group:
+        # Brokers that follow the specification (EMQX, HiveMQ) send no retained message to a shared
+        # subscription, so the cars' retained status and wills come on a subscription of every instance's own.
+        shared = [f"{prefix}/+/{kind}" for kind in KINDS if kind != "status"]
+        link = MqttLink(s.mqtt, ingest.handle, shared, unshared_filters=[f"{prefix}/+/status"])
+    else:
+        link = MqttLink(s.mqtt, ingest.handle, [f"{prefix}/#"])
     journal.set_ack(link.ack)
     app[LINK], app[COMMAND_LINK], app[DISPATCHER], app[INGEST] = link, command_link, dispatcher, ingest
     tasks = [sup.spawn(link.run(), "mqtt-link"), sup.spawn(command_link.run(), "mqtt-command-link")]
@@ -334,6 +340,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             journal=journal,
             broker_connected=link.connected and command_link.connected,
             broker_connects=link.connects,
+            links={"telemetry": link.stats, "commands": command_link.stats},
             vehicles_reporting=state.reporting_count(),
             vehicles_online=state.online_count(),
             commands=dict(dispatcher.results),

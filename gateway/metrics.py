@@ -22,6 +22,7 @@ from gateway.ingest.journal import Journal
 from gateway.ingest.lineproto import line
 from gateway.ingest.pipeline import IngestStats
 from gateway.ingest.writer import WriterStats
+from gateway.mqtt.link import LinkStats
 
 __all__ = ["CONTENT_TYPE", "Monitor", "Snapshot", "health", "self_report_line"]
 
@@ -53,6 +54,7 @@ class Snapshot:
     webhook_backlog: int = 0
     webhooks_disabled: dict[str, str] = field(default_factory=dict)  # url -> why
     reservations_displaced: dict[str, int] = field(default_factory=dict)  # reassigned, cancelled
+    links: dict[str, LinkStats] = field(default_factory=dict)  # the MQTT connections: telemetry, commands
 
 
 def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
@@ -63,6 +65,10 @@ def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
         degraded["influxdb"] = f"writes failing: {s.writer.last_error[:200]}"
     for name, error in s.dead_tasks.items():
         degraded[f"task {name}"] = f"stopped: {error}"
+    refused = [f"{topic} ({why})" for stats in s.links.values() for topic, why in sorted(stats.refused.items())]
+    if refused:
+        # Connected, yet the broker sends nothing on these: ingest would look idle, not broken.
+        degraded["subscriptions"] = ("broker refused: " + ", ".join(refused))[:500]
     if s.webhooks_disabled:
         degraded["webhooks"] = "; ".join(f"{url} {why}" for url, why in sorted(s.webhooks_disabled.items()))[:500]
     j = s.journal
@@ -80,6 +86,36 @@ def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
     if degraded:
         body["degraded"] = degraded
     return not degraded, body
+
+
+def _link_families(links: dict[str, LinkStats]) -> Iterable[Metric]:
+    def counter(name: str, help_: str, labels: list[str]) -> CounterMetricFamily:
+        return CounterMetricFamily(name.removesuffix("_total"), help_, labels=labels)
+
+    def gauge(name: str, help_: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, help_, labels=["link"])
+
+    disconnects = counter("gateway_mqtt_disconnects_total", "Lost MQTT connections, by reason.", ["link", "reason"])
+    lost = counter(
+        "gateway_mqtt_sessions_lost_total",
+        "Reconnections the broker answered without the session we had (its queued messages are gone).",
+        ["link"],
+    )
+    expiry = gauge("gateway_mqtt_session_expiry_granted", "Session expiry the broker grants, in seconds.")
+    refused = gauge("gateway_mqtt_subscriptions_refused", "Subscriptions the broker refused.")
+    protocol = counter(
+        "gateway_mqtt_protocol_errors_total",
+        "Packets from the broker refused as malformed (answered with DISCONNECT).",
+        ["link"],
+    )
+    for name, st in sorted(links.items()):
+        for reason, n in sorted(st.disconnects.items()):
+            disconnects.add_metric([name, reason], n)
+        lost.add_metric([name], st.sessions_lost)
+        expiry.add_metric([name], st.session_expiry_s)
+        refused.add_metric([name], len(st.refused))
+        protocol.add_metric([name], st.protocol_errors)
+    yield from (disconnects, lost, expiry, refused, protocol)
 
 
 def families(s: Snapshot) -> Iterable[Metric]:
@@ -111,6 +147,7 @@ def families(s: Snapshot) -> Iterable[Metric]:
     yield counter("gateway_qos0_dropped_total", "QoS 0 messages dropped while the journal was full.", j.dropped_qos0)
     yield gauge("gateway_broker_connected", "1 if connected to the MQTT broker.", int(s.broker_connected))
     yield counter("gateway_broker_connects_total", "Successful MQTT connections.", s.broker_connects)
+    yield from _link_families(s.links)
     yield gauge("gateway_vehicles_reporting", "Cars heard from, saved state included.", s.vehicles_reporting)
     yield gauge("gateway_vehicles_online", "Cars whose last status says online.", s.vehicles_online)
     commands = CounterMetricFamily("gateway_commands", "Commands sent to cars, by result.", labels=["result"])

@@ -39,8 +39,9 @@ class MqttSettings(_Section):
     username: str | None = None
     password: SecretStr | None = None
     # A fixed id plus a persistent session lets the broker keep QoS 1
-    # messages for us while the gateway is down.
-    client_id: str = Field("fleet-gateway", min_length=1, max_length=64)
+    # messages for us while the gateway is down. Unset, it is
+    # fleet-gateway-<instance>: two instances never take each other's session.
+    client_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^\x00#+/]+$")
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
     topic_prefix: str = Field("fleet", pattern=r"^[^#+/]+(/[^#+/]+)*$")
     # With a group name, subscriptions go through `$share/<group>/...`, so
@@ -51,8 +52,21 @@ class MqttSettings(_Section):
     receive_maximum: int = Field(20000, ge=1, le=65535)
     tls: bool = False
     ca_file: Path | None = None
+    # A client certificate (AWS IoT Core, brokers with mutual TLS); either both or neither.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # ALPN protocols offered in the TLS handshake, e.g. ["mqtt"] for AWS IoT Core on port 443.
+    alpn: tuple[str, ...] = ()
+    # The name the broker's certificate is checked against (and sent as SNI), when it is not `host`.
+    server_name: str | None = Field(None, min_length=1)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("alpn", mode="before")
+    @classmethod
+    def _alpn_list(cls, v: Any) -> Any:
+        # From the environment: GATEWAY__MQTT__ALPN=mqtt or "mqtt,x-amzn-mqtt-ca"
+        return tuple(p.strip() for p in v.split(",") if p.strip()) if isinstance(v, str) else v
 
 
 def _digits_to_int(v: Any) -> Any:
@@ -290,6 +304,31 @@ class Settings(_Section):
     alerts: AlertsSettings = AlertsSettings()
     events: EventsSettings = EventsSettings()
     webhooks: WebhooksSettings = WebhooksSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_id_from_instance(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            mqtt = data.get("mqtt")
+            if mqtt is None or (isinstance(mqtt, dict) and not mqtt.get("client_id")):
+                client_id = f"fleet-gateway-{data.get('instance', 'gw1')}"
+                data = {**data, "mqtt": {**(mqtt or {}), "client_id": client_id}}
+        return data
+
+    @model_validator(mode="after")
+    def _mqtt_tls_parts(self) -> Settings:
+        m = self.mqtt
+        if (m.cert_file is None) != (m.key_file is None):
+            raise ValueError("mqtt.cert_file and mqtt.key_file: give both, or neither")
+        if not m.tls and (m.cert_file or m.ca_file or m.alpn or m.server_name):
+            raise ValueError("mqtt.tls: must be true for ca_file, cert_file, key_file, alpn or server_name to apply")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(m, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"mqtt.{name}: {path} is not a readable file")
+        if m.reconnect_min_s > m.reconnect_max_s:
+            raise ValueError("mqtt.reconnect_min_s: larger than mqtt.reconnect_max_s")
+        return self
 
     @model_validator(mode="after")
     def _webhooks_within_retention(self) -> Settings:

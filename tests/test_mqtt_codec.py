@@ -56,3 +56,118 @@ def test_subscribe_options_and_batched_pubacks() -> None:
     assert pkt.endswith(b"\x00\x10$share/g/fleet/#\x11")  # QoS 1, retained only for a new subscription
     assert b"\x00\x07fleet/#\x15" in pkt  # QoS 1 + no local + retain handling 1
     assert codec.pubacks([1, 258]) == b"\x40\x02\x00\x01\x40\x02\x01\x02"
+
+
+# -- strict parsing: each case is something a sloppy receiver accepts and the specification forbids --
+
+
+def _publish_body(topic: bytes, mid: int | None, props: bytes = b"\x00", payload: bytes = b"{}") -> bytes:
+    return len(topic).to_bytes(2, "big") + topic + (b"" if mid is None else mid.to_bytes(2, "big")) + props + payload
+
+
+@pytest.mark.parametrize(
+    ("first", "body", "reason"),
+    [
+        pytest.param(0x32, _publish_body(b"fleet/a", 0), codec.PROTOCOL_ERROR, id="packet id 0 at QoS 1"),
+        pytest.param(0x30, _publish_body(b"fleet/\xff", None), codec.MALFORMED, id="invalid UTF-8 topic"),
+        pytest.param(0x30, _publish_body(b"fleet/\xed\xa0\x80", None), codec.MALFORMED, id="UTF-16 surrogate"),
+        pytest.param(0x30, _publish_body(b"fleet/a\x00b", None), codec.MALFORMED, id="U+0000 in topic"),
+        pytest.param(0x30, _publish_body(b"fleet/+", None), codec.MALFORMED, id="wildcard in topic"),
+        pytest.param(0x30, _publish_body(b"", None), codec.PROTOCOL_ERROR, id="empty topic, no alias allowed"),
+        pytest.param(
+            0x30, _publish_body(b"fleet/a", None, b"\x03\x23\x00\x01"), codec.TOPIC_ALIAS_INVALID, id="topic alias"
+        ),
+        pytest.param(
+            0x30,
+            _publish_body(b"fleet/a", None, b"\x09\x02\x00\x00\x00\x0a", b""),
+            codec.MALFORMED,
+            id="property length past the packet",
+        ),
+        pytest.param(0x30, _publish_body(b"fleet/a", None, b"\x02\x11\x00"), codec.PROTOCOL_ERROR, id="CONNACK prop"),
+        pytest.param(0x38, _publish_body(b"fleet/a", None), codec.MALFORMED, id="DUP at QoS 0"),
+        pytest.param(0x36, _publish_body(b"fleet/a", 1), codec.MALFORMED, id="QoS 3"),
+        pytest.param(0x32, b"\x00\x07fleet/a\x00", codec.MALFORMED, id="packet id cut short"),
+        pytest.param(0x30, b"\x00\x09fleet/a", codec.MALFORMED, id="topic longer than the packet"),
+    ],
+)
+def test_parse_publish_refuses_what_the_specification_forbids(first: int, body: bytes, reason: int) -> None:
+    with pytest.raises(codec.ProtocolError) as e:
+        codec.parse_publish(first, body)
+    assert e.value.reason == reason
+
+
+def test_parse_publish_keeps_properties_it_allows_apart_from_the_payload() -> None:
+    props = b"\x02\x00\x00\x00\x0a" + b"\x26\x00\x01k\x00\x01v" + b"\x01\x01"  # expiry, user property, format
+    body = _publish_body(b"fleet/a", 9, bytes([len(props)]) + props, b"payload")
+    m = codec.parse_publish(0x33, body)
+    assert (m.topic, m.payload, m.qos, m.mid, m.retain) == ("fleet/a", b"payload", 1, 9, True)
+
+
+def test_variable_byte_integers_must_be_in_their_shortest_form() -> None:
+    with pytest.raises(codec.ProtocolError):
+        codec.read_varint(b"\x80\x00", 0)  # 0 in two bytes
+    with pytest.raises(codec.ProtocolError):
+        codec.read_varint(b"\xff\x80\x00", 0)  # 127 in three bytes
+    assert codec.read_varint(b"\x80\x01", 0) == (128, 2)
+
+
+def test_a_packet_declaring_more_than_our_maximum_is_refused_before_it_is_buffered() -> None:
+    huge = bytearray(b"\x30\xff\xff\xff\x7f")  # 268,435,455 bytes declared, none of them sent
+    with pytest.raises(codec.ProtocolError) as e:
+        codec.split_packets(huge, 1 << 20)
+    assert e.value.reason == codec.PACKET_TOO_LARGE
+    exact = bytearray(codec.publish("t", b"x" * 90, 0, 0))
+    assert codec.split_packets(exact, len(exact))[1] == len(exact)
+    with pytest.raises(codec.ProtocolError):
+        codec.split_packets(exact, len(exact) - 1)
+
+
+def test_connack_properties_are_read_with_the_specifications_defaults() -> None:
+    props = (
+        b"\x11\x00\x00\x0e\x10"  # session expiry 3600
+        b"\x21\x00\x0a"  # receive maximum 10
+        b"\x27\x00\x00\x01\x00"  # maximum packet size 256
+        b"\x13\x00\x04"  # server keep alive 4
+        b"\x2a\x00"  # no shared subscriptions
+        b"\x1f\x00\x02ok"  # reason string
+    )
+    c = codec.parse_connack(b"\x01\x00" + bytes([len(props)]) + props)
+    assert c.session_present and c.reason == 0
+    assert (c.session_expiry_s, c.receive_maximum, c.maximum_packet_size) == (3600, 10, 256)
+    assert (c.server_keep_alive, c.shared_available, c.reason_string) == (4, False, "ok")
+    bare = codec.parse_connack(b"\x00\x00\x00")
+    assert not bare.session_present
+    assert (bare.session_expiry_s, bare.receive_maximum, bare.maximum_packet_size) == (None, 65535, None)
+    assert bare.server_keep_alive is None and bare.shared_available
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"\x00", id="too short"),
+        pytest.param(b"\x02\x00\x00", id="reserved flag"),
+        pytest.param(b"\x00\x00\x03\x21\x00\x00", id="receive maximum 0"),
+        pytest.param(b"\x00\x00\x02\x24\x02", id="maximum QoS 2 stated"),
+        pytest.param(b"\x00\x00\x06\x11\x00\x00\x00\x01\x11", id="property twice, truncated"),
+        pytest.param(b"\x00\x00\x0a\x11\x00\x00\x00\x01\x11\x00\x00\x00\x02", id="property twice"),
+        pytest.param(b"\x00\x00\x02\x23\x00", id="topic alias in CONNACK"),
+        pytest.param(b"\x00\x00\x00\x00", id="bytes after the properties"),
+    ],
+)
+def test_malformed_connacks_are_refused(body: bytes) -> None:
+    with pytest.raises(codec.ProtocolError):
+        codec.parse_connack(body)
+
+
+def test_suback_puback_and_disconnect() -> None:
+    assert codec.parse_suback(b"\x00\x05\x00\x01\x87") == (5, b"\x01\x87")
+    with pytest.raises(codec.ProtocolError):
+        codec.parse_suback(b"\x00\x05\x00")  # no reason code
+    assert codec.parse_puback(b"\x00\x07") == (7, 0)
+    assert codec.parse_puback(b"\x00\x07\x97\x00") == (7, 0x97)
+    with pytest.raises(codec.ProtocolError):
+        codec.parse_puback(b"\x00\x00")
+    assert codec.parse_disconnect(b"") == codec.Disconnect(0)
+    d = codec.parse_disconnect(b"\x9c\x08\x1c\x00\x05other")
+    assert (d.reason, d.server_reference) == (0x9C, "other")
+    assert codec.disconnect(codec.PACKET_TOO_LARGE) == b"\xe0\x01\x95"

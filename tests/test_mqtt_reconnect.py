@@ -13,9 +13,11 @@ import time
 
 import pytest
 
+from gateway.mqtt import codec
 from gateway.mqtt.link import MqttLink
 from gateway.settings import MqttSettings
 from tests.conftest import Stack, Unique
+from tests.helpers import async_wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,3 +59,40 @@ async def test_a_stopped_link_ends_at_once_even_while_backing_off(stack: Stack, 
     for link in links:
         await link.close()
     assert not pending, "a link did not stop while reconnecting"
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2, 3])
+async def test_a_stop_arriving_as_the_connection_drops_is_not_swallowed(
+    stack: Stack, unique: Unique, hops: int
+) -> None:
+    # The cancellation is timed by the event loop itself, `hops` callbacks after the connection's loss, so
+    # every step of the link's clean-up after a loss is hit; a stop that landed while it waited for its
+    # keepalive task used to be swallowed with that task's own, and the link reconnected instead of ending.
+    settings = MqttSettings(
+        host="127.0.0.1", port=stack.broker.port, client_id=f"stop-{hops}-{unique.database}",
+        reconnect_min_s=0.05, reconnect_max_s=0.1, session_expiry_s=0,
+    )  # fmt: skip
+    link = MqttLink(settings, lambda m, t: None, [f"{unique.prefix}/#"], auto_ack=True)
+    task = asyncio.create_task(link.run())
+    loop = asyncio.get_running_loop()
+    await async_wait_for(lambda: link.connected, 10, "connected")
+    assert link._proto is not None
+
+    def cancel_after(n: int) -> None:
+        if n:
+            loop.call_soon(cancel_after, n - 1)
+        else:
+            task.cancel()
+
+    link._proto.lost.add_done_callback(lambda _: loop.call_soon(cancel_after, hops))
+    # Another client with our id: the broker closes our connection, as it does to one of two twins.
+    _reader, writer = await asyncio.open_connection("127.0.0.1", stack.broker.port)
+    writer.write(codec.connect(settings.client_id or "", 30, False, 0, 10))
+    try:
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        assert done, f"the link went on after being stopped (connects: {link.connects})"
+        assert task.cancelled()
+    finally:
+        writer.close()
+        task.cancel()
+        await link.close()

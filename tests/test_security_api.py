@@ -185,8 +185,8 @@ async def test_no_key_is_ever_logged(secure: SecureBroker, stack: Stack, unique:
     config = {
         "dev_mode": False,
         "log_level": "DEBUG",
-        "mqtt": {"host": "127.0.0.1", "port": secure.tls_port, "username": "gateway", "password": GW_PASSWORD,
-                 "tls": True, "ca_file": str(secure.certs / "ca.crt"), "client_id": f"gw-{unique.database}"},
+        "mqtt": {"host": "127.0.0.1", "port": secure.gateway_port, "username": "gateway", "password": GW_PASSWORD,
+                 "client_id": f"gw-{unique.database}"},
         "influx": {"url": f"http://127.0.0.1:{stack.influx.port}", "database": unique.database,
                    "username": "gateway", "password": INFLUX_PASSWORD},
         "journal": {"flush_interval_s": 0.05},

@@ -97,7 +97,7 @@ def test_env_override_types() -> None:
     assert s.state.dir == Path("/var/lib/gw")
     assert s.instance == "gw2"
     # the rest of the file is kept
-    assert s.mqtt.client_id == "fleet-gateway"
+    assert s.mqtt.client_id == "fleet-gateway-gw2"  # derived from the instance
     assert s.influx.database == "fleet"
 
 

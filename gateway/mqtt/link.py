@@ -10,9 +10,15 @@ chunks and splits every complete packet out of them in one loop, and the
 acknowledgements of a whole batch leave in one write.
 
 Reconnection is a plain loop owned by :meth:`MqttLink.run`, with capped
-exponential back-off and jitter. The session is persistent (fixed client
+exponential back-off and jitter, under a floor that depends on why the
+broker let us go (``reasons.py``). The session is persistent (fixed client
 id, no clean start, a session expiry), so the broker keeps QoS 1 messages
 for us while we are away and re-sends those we had not acknowledged.
+
+What the broker says in its CONNACK is obeyed: its keepalive, its maximum
+packet size (a command too large fails alone, the link stays), its receive
+maximum (our QoS 1 publications beyond it wait for PUBACKs), and a session
+it did not keep or keeps for less than we asked is logged and counted.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import contextlib
 import logging
 import random
 import ssl
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
-from gateway.errors import BrokerUnavailable
-from gateway.mqtt import codec
+from gateway.errors import BrokerUnavailable, StartupError
+from gateway.mqtt import codec, reasons
 from gateway.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -35,16 +43,24 @@ MessageHandler = Callable[[codec.Message, int], None]
 
 # A connection that lasted this long (or a keepalive period) was healthy: back-off starts afresh after it.
 STABLE_AFTER_S = 30.0
+# What we advertise as our Maximum Packet Size: a car message is at most a few kB (ingest.max_payload_bytes
+# caps it at 16 kB by default); a larger packet is refused with DISCONNECT 0x95 before it is buffered.
+MAX_INCOMING_PACKET = 1 << 20
+# Our QoS 1 publications held back while the broker's receive maximum is reached; beyond it, publish fails.
+MAX_WAITING = 10_000
 
-CONNACK_REASONS = {
-    0x84: "unsupported protocol version (the broker needs MQTT 5)",
-    0x85: "client identifier not valid",
-    0x86: "bad user name or password",
-    0x87: "not authorized",
-    0x88: "server unavailable",
-    0x89: "server busy",
-    0x8A: "banned",
-}
+
+@dataclass
+class LinkStats:
+    """What one connection has been through, for /metrics and /healthz."""
+
+    connects: int = 0
+    sessions_lost: int = 0  # a CONNACK without the session we had
+    session_expiry_s: int = 0  # what the broker grants (it may cap what we ask)
+    disconnects: Counter[str] = field(default_factory=Counter)  # by reasons.Advice.label
+    refused: dict[str, str] = field(default_factory=dict)  # topic filter -> why the broker refused it
+    publish_refused: int = 0  # PUBACKs with a failure reason
+    protocol_errors: int = 0  # packets from the broker we refused
 
 
 class _Protocol(asyncio.Protocol):
@@ -52,9 +68,12 @@ class _Protocol(asyncio.Protocol):
         self.link = link
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.connack: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.last_rx = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.connack: asyncio.Future[codec.Connack] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.last_rx = loop.time()
+        self.keepalive = link.settings.keepalive_s
+        self.why: reasons.Advice = reasons.LOST  # why this connection ended, once it has
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -64,34 +83,59 @@ class _Protocol(asyncio.Protocol):
         self.buf += data
         self.last_rx = asyncio.get_running_loop().time()
         try:
-            packets, used = codec.split_packets(self.buf)
+            packets, used = codec.split_packets(self.buf, MAX_INCOMING_PACKET)
             del self.buf[:used]
-            on_message = self.link._deliver
+            link = self.link
+            on_message = link._deliver
             for first, body in packets:
                 kind = first & 0xF0
                 if kind == codec.PUBLISH:
                     on_message(codec.parse_publish(first, body))
-                elif kind == codec.PUBACK:
-                    pass  # our commands are fire-and-forget at the MQTT level; the car's ack is what counts
+                    continue
+                if first & 0x0F:  # only PUBLISH has flags in its first byte among what a client receives
+                    raise codec.ProtocolError(f"reserved flags set in packet type 0x{kind:02x}")
+                if kind == codec.PUBACK:
+                    link._on_puback(*codec.parse_puback(body))
                 elif kind == codec.CONNACK:
-                    if body[1] < 0x80:
+                    if self.connack.done():
+                        raise codec.ProtocolError("a second CONNACK", codec.PROTOCOL_ERROR)
+                    connack = codec.parse_connack(body)
+                    if connack.reason < 0x80:
                         # Switch generation now: PUBLISH packets may follow in this very chunk.
-                        self.link._on_connack(self)
-                    if not self.connack.done():
-                        self.connack.set_result((body[1], bool(body[0] & 1)))
+                        link._on_connack(self, connack)
+                    self.connack.set_result(connack)
                 elif kind == codec.SUBACK:
-                    self.link._on_suback(body)
+                    link._on_suback(*codec.parse_suback(body))
+                elif kind == codec.PINGRESP:
+                    if body:
+                        raise codec.ProtocolError("PINGRESP with a body")
                 elif kind == codec.DISCONNECT:
-                    reason = body[0] if body else 0
-                    log.warning("broker closed the connection (reason 0x%02x)", reason)
-        except (codec.ProtocolError, IndexError) as e:
-            log.error("unparseable data from the broker (%s); reconnecting", e)
-            assert self.transport is not None
-            self.transport.abort()
+                    d = codec.parse_disconnect(body)
+                    self.why = reasons.advice(d.reason, d.server_reference)
+                    detail = f": {d.reason_string}" if d.reason_string else ""
+                    log.log(self.why.level, "broker disconnected us (reason 0x%02x): %s%s", d.reason, self.why.text,
+                            detail)  # fmt: skip
+                else:
+                    # CONNECT, SUBSCRIBE, PINGREQ; PUBREC/PUBREL/PUBCOMP (we never use QoS 2); UNSUBACK (we
+                    # never unsubscribe); AUTH (we never start an exchange).
+                    raise codec.ProtocolError(f"unexpected packet type 0x{kind:02x}", codec.PROTOCOL_ERROR)
+        except codec.ProtocolError as e:
+            self._refuse(e)
+
+    def _refuse(self, e: codec.ProtocolError) -> None:
+        """Answer a packet we cannot accept with DISCONNECT and its reason, as the specification asks."""
+        self.link.stats.protocol_errors += 1
+        log.error("refusing what the broker sent (%s); disconnecting with reason 0x%02x", e, e.reason)
+        self.why = reasons.Advice("refused_by_us", str(e), logging.ERROR, 1.0)
+        self.buf.clear()
+        assert self.transport is not None
+        self.transport.write(codec.disconnect(e.reason))
+        self.transport.close()  # flushes the DISCONNECT; no more data_received after this
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.connack.done():
             self.connack.set_exception(BrokerUnavailable(f"connection closed before CONNACK ({exc})"))
+            self.connack.exception()  # retrieved: nobody may be waiting any more
         if not self.lost.done():
             self.lost.set_result(None)
         self.link._on_lost(self)
@@ -106,21 +150,46 @@ class MqttLink:
         *,
         auto_ack: bool = False,
         shared: bool = True,
+        unshared_filters: Iterable[str] = (),
     ) -> None:
+        """`topic_filters` go through ``$share/<group>/`` when mqtt.shared_group is set and `shared`;
+        `unshared_filters` never do, so every instance gets them (and their retained messages)."""
         self.settings = settings
+        self.client_id = settings.client_id or "fleet-gateway"
         self._on_message = on_message
-        self._filters = list(topic_filters)
+        self._shared = shared and settings.shared_group is not None
+        prefix = f"$share/{settings.shared_group}/" if self._shared else ""
+        # no_local keeps our own command publications away from us; MQTT 5
+        # forbids it on shared subscriptions, where ingest ignores them instead.
+        self._filters = [(prefix + f, 1, not self._shared) for f in topic_filters]
+        self._filters += [(f, 1, True) for f in unshared_filters]
         # auto_ack: acknowledge each message as soon as it is handled, for traffic with nothing to make durable.
         self._auto_ack = auto_ack
-        self._shared = shared and settings.shared_group is not None
+        self._ssl = _ssl_context(settings)
         self.connected = False
-        self.connects = 0
+        self.stats = LinkStats()
         # Packet ids only mean something within one connection's window of
         # unacknowledged messages; an ack token carries the connection
         # generation so a stale ack never reaches a newer connection.
         self.generation = 0
         self._proto: _Protocol | None = None
         self._next_id = 0
+        self._subscribe_ids: dict[int, list[str]] = {}
+        # The broker's limits on what we send, from its CONNACK.
+        self._max_out: int | None = None
+        self._quota = 65535
+        self._inflight: set[int] = set()  # our QoS 1 PUBLISHes not yet PUBACKed
+        self._waiting: deque[tuple[str, bytes, int | None]] = deque()
+        self._granted = 0  # the session expiry the broker granted last time, to warn once per change
+
+    @property
+    def connects(self) -> int:
+        return self.stats.connects
+
+    @property
+    def subscribed(self) -> bool:
+        """False while the broker refuses one of our subscriptions: connected, but some traffic never comes."""
+        return not self.stats.refused
 
     # -- called by the protocol --
 
@@ -130,25 +199,70 @@ class MqttLink:
         if self._auto_ack and token:
             self.ack([token])
 
-    def _on_suback(self, body: bytes) -> None:
-        parsed = codec.read_varint(body, 2)  # packet id, then the properties' length
-        codes = body[parsed[0] + parsed[1] :] if parsed else b""
-        failed = [b for b in codes if b >= 0x80]
-        if failed:
-            log.error(
-                "broker refused %d subscription(s) (reason 0x%02x): check the broker's ACL", len(failed), failed[0]
-            )
+    def _on_suback(self, packet_id: int, codes: bytes) -> None:
+        filters = self._subscribe_ids.pop(packet_id, [])
+        for topic, code in zip(filters, codes, strict=False):
+            if code >= 0x80:
+                why = reasons.advice(code)
+                self.stats.refused[topic] = f"0x{code:02x} {why.label}"
+                log.error("broker refused the subscription to %s (0x%02x): %s", topic, code, why.text)
+            elif self.stats.refused.pop(topic, None) is not None:
+                log.warning("broker accepts the subscription to %s again", topic)
 
-    def _on_connack(self, proto: _Protocol) -> None:
+    def _on_connack(self, proto: _Protocol, c: codec.Connack) -> None:
+        s = self.settings
         self._proto = proto
         self.generation += 1
         self.connected = True
-        self.connects += 1
+        first = self.stats.connects == 0
+        self.stats.connects += 1
+        if c.server_keep_alive is not None and c.server_keep_alive != s.keepalive_s:
+            # The specification makes the broker's value binding; ignoring it gets us dropped for silence.
+            log.info("broker sets the keepalive to %d s (mqtt.keepalive_s asks %d)", c.server_keep_alive,
+                     s.keepalive_s)  # fmt: skip
+            proto.keepalive = c.server_keep_alive
+        self._max_out = c.maximum_packet_size
+        self._quota = c.receive_maximum
+        self._inflight.clear()
+        granted = s.session_expiry_s if c.session_expiry_s is None else c.session_expiry_s
+        self.stats.session_expiry_s = granted
+        if granted < s.session_expiry_s and (first or granted != self._granted):
+            log.warning(
+                "broker keeps our session for %d s only (mqtt.session_expiry_s asks %d): an outage longer than "
+                "that loses the cars' messages sent meanwhile",
+                granted,
+                s.session_expiry_s,
+            )
+        self._granted = granted
+        if s.session_expiry_s and not c.session_present:
+            if first:
+                log.info("the broker had no session for %s (a first start, or the session expired)", self.client_id)
+            else:
+                self.stats.sessions_lost += 1
+                log.warning(
+                    "the broker kept no session for %s: QoS 1 messages sent while we were away are lost "
+                    "(a broker restart without persistence, or a session expiry it capped)",
+                    self.client_id,
+                )
+
+    def _on_puback(self, mid: int, reason: int) -> None:
+        self._inflight.discard(mid)
+        if reason >= 0x80:
+            self.stats.publish_refused += 1
+            log.warning("broker refused a publication (0x%02x): %s", reason, reasons.advice(reason).text)
+        while self._waiting and len(self._inflight) < self._quota and self.connected:
+            topic, payload, expiry = self._waiting.popleft()
+            self._send(topic, payload, 1, expiry)
 
     def _on_lost(self, proto: _Protocol) -> None:
         if proto is self._proto:
             self.connected = False
             self.generation += 1
+            self.stats.disconnects[proto.why.label] += 1
+            if self._waiting:
+                log.warning("%d publication(s) waiting for the broker's window dropped with the connection",
+                            len(self._waiting))  # fmt: skip
+                self._waiting.clear()
 
     # -- public --
 
@@ -161,24 +275,53 @@ class MqttLink:
         proto.transport.write(codec.pubacks(t & 0xFFFF for t in tokens if t >> 16 == gen))
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, expiry_s: float | None = None) -> None:
-        proto = self._proto
-        if not self.connected or proto is None or proto.transport is None:
+        """Send now, or once the broker's receive maximum allows; raises BrokerUnavailable if it cannot."""
+        if not self.connected or self._proto is None or self._proto.transport is None:
             raise BrokerUnavailable("the MQTT broker is not connected")
         expiry = None if expiry_s is None else max(1, int(expiry_s))
-        proto.transport.write(codec.publish(topic, payload, qos, self._packet_id() if qos else 0, expiry))
+        if qos and len(self._inflight) >= self._quota:
+            if len(self._waiting) >= MAX_WAITING:
+                raise BrokerUnavailable(f"{MAX_WAITING} publications already wait for the broker's PUBACKs")
+            self._check_size(len(codec.publish(topic, payload, qos, 1, expiry)))
+            self._waiting.append((topic, payload, expiry))
+            return
+        self._send(topic, payload, qos, expiry)
+
+    def _send(self, topic: str, payload: bytes, qos: int, expiry: int | None) -> None:
+        mid = self._packet_id() if qos else 0
+        packet = codec.publish(topic, payload, qos, mid, expiry)
+        self._check_size(len(packet))
+        if qos:
+            self._inflight.add(mid)
+        assert self._proto is not None and self._proto.transport is not None
+        self._proto.transport.write(packet)
+
+    def _check_size(self, size: int) -> None:
+        # Sending it anyway would get the whole connection dropped (DISCONNECT 0x95), every command with it.
+        if self._max_out is not None and size > self._max_out:
+            raise BrokerUnavailable(f"the broker accepts packets of up to {self._max_out} bytes; this is {size}")
 
     def _packet_id(self) -> int:
-        self._next_id = self._next_id % 65535 + 1
-        return self._next_id
+        while True:
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in self._inflight:
+                return self._next_id
 
     async def run(self) -> None:
         """Stay connected until cancelled: connect, subscribe, wait for loss, back off, repeat."""
         s = self.settings
         delay = s.reconnect_min_s
         failing = False
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 proto = await self._connect_once()
+            except _Refused as e:
+                log.log(e.why.level, "MQTT broker %s:%d refused the connection: %s", s.host, s.port, e.why.text)
+                failing = True
+                await asyncio.sleep(reasons.wait_s(e.why, delay * (0.5 + random.random()), s.reconnect_max_s))
+                delay = min(delay * 2, s.reconnect_max_s)
+                continue
             except (OSError, BrokerUnavailable, TimeoutError, ValueError) as e:  # ValueError: e.g. a bad host name
                 if not failing:
                     log.warning("MQTT broker %s:%d unreachable (%s); retrying with back-off", s.host, s.port, e)
@@ -191,69 +334,76 @@ class MqttLink:
                 "connected to MQTT broker %s:%d as %s",
                 s.host,
                 s.port,
-                s.client_id,
+                self.client_id,
             )
             failing = False
-            up_since = asyncio.get_running_loop().time()
+            up_since = loop.time()
             pinger = asyncio.create_task(self._keepalive(proto), name="mqtt-keepalive")
             try:
                 # shielded: cancelling run() must not cancel the future close() waits on
                 await asyncio.shield(proto.lost)
             finally:
                 pinger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pinger
+                # asyncio.wait, not `await pinger` under suppress(CancelledError): a cancellation of run()
+                # arriving just then would be swallowed with the pinger's, and the link would reconnect
+                # instead of stopping, holding up shutdown for good.
+                await asyncio.wait([pinger])
             # A CONNACK is no proof of health: a broker may accept and drop us at once (a client id taken
             # over by another instance, a quota, an ACL), and reconnecting at once would loop hot. The
             # back-off starts again from its floor only after a connection that stayed up.
-            if asyncio.get_running_loop().time() - up_since >= max(STABLE_AFTER_S, s.keepalive_s):
+            if loop.time() - up_since >= max(STABLE_AFTER_S, s.keepalive_s):
                 delay = s.reconnect_min_s
-            wait = delay * (0.5 + random.random())
-            log.warning("MQTT connection lost; reconnecting in %.1f s", wait)
+            wait = reasons.wait_s(proto.why, delay * (0.5 + random.random()), s.reconnect_max_s)
+            log.warning("MQTT connection lost (%s); reconnecting in %.1f s", proto.why.label, wait)
             await asyncio.sleep(wait)
             delay = min(delay * 2, s.reconnect_max_s)
 
     async def _connect_once(self) -> _Protocol:
         s = self.settings
         loop = asyncio.get_running_loop()
-        ctx = None
-        if s.tls:
-            ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+        server_hostname = (s.server_name or s.host) if self._ssl else None
         async with asyncio.timeout(10):
-            _, proto = await loop.create_connection(lambda: _Protocol(self), s.host, s.port, ssl=ctx)
+            _, proto = await loop.create_connection(
+                lambda: _Protocol(self), s.host, s.port, ssl=self._ssl, server_hostname=server_hostname
+            )
         assert proto.transport is not None
         password = s.password.get_secret_value() if s.password else None
         proto.transport.write(
             codec.connect(
-                s.client_id, s.keepalive_s, False, s.session_expiry_s, s.receive_maximum, s.username, password
+                self.client_id, s.keepalive_s, False, s.session_expiry_s, s.receive_maximum, s.username, password,
+                MAX_INCOMING_PACKET,
             )
-        )
+        )  # fmt: skip
         try:
             async with asyncio.timeout(10):
-                rc, _session_present = await proto.connack
+                connack = await proto.connack
         except TimeoutError:
             proto.transport.abort()
             raise BrokerUnavailable("no CONNACK within 10 s") from None
         except asyncio.CancelledError:
             proto.transport.abort()  # shutting down mid-handshake: no half-open connection left behind
             raise
-        if rc >= 0x80:
+        if connack.reason >= 0x80:
             proto.transport.abort()
-            raise BrokerUnavailable(f"broker refused the connection: {CONNACK_REASONS.get(rc, hex(rc))}")
-        shared = f"$share/{s.shared_group}/" if self._shared else ""
-        # no_local keeps our own command publications away from us; MQTT 5
-        # forbids it on shared subscriptions, where ingest ignores them instead.
-        filters = [(shared + f, 1, not self._shared) for f in self._filters]
-        proto.transport.write(codec.subscribe(self._packet_id(), filters))
+            raise _Refused(reasons.advice(connack.reason, connack.server_reference))
+        if self._shared and not connack.shared_available:
+            log.error("%s", reasons.advice(0x9E).text)
+        if self._filters:  # a SUBSCRIBE without filters is malformed: a link that only publishes sends none
+            packet_id = self._packet_id()
+            self._subscribe_ids = {packet_id: [f for f, _, _ in self._filters]}
+            proto.transport.write(codec.subscribe(packet_id, self._filters))
         return proto
 
     async def _keepalive(self, proto: _Protocol) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.settings.keepalive_s
+        interval = proto.keepalive
+        if not interval:  # the broker switched keepalive off
+            return
         while True:
             await asyncio.sleep(interval / 2)
             if loop.time() - proto.last_rx > interval * 1.5:
                 log.warning("no answer from the broker for %.0f s", loop.time() - proto.last_rx)
+                proto.why = reasons.UNANSWERED
                 assert proto.transport is not None
                 proto.transport.abort()
                 return
@@ -270,3 +420,27 @@ class MqttLink:
                 async with asyncio.timeout(2):
                     await proto.lost
         self.connected = False
+
+
+class _Refused(Exception):
+    def __init__(self, why: reasons.Advice) -> None:
+        super().__init__(why.text)
+        self.why = why
+
+
+def _ssl_context(s: MqttSettings) -> ssl.SSLContext | None:
+    """Built once, at start: a certificate that cannot be loaded stops start-up with its setting's name."""
+    if not s.tls:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"mqtt.ca_file: cannot load {s.ca_file}: {e}") from None
+    if s.cert_file is not None and s.key_file is not None:
+        try:
+            ctx.load_cert_chain(s.cert_file, s.key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise StartupError(f"mqtt.cert_file, mqtt.key_file: cannot load the client certificate: {e}") from None
+    if s.alpn:
+        ctx.set_alpn_protocols(list(s.alpn))
+    return ctx
