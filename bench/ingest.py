@@ -9,9 +9,14 @@ message is counted (by the subscriber, or as rows in InfluxDB). The broker
 keeps every queued QoS 1 message (``max_queued_messages``), so a slow
 consumer is slow, not lossy; loss is what never arrives.
 
-    python -m bench.ingest [--cars 20] [--messages 5000] [--rounds 2]
+    python -m bench.ingest [--cars 20] [--messages 5000] [--rounds 2] [--window 32]
 
-Prints each rate and the ratios gateway/bare and gateway/naive; rounds are
+The `windowed` consumer is the gateway again, announcing a receive maximum
+of ``--window`` unacknowledged messages (EMQX's default is 32) instead of
+its default 20,000: the broker then waits for our acks every few messages.
+
+Prints each rate and the ratios gateway/bare, gateway/naive and
+windowed/gateway; rounds are
 interleaved and the median of each is reported, since the machine is shared.
 """
 
@@ -171,7 +176,14 @@ class Run:
             c.wait()
 
     def gateway(self) -> tuple[float, int]:
-        prefix, db = self._names("gw")
+        return self._gateway("gw")
+
+    def windowed(self) -> tuple[float, int]:
+        """The gateway announcing a small receive window, as under EMQX's default of 32 in flight."""
+        return self._gateway("gwwin", GATEWAY__MQTT__RECEIVE_MAXIMUM=str(self.args.window))
+
+    def _gateway(self, kind: str, **extra: str) -> tuple[float, int]:
+        prefix, db = self._names(kind)
         http_port = services.free_port()
         env = gateway_env(
             self.broker.port,
@@ -181,6 +193,7 @@ class Run:
             GATEWAY__MQTT__TOPIC_PREFIX=prefix,
             GATEWAY__MQTT__CLIENT_ID=f"gw-{prefix}",
             GATEWAY__INFLUX__DATABASE=db,
+            **extra,
         )
         c = start_gateway(env, http_port)
         try:
@@ -196,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=5000, help="messages per car (default 5000)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported (default 2)")
     p.add_argument("--timeout", type=float, default=120, help="give up on one consumer after this long")
-    p.add_argument("--only", choices=["bare", "naive", "gateway"], action="append", help="measure only these")
+    p.add_argument(
+        "--only", choices=["bare", "naive", "gateway", "windowed"], action="append", help="measure only these"
+    )
+    p.add_argument("--window", type=int, default=32, help="mqtt.receive_maximum of the `windowed` gateway (default 32)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy = services.start_nginx_v2_proxy(work / "nginx", influx.port)
         try:
             run = Run(args, broker, influx, proxy, work)
-            kinds = args.only or ["bare", "naive", "gateway"]
+            kinds = args.only or ["bare", "naive", "gateway", "windowed"]
             results: dict[str, list[tuple[float, int]]] = {k: [] for k in kinds}
             print(f"{run.total} QoS 1 messages from {args.cars} cars per consumer, {args.rounds} round(s)", flush=True)
             for r in range(args.rounds):
@@ -227,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  gateway / bare subscriber = {med['gateway'] / med['bare']:.2f}x")
         if "naive" in med:
             print(f"  gateway / naive script    = {med['gateway'] / med['naive']:.2f}x")
+        if "windowed" in med:
+            print(f"  window {args.window} / default window = {med['windowed'] / med['gateway']:.2f}x")
     return 0 if all(n == 0 for n in lost.values()) else 1
 
 

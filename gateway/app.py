@@ -145,6 +145,7 @@ async def journal_ctx(app: web.Application) -> AsyncIterator[None]:
             max_bytes=j.max_bytes,
             memory_bytes=j.memory_bytes,
             fsync=j.fsync,
+            window=s.mqtt.receive_maximum,
         )
     except OSError as e:
         raise StartupError(f"state.dir: cannot use {directory}: {e.strerror or e}") from e

@@ -41,7 +41,7 @@ class MqttSettings(_Section):
     # A fixed id plus a persistent session lets the broker keep QoS 1
     # messages for us while the gateway is down. Unset, it is
     # fleet-gateway-<instance>: two instances never take each other's session.
-    client_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^\x00#+/]+$")
+    client_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^\x00]+$")
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
     topic_prefix: str = Field("fleet", pattern=r"^[^#+/]+(/[^#+/]+)*$")
     # With a group name, subscriptions go through `$share/<group>/...`, so

@@ -329,3 +329,20 @@ async def test_a_stray_file_in_the_journal_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "notes.lp").write_text("hello")
     j = make(tmp_path)
     assert list(j.segments) == []
+
+
+async def test_a_full_receive_window_seals_at_once(tmp_path: Path) -> None:
+    # The broker sends no more than the window before our acks: waiting for the flush interval would idle.
+    j = make(tmp_path / "j", batch_size=1000, window=3)
+    acks = Acks()
+    j.set_ack(acks)
+    j.append(pt(1), mid=1)
+    j.append(pt(2), mid=0, qos=0)  # QoS 0 takes no place in the window
+    j.add_mid(2)
+    assert acks.all == [] and j.open_points == 2
+    j.append(pt(3), mid=3)
+    j.append(pt(4), mid=4)  # the rest of what one read of the socket brought joins the batch
+    assert acks.all == []
+    await asyncio.sleep(0)
+    assert acks.all == [1, 2, 3, 4] and j.open_points == 0
+    assert len(j.segments) == 1

@@ -1,7 +1,10 @@
 """The on-disk journal: every point is on disk before its MQTT message is acknowledged.
 
 Points accumulate in an open batch. A batch is *sealed* when it holds
-``batch_size`` points or is ``flush_interval_s`` old: its bytes go to one
+``batch_size`` points, is ``flush_interval_s`` old, or holds a whole receive
+window of unacknowledged messages (the broker would send no more before our
+acks: a small window, such as EMQX's 32, would otherwise cap ingest at one
+window per flush interval): its bytes go to one
 segment file (written to a temporary name, fsynced, renamed), then the MQTT
 messages that produced it are acknowledged, then the writer may send it to
 InfluxDB. A segment is deleted once InfluxDB has it. After a crash, the
@@ -61,6 +64,7 @@ class Journal:
         max_bytes: int,
         memory_bytes: int,
         fsync: bool = True,
+        window: int = 65535,
     ) -> None:
         self.dir = directory
         self.batch_size = batch_size
@@ -68,6 +72,10 @@ class Journal:
         self.max_bytes = max_bytes
         self.memory_bytes = memory_bytes
         self.fsync = fsync
+        # The receive window we announce: once the open batch holds that many unacknowledged messages the
+        # broker sends nothing more until we acknowledge, so waiting for the flush interval would only idle.
+        self.window = window
+        self._seal_pending = False
         self.segments: deque[Segment] = deque()
         self.disk_bytes = 0
         self.memory_used = 0
@@ -130,6 +138,8 @@ class Journal:
             b.mids.append(mid)
         if len(b.lines) >= self.batch_size:
             self.seal()
+        elif len(b.mids) >= self.window:
+            self._seal_soon()
         return True
 
     def add_mid(self, mid: int) -> None:
@@ -138,6 +148,20 @@ class Journal:
             self._open.mids.append(mid)
             if not self._open.lines:
                 self._open.opened = asyncio.get_running_loop().time()
+            if len(self._open.mids) >= self.window:
+                self._seal_soon()
+
+    def _seal_soon(self) -> None:
+        # After the packets already received: a broker that sends past our window (Mosquitto does, with
+        # several publishers) would otherwise get one fsync per window instead of one per read.
+        if not self._seal_pending:
+            self._seal_pending = True
+            asyncio.get_running_loop().call_soon(self._sealed_soon)
+
+    def _sealed_soon(self) -> None:
+        self._seal_pending = False
+        if len(self._open.mids) >= self.window:
+            self.seal()
 
     def seal(self) -> bool:
         """Write the open batch to disk and acknowledge it. False if it could not be (full, or a disk error).
