@@ -319,6 +319,54 @@ def test_the_broker_password_file_is_provisioned_before_the_broker_starts(config
     assert 8883 in ports and not ports[8883].get("host_ip")
 
 
+def mosquitto_listeners() -> dict[str, list[str]]:
+    """The listeners of config/mosquitto/mosquitto.conf, each with the option lines that follow it.
+
+    Mosquitto applies a listener option to the last ``listener`` above it, so a
+    block runs to the next ``listener`` (global options after it land in the
+    last block too, which does no harm here).
+    """
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in (REPO / "config" / "mosquitto" / "mosquitto.conf").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.split()[0] == "listener":
+            current = blocks.setdefault(line.split()[1], [])
+        elif current is not None:
+            current.append(" ".join(line.split()))
+    return blocks
+
+
+def test_the_gateway_has_a_broker_listener_of_its_own_which_compose_never_publishes(config: dict[str, Any]) -> None:
+    # On the cars' listeners a client id is forced to the user name (docs/security.md, client-id
+    # takeover); the gateway, two connections on one account, has 1884, reachable only inside the network.
+    listeners = mosquitto_listeners()
+    assert set(listeners) == {"1883", "8883", "1884"}
+    assert "use_username_as_clientid true" in listeners["1883"]
+    assert "use_username_as_clientid true" in listeners["8883"]
+    assert not [o for o in listeners["1884"] if o.startswith("use_username_as_clientid")]
+    assert not [o for o in listeners["1884"] if o.split()[0] in ("certfile", "keyfile")], "1884 is plain MQTT"
+    conf = (REPO / "config" / "mosquitto" / "mosquitto.conf").read_text()
+    assert re.search(r"^per_listener_settings false$", conf, re.MULTILINE), "one set of accounts and ACL for all"
+    services = config["services"]
+    broker = services["mosquitto"]
+    published = {int(p["target"]): p for p in broker["ports"]}
+    assert 1884 not in published, "the gateway's listener must never be published on the host"
+    assert set(published) == {1883, 8883}
+    assert published[1883].get("host_ip") == "127.0.0.1", "plain 1883 is published on the host's loopback only"
+    assert broker.get("network_mode") in (None, "default"), "host networking would expose 1884"
+    for name, s in services.items():
+        assert not [p for p in s.get("ports", []) if int(p["target"]) == 1884], f"{name} publishes 1884"
+    gw = services["gateway"]["environment"]
+    assert (gw["GATEWAY__MQTT__HOST"], str(gw["GATEWAY__MQTT__PORT"])) == ("mosquitto", "1884")
+    assert "--port=1883" in services["device_sim"]["command"], "the demo cars use a cars' listener"
+    # The health check logs in with the gateway's account, so on the gateway's listener.
+    health = " ".join(broker["healthcheck"]["test"])
+    assert "-u gateway" in health and "-p 1884" in health
+
+
 # ---- the broker's configuration, run by a real Mosquitto -------------------------------
 
 
@@ -347,7 +395,8 @@ def test_production_mosquitto_config_refuses_anonymous_and_applies_the_acl(tmp_p
         assert anonymous.returncode != 0 and "not authori" in anonymous.stderr.lower(), anonymous.stderr
 
         sub = subprocess.Popen(
-            ["mosquitto_sub", "-p", str(port), "-u", "gateway", "-P", pw["gateway"], "-q", "1", "-t", "fleet/#",
+            ["mosquitto_sub", "-p", str(broker.gateway_port), "-u", "gateway", "-P", pw["gateway"], "-q", "1",
+             "-t", "fleet/#",
              "-C", "1", "-W", "10", "-v"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip

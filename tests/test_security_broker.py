@@ -1,11 +1,13 @@
 """Threat: a stolen car credential. The production broker configuration, in a real Mosquitto.
 
 Mosquitto runs ``config/mosquitto/mosquitto.conf`` and ``acl`` as shipped, with
-the password file written by ``gateway.provision`` for the gateway and every
-car of the registry. With car A's credential (user name, password and command
-key, all a thief can read out of A's telematics box) nobody can publish as car
-B, read B's commands, send any command, or sign one B would obey; and the
-gateway and the cars still do their work through it, over plain MQTT and TLS.
+the password file written by ``python -m gateway provision --all --passwd-file``
+for the gateway and every car of the registry. With car A's credential (user
+name, password and command key, all a thief can read out of A's telematics box)
+nobody can publish as car B, read B's commands, send any command, sign one B
+would obey, or knock B or the gateway off the broker by reusing their client id;
+and the gateway (on its own listener) and the cars (over plain MQTT and TLS)
+still do their work through it.
 
 A refused publish is dropped by the broker without telling the publisher
 (MQTT 3.1.1), so every negative check ends with a message that *is* allowed
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim import SimConfig, SimFleet
 from device_sim.mqtt import MqttClient, MqttConnectError, MqttError
@@ -36,7 +40,7 @@ from gateway.provision import mqtt_password
 from gateway.signing import sign, vehicle_key
 from tests.conftest import Stack, Unique
 from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
-from tests.secure_broker import SecureBroker, start_secure_broker
+from tests.secure_broker import SecureBroker, provision_passwd_file, start_secure_broker
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +51,10 @@ A, B = "ZOE-001", "ZOE-002"
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    accounts = {"gateway": GATEWAY_PASSWORD} | {v: mqtt_password(MASTER_KEY, v) for v in FLEET.vehicles}
-    b = start_secure_broker(tmp_path_factory.mktemp("secure-broker"), accounts)
+    # The accounts as Compose writes them: the gateway's and one per car of the registry.
+    tmp = tmp_path_factory.mktemp("secure-broker")
+    passwd = provision_passwd_file(tmp / "provisioned-passwd", MASTER_KEY, "gateway", GATEWAY_PASSWORD)
+    b = start_secure_broker(tmp / "broker", passwd_file=passwd)
     yield b
     b.stop()
 
@@ -56,8 +62,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
 class Client:
     """One MQTT connection that records what it receives."""
 
-    def __init__(self, mqtt: MqttClient) -> None:
+    def __init__(self, mqtt: MqttClient, client_id: str) -> None:
         self.mqtt = mqtt
+        self.client_id = client_id
         self.msgs: list[tuple[str, bytes]] = []
 
     def on_message(self, topic: str, payload: bytes) -> None:
@@ -75,15 +82,20 @@ class Client:
 
 @pytest.fixture
 async def connect(broker: SecureBroker) -> AsyncIterator[Callable[..., Any]]:
+    """Log in over plain MQTT: the gateway on its listener, a car on the cars' (unless `port` says otherwise)."""
     opened: list[MqttClient] = []
 
-    async def _connect(user: str | None, password: str | None = None, subscribe: tuple[str, ...] = ()) -> Client:
+    async def _connect(
+        user: str | None, password: str | None = None, subscribe: tuple[str, ...] = (), port: int | None = None
+    ) -> Client:
         if user is not None and password is None:
             password = GATEWAY_PASSWORD if user == "gateway" else mqtt_password(MASTER_KEY, user)
+        if port is None:
+            port = broker.gateway_port if user == "gateway" else broker.port
         client_id = f"t-{user}-{uuid.uuid4().hex[:6]}"
-        mqtt = await MqttClient.connect("127.0.0.1", broker.port, client_id, username=user, password=password)
+        mqtt = await MqttClient.connect("127.0.0.1", port, client_id, username=user, password=password)
         opened.append(mqtt)
-        c = Client(mqtt)
+        c = Client(mqtt, client_id)
         mqtt.on_message = c.on_message
         if subscribe:
             await mqtt.subscribe([(t, 1) for t in subscribe])
@@ -123,9 +135,13 @@ def command(vid: str, signer: str | None = None, action: str = "unlock") -> dict
     ],
     ids=["anonymous", "wrong-password", "other-cars-password", "other-master", "unprovisioned", "gateway-guess"],
 )
-async def test_only_provisioned_accounts_log_in(broker: SecureBroker, user: str | None, password: str | None) -> None:
+@pytest.mark.parametrize("listener", ["cars", "gateway"])
+async def test_only_provisioned_accounts_log_in(
+    broker: SecureBroker, user: str | None, password: str | None, listener: str
+) -> None:
+    port = broker.gateway_port if listener == "gateway" else broker.port
     with pytest.raises(MqttConnectError) as e:
-        await MqttClient.connect("127.0.0.1", broker.port, f"t-{uuid.uuid4().hex[:6]}", username=user,
+        await MqttClient.connect("127.0.0.1", port, f"t-{uuid.uuid4().hex[:6]}", username=user,
                                  password=password)  # fmt: skip
     assert e.value.rc in (4, 5)  # bad user name or password / not authorised
 
@@ -191,6 +207,127 @@ async def test_a_car_sending_a_packet_over_the_brokers_limit_is_disconnected(con
     assert not [t for t in gateway.topics() if t.startswith(f"fleet/{A}/")]
 
 
+async def test_on_the_gateway_listener_a_car_account_has_only_its_own_acl(
+    broker: SecureBroker, connect: Callable[..., Any]
+) -> None:
+    # 1884 is reachable inside the Compose network only; a car that got there anyway has its ACL, no more.
+    gateway = await connect("gateway", subscribe=("fleet/#",))
+    b = await connect(B, subscribe=(f"fleet/{B}/commands",))
+    a = await connect(A, subscribe=(f"fleet/{A}/commands", f"fleet/{B}/commands"), port=broker.gateway_port)
+    a.mqtt.publish(f"fleet/{B}/battery", b'{"soc_pct": 1}', 1)
+    a.mqtt.publish(f"fleet/{B}/commands", orjson.dumps(command(B, signer=A)), 1)
+    await a.marker(f"fleet/{A}/battery", gateway)
+    assert [t for t in gateway.topics() if not t.startswith(f"fleet/{A}/")] == []
+    for_b, for_a = orjson.dumps(command(B)), orjson.dumps(command(A))
+    gateway.mqtt.publish(f"fleet/{B}/commands", for_b, 1)
+    gateway.mqtt.publish(f"fleet/{A}/commands", for_a, 1)
+    await async_wait_for(lambda: (f"fleet/{A}/commands", for_a) in a.msgs, 5, "A's own command at A")
+    await async_wait_for(lambda: b.msgs, 5, "B's command at B")
+    assert a.msgs == [(f"fleet/{A}/commands", for_a)], "car A received what is not its own"
+    assert b.msgs == [(f"fleet/{B}/commands", for_b)]
+
+
+# ---- client ids: on the cars' listeners a car's client id is its user name ---------------------------
+
+
+class PahoCar:
+    """A car's connection over plain MQTT or TLS (the simulator's client speaks no TLS), counting its logins.
+
+    No automatic reconnect: a connection the broker closes stays closed.
+    """
+
+    def __init__(self, broker: SecureBroker, user: str, client_id: str, tls: bool) -> None:
+        self.port = broker.tls_port if tls else broker.port
+        self.msgs: list[tuple[str, bytes]] = []
+        self.connects = self.disconnects = self.subacks = 0
+        self.refused: Any = None
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, reconnect_on_failure=False)
+        c.username_pw_set(user, mqtt_password(MASTER_KEY, user))
+        if tls:
+            c.tls_set(ca_certs=str(broker.certs / "ca.crt"))
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        self.client = c
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self.refused = reason
+        else:
+            self.connects += 1
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.disconnects += 1
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, reasons: Any, properties: Any) -> None:
+        self.subacks += 1
+
+    def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.msgs.append((msg.topic, bytes(msg.payload)))
+
+    async def start(self) -> None:
+        self.client.connect_async("127.0.0.1", self.port, keepalive=30)
+        self.client.loop_start()
+        await async_wait_for(lambda: self.connects or self.refused or self.disconnects, 10, "the car's CONNACK")
+        assert self.connects == 1, f"the car could not log in: {self.refused}"
+
+    async def subscribe(self, topic: str) -> None:
+        before = self.subacks
+        self.client.subscribe(topic, 1)
+        await async_wait_for(lambda: self.subacks > before, 5, f"the SUBACK for {topic}")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+async def paho_car(broker: SecureBroker) -> AsyncIterator[Callable[..., Any]]:
+    opened: list[PahoCar] = []
+
+    async def _car(user: str, client_id: str, tls: bool) -> PahoCar:
+        car = PahoCar(broker, user, client_id, tls)
+        opened.append(car)
+        await car.start()
+        return car
+
+    yield _car
+    for car in opened:
+        car.stop()
+
+
+@pytest.mark.parametrize("victim", ["car-b", "gateway"])
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_car_reusing_another_clients_id_knocks_nobody_off(
+    connect: Callable[..., Any], paho_car: Callable[..., Any], tls: bool, victim: str
+) -> None:
+    # Mosquitto closes a connection when another logs in with its client id. On the
+    # cars' listeners (use_username_as_clientid) car A's login is renamed to "ZOE-001".
+    gateway = await connect("gateway", subscribe=(f"fleet/{A}/battery", f"fleet/{B}/battery"))
+    b = await paho_car(B, B, tls)  # a box would use its vehicle id
+    await b.subscribe(f"fleet/{B}/commands")
+    a = await paho_car(A, B if victim == "car-b" else gateway.client_id, tls)
+    # A is logged in and works (so its CONNECT, and any takeover, is behind us)...
+    from_a = orjson.dumps({"soc_pct": 40, "n": uuid.uuid4().hex})
+    a.client.publish(f"fleet/{A}/battery", from_a, 1)
+    await async_wait_for(
+        lambda: (f"fleet/{A}/battery", from_a) in gateway.msgs,
+        5,
+        "A's message at the gateway (was the gateway knocked off?)",
+    )
+    # ...and so are B and the gateway: a command reaches B, B's report reaches the gateway.
+    cmd = orjson.dumps(command(B))
+    gateway.mqtt.publish(f"fleet/{B}/commands", cmd, 1)
+    await async_wait_for(lambda: (f"fleet/{B}/commands", cmd) in b.msgs, 5, "B's command at B (was B knocked off?)")
+    from_b = orjson.dumps({"soc_pct": 60, "n": uuid.uuid4().hex})
+    b.client.publish(f"fleet/{B}/battery", from_b, 1)
+    await async_wait_for(lambda: (f"fleet/{B}/battery", from_b) in gateway.msgs, 5, "B's message at the gateway")
+    assert (b.connects, b.disconnects) == (1, 0), "car A's login knocked car B off the broker"
+    assert not gateway.mqtt.closed.done(), "car A's login knocked the gateway off the broker"
+    assert (a.connects, a.disconnects) == (1, 0)
+
+
 # ---- the command keys: a car's own key signs nothing another car obeys -------------------------------
 
 
@@ -227,10 +364,9 @@ async def test_a_command_signed_with_car_as_key_is_refused_by_car_b(
     assert genuine["status"] == "done" and cars.doors(B)[0] is False
 
 
-# ---- the gateway works through the secured broker, plain and over TLS --------------------------------
+# ---- the gateway works through the secured broker, on its own listener --------------------------------
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 async def test_the_gateway_and_the_cars_work_through_the_secured_broker(
     broker: SecureBroker,
     cars: SimFleet,
@@ -238,18 +374,17 @@ async def test_the_gateway_and_the_cars_work_through_the_secured_broker(
     unique: Unique,
     tmp_path: Path,
     aiohttp_client: Callable[..., Any],
-    tls: bool,
 ) -> None:
-    mqtt = {"username": "gateway", "password": GATEWAY_PASSWORD, "tls": tls}
-    if tls:
-        mqtt["ca_file"] = str(broker.certs / "ca.crt")
+    # The gateway's two connections (<client_id> and <client_id>-cmd) share one account, so it
+    # logs in on 1884, where client ids are its own; the cars are on 1883 (`cars`).
     settings = gateway_settings(
-        broker.tls_port if tls else broker.port,
+        broker.gateway_port,
         f"http://127.0.0.1:{stack.influx.port}",
         "fleet",
         unique.database,
         tmp_path,
-        **{f"mqtt__{k}": v for k, v in mqtt.items()},
+        mqtt__username="gateway",
+        mqtt__password=GATEWAY_PASSWORD,
     )
     client = await aiohttp_client(init_app(settings, FLEET))
     rt = Parts(client.app)
