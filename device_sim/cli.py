@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from device_sim.config import DEFAULT_FLEET, Intervals, SimConfig
 from device_sim.faults import Fault
 from device_sim.fleet import SimFleet, sized_fleet
 from device_sim.incidents import Condition, Incidents
+from device_sim.mqtt import tls_context
 from device_sim.renters import Renters
 from gateway.errors import ConfigError
 from gateway.fleet import load_fleet
@@ -100,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-car-credentials", action="store_true",
                    help="each car logs in as itself: user = vehicle id, password derived from the master key "
                         "as `python -m gateway provision` prints it (what config/mosquitto/acl expects)")  # fmt: skip
+    g.add_argument("--tls", action="store_true", help="MQTT over TLS (8883); implied by the three options below")
+    g.add_argument("--ca-file", type=Path, help="CA certificate to check the broker's against (default: the system's)")
+    g.add_argument("--cert-file", type=Path, help="client certificate (PEM), for a broker that asks for one")
+    g.add_argument("--tls-key-file", type=Path,
+                   help="the key of --cert-file if not in it (--key-file is the cars' command keys)")  # fmt: skip
 
     g = p.add_argument_group("time")
     g.add_argument("--speed", type=_positive, default=1.0, help="simulated time runs X times faster (default 1)")
@@ -184,6 +191,16 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         raise ConfigError(str(e)) from None
 
 
+def tls_from_args(a: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of --tls/--ca-file/--cert-file/--tls-key-file, None for plain MQTT."""
+    if not (a.tls or a.ca_file or a.cert_file or a.tls_key_file):
+        return None
+    try:
+        return tls_context(a.ca_file, a.cert_file, a.tls_key_file)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a file that is not a certificate or key
+        raise ConfigError(f"--tls: {e}") from None
+
+
 async def _probe(host: str, port: int) -> None:
     try:
         async with asyncio.timeout(5):
@@ -240,6 +257,7 @@ async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
     # Before the pid file exists: whoever reads it may signal at once, and SIGUSR1 would otherwise end us.
     loop.add_signal_handler(signal.SIGUSR1, try_it_now)
     with _pid_file(a.pid_file):
+        tls = tls_from_args(a)
         await _probe(cfg.host, cfg.port)
         key = renters_key(a)
         if a.renters and key:
@@ -247,7 +265,7 @@ async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with SimFleet(cfg) as sim:
+        async with SimFleet(cfg, tls=tls) as sim:
             renting: asyncio.Task[None] | None = None
             renters: Renters | None = None
             if a.renters and key:

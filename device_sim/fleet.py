@@ -9,6 +9,7 @@ import os
 import random
 import re
 import resource
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -69,8 +70,9 @@ def assign_behaviours(ids: list[str], cfg: SimConfig, rng: random.Random) -> dic
 class SimFleet:
     """The simulated fleet. See the package docstring for the API."""
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, *, tls: ssl.SSLContext | None = None) -> None:
         self.config = config
+        self.tls = tls  # MQTT over TLS with this context (device_sim.mqtt.tls_context), plain if None
         base = config.fleet if config.fleet is not None else load_fleet(config.fleet_path)
         self.fleet = sized_fleet(base, config.vehicles)
         self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "big")
@@ -276,7 +278,7 @@ class SimFleet:
                 async with self._sem:
                     client = await MqttClient.connect(
                         c.host, c.port, client_id, will=will, keepalive=c.keepalive,
-                        on_message=on_message, username=username, password=password,
+                        on_message=on_message, username=username, password=password, tls=self.tls,
                     )  # fmt: skip
                     subs = [(t, 1) for t in topics]
                     for i in range(0, len(subs), SUBSCRIBE_BATCH):

@@ -8,26 +8,66 @@ A car needs only CONNECT (with a will), PUBLISH QoS 0/1 both ways, SUBSCRIBE,
 PINGREQ and DISCONNECT, so this is a few hundred bytes of state per connection
 and one ``transport.write`` per message, all on the one event loop.
 
+What comes in is checked before it is believed: framing and packet sizes by
+``PacketDecoder`` (pure, so it can be fuzzed on its own), every packet's body by
+its handler. Anything a 3.1.1 broker may not send us ends the connection with an
+``MqttProtocolError`` in ``MqttClient.error``; so does a broker that stops
+answering PINGREQs. Optional TLS: ``connect(..., tls=tls_context(ca_file))``.
+
 Errors::
 
     MqttError                   anything that went wrong with the connection
-     └── MqttConnectError       the broker refused CONNECT, or it timed out
+     ├── MqttConnectError       the broker refused CONNECT, or it timed out
+     ├── MqttProtocolError      the broker sent what MQTT 3.1.1 forbids (malformed, oversized, unexpected)
+     └── MqttSubscribeError     the broker refused a subscription (SUBACK return code 0x80)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MqttClient", "MqttConnectError", "MqttError", "Will"]
+__all__ = [
+    "MAX_PACKET_SIZE",
+    "MqttClient",
+    "MqttConnectError",
+    "MqttError",
+    "MqttProtocolError",
+    "MqttSubscribeError",
+    "PacketDecoder",
+    "Will",
+    "decode_packets",
+    "encode_connect",
+    "encode_publish",
+    "encode_subscribe",
+    "parse_publish",
+    "tls_context",
+]
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
+SUBACK_FAILURE = 0x80
+
+# A car receives commands of a few hundred bytes; an observer in the tests, the
+# cars' reports. 256 KiB is far above both and still bounds what a broken or
+# hostile peer can make us buffer by declaring a huge remaining length.
+MAX_PACKET_SIZE = 256 * 1024
+FIXED_HEADER_MAX = 5  # the type byte and up to four bytes of remaining length
+# The keepalive timer ticks every keepalive/2 and sends a PINGREQ each time. After
+# this many ticks without a byte from the broker, 1.5 x keepalive have passed since
+# the last PINGREQ that went out while the link was known to be alive: it is dead.
+SILENT_TICKS = 3
+
+_SIZED = {CONNACK: "CONNACK", PUBACK: "PUBACK", SUBACK: "SUBACK", PINGRESP: "PINGRESP"}  # bodies of fixed size
 
 MessageHandler = Callable[[str, bytes], None]
+Packet = tuple[int, bytes]  # (first byte: type and flags, body after the remaining length)
+PathLike = str | os.PathLike[str]
 
 
 class MqttError(Exception):
@@ -42,12 +82,28 @@ class MqttConnectError(MqttError):
         self.rc = rc
 
 
+class MqttProtocolError(MqttError):
+    """The peer sent what MQTT 3.1.1 does not allow it to: malformed, oversized or unexpected."""
+
+
+class MqttSubscribeError(MqttError):
+    """The broker refused some of the topic filters of a SUBSCRIBE (the others are subscribed)."""
+
+    def __init__(self, refused: list[str], codes: bytes) -> None:
+        super().__init__(f"subscription refused by the broker: {', '.join(refused)}")
+        self.refused = refused
+        self.codes = codes
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+# ---- encoding -----------------------------------------------------------------------------
 
 
 def _str(s: str) -> bytes:
@@ -99,31 +155,129 @@ def encode_subscribe(packet_id: int, topics: list[tuple[str, int]]) -> bytes:
     return bytes([SUBSCRIBE]) + _remaining_length(len(body)) + body
 
 
-def decode_packets(buf: bytearray) -> list[tuple[int, bytes]]:
-    """Cut every complete packet off the front of `buf`: (first byte, body). Pure, leaves the rest in `buf`."""
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    n = len(buf)
+# ---- decoding -----------------------------------------------------------------------------
+
+
+def _long_length(data: bytes | bytearray, i: int, n: int) -> tuple[int, int]:
+    """The remaining length starting at data[i] and where the body starts; (-1, -1) if not all here yet."""
+    length, shift = 0, 0
+    for k in range(i, min(i + 4, n)):
+        b = data[k]
+        length |= (b & 0x7F) << shift
+        if b < 0x80:
+            return length, k + 1
+        shift += 7
+    if n >= i + 4:
+        raise MqttProtocolError("malformed remaining length: more than four bytes")
+    return -1, -1
+
+
+def _split(data: bytes | bytearray, max_size: int) -> tuple[list[Packet], int]:
+    """The complete packets at the front of `data`, and how many bytes of it they take."""
+    out: list[Packet] = []
+    pos, n = 0, len(data)
     while pos + 2 <= n:
-        mult, length, i = 1, 0, pos + 1
-        while True:
-            if i >= n:
-                del buf[:pos]
-                return out
-            b = buf[i]
-            length += (b & 0x7F) * mult
-            mult *= 128
-            i += 1
-            if not b & 0x80:
+        b = data[pos + 1]
+        if b < 0x80:  # the usual case: a body under 128 bytes, a one-byte length, no loop
+            length, start = b, pos + 2
+        elif pos + 2 < n and data[pos + 2] < 0x80:  # under 16 KiB: two bytes, still no loop
+            length, start = (b & 0x7F) | (data[pos + 2] << 7), pos + 3
+        else:
+            length, start = _long_length(data, pos + 1, n)
+            if start < 0:
                 break
-            if mult > 128**3:
-                raise MqttError("malformed remaining length from broker")
-        if i + length > n:
+        if length > max_size:  # refused on the header, before any of the body is buffered
+            raise MqttProtocolError(f"packet body of {length} bytes is over the limit of {max_size} bytes")
+        end = start + length
+        if end > n:
             break
-        out.append((buf[pos], bytes(buf[i : i + length])))
-        pos = i + length
-    del buf[:pos]
-    return out
+        out.append((data[pos], bytes(data[start:end])))
+        pos = end
+    return out, pos
+
+
+def decode_packets(buf: bytearray, max_size: int = MAX_PACKET_SIZE) -> list[Packet]:
+    """Cut every complete packet off the front of `buf`: (first byte, body). Pure, leaves the rest in `buf`.
+
+    MqttProtocolError for a malformed remaining length or a packet body over `max_size` bytes."""
+    packets, used = _split(buf, max_size)
+    del buf[:used]
+    return packets
+
+
+class PacketDecoder:
+    """Cuts a byte stream into packets, however it is split into reads.
+
+    What it keeps between reads is one incomplete packet: at most `max_size` +
+    ``FIXED_HEADER_MAX`` bytes. After an MqttProtocolError the stream is out of
+    step and the connection must be closed."""
+
+    __slots__ = ("_buf", "max_size")
+
+    def __init__(self, max_size: int = MAX_PACKET_SIZE) -> None:
+        self._buf = bytearray()
+        self.max_size = max_size
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Packet]:
+        buf = self._buf
+        if not buf:  # the read starts on a packet boundary: cut it directly, nothing copied to the buffer
+            packets, used = _split(data, self.max_size)
+            if used < len(data):
+                buf += memoryview(data)[used:]
+            return packets
+        buf += data
+        try:
+            packets, used = _split(buf, self.max_size)
+        except MqttProtocolError:
+            buf.clear()  # the stream is out of step for good: keep none of it
+            raise
+        del buf[:used]
+        return packets
+
+
+def parse_publish(head: int, body: bytes) -> tuple[str, int, int, bytes]:
+    """(topic, qos, packet id or 0, payload) of a PUBLISH; MqttProtocolError if its body does not add up."""
+    qos = (head >> 1) & 0x03
+    if qos == 3:
+        raise MqttProtocolError("PUBLISH with QoS 3")
+    n = len(body)
+    if n < 2:
+        raise MqttProtocolError(f"PUBLISH of {n} bytes has no topic length")
+    end = 2 + ((body[0] << 8) | body[1])
+    pos = end + 2 if qos else end
+    if pos > n:
+        raise MqttProtocolError(f"PUBLISH topic{' and packet id' if qos else ''} do not fit its {n}-byte body")
+    if end == 2:
+        raise MqttProtocolError("PUBLISH with an empty topic")
+    pid = ((body[end] << 8) | body[end + 1]) if qos else 0
+    if qos and not pid:
+        raise MqttProtocolError("PUBLISH with packet id 0")
+    try:
+        topic = body[2:end].decode()
+    except UnicodeDecodeError:  # lenient (replaced): no car has such a topic, so it is merely not for us
+        topic = body[2:end].decode(errors="replace")
+    return topic, qos, pid, body[pos:]
+
+
+def tls_context(
+    ca_file: PathLike | None = None, cert_file: PathLike | None = None, key_file: PathLike | None = None
+) -> ssl.SSLContext:
+    """A client TLS context: the broker's certificate and name checked against `ca_file` (the system's
+    CAs if None), TLS 1.2 at least, and our own certificate (`key_file` if its key is not in it too)."""
+    if key_file is not None and cert_file is None:
+        raise ValueError("key_file: the key of a client certificate, needs cert_file")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # what config/mosquitto/mosquitto.conf demands
+    if cert_file is not None:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+# ---- the connection -----------------------------------------------------------------------
 
 
 class MqttClient(asyncio.Protocol):
@@ -131,23 +285,26 @@ class MqttClient(asyncio.Protocol):
 
     ``on_message(topic, payload)`` is called for every PUBLISH received (QoS 1
     ones are acknowledged first). ``closed`` is a future that resolves when
-    the connection is gone, whichever side ended it.
+    the connection is gone, whichever side ended it; ``error`` then says why.
     """
 
-    def __init__(self, on_message: MessageHandler | None = None) -> None:
+    def __init__(self, on_message: MessageHandler | None = None, *, max_packet_size: int = MAX_PACKET_SIZE) -> None:
         self.on_message = on_message
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        self._decoder = PacketDecoder(max_packet_size)
         self._loop = asyncio.get_running_loop()
         self._connack: asyncio.Future[int] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.error: MqttError | None = None  # why the connection ended (None while it is up)
         self._next_id = 0
         self._inflight: dict[int, asyncio.Future[None] | None] = {}
-        self._pending_sub: dict[int, asyncio.Future[bytes]] = {}
+        self._pending_sub: dict[int, tuple[asyncio.Future[bytes], int]] = {}  # pid -> (SUBACK, number of filters)
         self._ping: asyncio.TimerHandle | None = None
         self._keepalive = 60
+        self._heard = True  # a byte arrived since the last keepalive tick
+        self._silent = 0  # keepalive ticks in a row without a byte from the broker
         self._paused = False
-        self._resume: asyncio.Future[None] | None = None
+        self._resume: asyncio.Future[None] | None = None  # shared by every drain() waiting for resume_writing
         self.sent = 0
         self.acked = 0
 
@@ -157,42 +314,37 @@ class MqttClient(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
-        try:
-            packets = decode_packets(self._buf)
-        except MqttError:
-            self.abort()
+        if self.error is not None:  # closing after a fault: what still comes is noise
             return
-        for head, body in packets:
-            kind = head & 0xF0
-            if kind == PUBLISH:
-                self._on_publish(head, body)
-            elif kind == PUBACK:
-                fut = self._inflight.pop(struct.unpack_from("!H", body)[0], None)
-                self.acked += 1
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            elif kind == CONNACK:
-                if not self._connack.done():
-                    self._connack.set_result(body[1] if len(body) > 1 else 255)
-            elif kind == SUBACK:
-                sub = self._pending_sub.pop(struct.unpack_from("!H", body)[0], None)
-                if sub is not None and not sub.done():
-                    sub.set_result(body[2:])
+        self._heard = True
+        try:
+            for head, body in self._decoder.feed(data):
+                if head == PUBACK and len(body) == 2:  # the hot path of a publishing car, inline
+                    fut = self._inflight.pop((body[0] << 8) | body[1], None)
+                    self.acked += 1
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                elif head & 0xF0 == PUBLISH:
+                    self._on_publish(head, body)
+                else:
+                    self._on_control(head, body)
+        except MqttProtocolError as e:
+            self._fail(e)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if self._ping is not None:
             self._ping.cancel()
-        err = MqttError(f"connection lost: {exc}" if exc else "connection closed")
-        futs: list[asyncio.Future[Any]] = [self._connack, *self._pending_sub.values()]
+        if self.error is None:
+            self.error = MqttError(f"connection lost: {exc}" if exc else "connection closed")
+        err = self.error
+        futs: list[asyncio.Future[Any]] = [self._connack, *(f for f, _ in self._pending_sub.values())]
         futs += [f for f in self._inflight.values() if f is not None]
         for fut in futs:
             if not fut.done():
                 fut.set_exception(err)
                 fut.exception()  # mark retrieved: nobody may be waiting any more
-        if self._resume is not None and not self._resume.done():
-            self._resume.set_result(None)
+        self._wake_drainers()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -201,8 +353,7 @@ class MqttClient(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._resume is not None and not self._resume.done():
-            self._resume.set_result(None)
+        self._wake_drainers()
 
     # ---- client API -------------------------------------------------------------------
     @classmethod
@@ -219,12 +370,25 @@ class MqttClient(asyncio.Protocol):
         on_message: MessageHandler | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        ca_file: PathLike | None = None,
+        cert_file: PathLike | None = None,
+        key_file: PathLike | None = None,
+        server_hostname: str | None = None,
+        max_packet_size: int = MAX_PACKET_SIZE,
     ) -> MqttClient:
+        """Connect, over TLS if `tls` or any of the files is given (``tls_context`` builds the context from
+        them; `server_hostname` is the name the broker's certificate must carry, default `host`)."""
+        if tls is None and (ca_file or cert_file or key_file):
+            tls = tls_context(ca_file, cert_file, key_file)
         loop = asyncio.get_running_loop()
         proto: MqttClient | None = None
         try:
             async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(lambda: cls(on_message), host, port)
+                _, proto = await loop.create_connection(
+                    lambda: cls(on_message, max_packet_size=max_packet_size), host, port,
+                    ssl=tls, server_hostname=server_hostname if tls is not None else None,
+                )  # fmt: skip
                 proto._keepalive = keepalive
                 proto._write(encode_connect(client_id, keepalive, clean, will, username, password))
                 rc = await proto._connack
@@ -233,7 +397,7 @@ class MqttClient(asyncio.Protocol):
                 proto.abort()
             if isinstance(e, TimeoutError):
                 raise MqttConnectError(-1, f"no CONNACK within {timeout:.0f} s") from None
-            if isinstance(e, OSError):
+            if isinstance(e, OSError):  # ssl.SSLError too: a certificate that does not check out
                 raise MqttError(f"cannot connect to {host}:{port}: {e}") from e
             raise
         if rc != 0:
@@ -244,7 +408,7 @@ class MqttClient(asyncio.Protocol):
 
     @property
     def is_connected(self) -> bool:
-        return self.transport is not None and not self.closed.done()
+        return self.transport is not None and self.error is None
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, track: bool = False
@@ -257,6 +421,8 @@ class MqttClient(asyncio.Protocol):
         if track:
             fut = self._loop.create_future()
         if qos:
+            if qos != 1:
+                raise ValueError("qos: 0 or 1 (QoS 2 is not implemented, see _on_publish)")
             pid = self._packet_id()
             self._inflight[pid] = fut
         elif fut is not None:
@@ -266,19 +432,44 @@ class MqttClient(asyncio.Protocol):
         return fut
 
     async def subscribe(self, topics: list[tuple[str, int]], timeout: float = 30.0) -> bytes:
-        """Subscribe to (topic filter, qos) pairs; return the SUBACK return codes."""
+        """Subscribe to (topic filter, qos 0 or 1) pairs; return the SUBACK return codes (the granted QoS).
+
+        MqttSubscribeError if the broker refused any filter (return code 0x80); the others stay subscribed."""
+        if not topics or any(q not in (0, 1) for _, q in topics):
+            raise ValueError("topics: one or more (filter, qos) pairs, qos 0 or 1 (see _on_publish)")
+        if not self.is_connected:
+            raise MqttError("not connected")
         pid = self._packet_id()
         fut: asyncio.Future[bytes] = self._loop.create_future()
-        self._pending_sub[pid] = fut
+        self._pending_sub[pid] = (fut, len(topics))
         self._write(encode_subscribe(pid, topics))
-        async with asyncio.timeout(timeout):
-            return await fut
+        try:
+            async with asyncio.timeout(timeout):
+                codes = await fut
+        finally:
+            self._pending_sub.pop(pid, None)  # a SUBACK that never came must not hold its packet id
+        refused = [t for (t, _), rc in zip(topics, codes, strict=True) if rc == SUBACK_FAILURE]
+        if refused:
+            raise MqttSubscribeError(refused, codes)
+        return codes
 
     async def drain(self) -> None:
-        """Wait while the socket's write buffer is over its high-water mark."""
-        if self._paused and self.is_connected:
-            self._resume = self._loop.create_future()
-            await self._resume
+        """Wait while the socket's write buffer is over its high-water mark; MqttError if the connection goes.
+
+        Any number of publishers may wait at once: they share one future, each through a shield so that a
+        cancelled waiter does not cancel it for the others, and each looks again when woken because the
+        transport may have paused again before it ran."""
+        while self._paused and self.is_connected:
+            if self._resume is None:
+                self._resume = self._loop.create_future()
+            await asyncio.shield(self._resume)
+        if not self.is_connected:
+            raise MqttError(f"not connected ({self.error})" if self.error else "not connected")
+
+    @property
+    def paused(self) -> bool:
+        """The transport's write buffer is over its high-water mark: drain() waits."""
+        return self._paused
 
     @property
     def inflight(self) -> int:
@@ -300,6 +491,17 @@ class MqttClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
+    def _fail(self, err: MqttError) -> None:
+        """End the connection because of `err`: connection_lost hands it to every waiter, as for any loss."""
+        if self.error is None:
+            self.error = err
+        self.abort()
+
+    def _wake_drainers(self) -> None:
+        fut, self._resume = self._resume, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
     def _packet_id(self) -> int:
         for _ in range(65535):
             self._next_id = self._next_id % 65535 + 1
@@ -309,20 +511,61 @@ class MqttClient(asyncio.Protocol):
 
     def _schedule_ping(self) -> None:
         if self._keepalive and self.is_connected:
-            self._ping = self._loop.call_later(self._keepalive * 0.5, self._send_ping)
+            self._ping = self._loop.call_later(self._keepalive * 0.5, self._keepalive_tick)
 
-    def _send_ping(self) -> None:
+    def _keepalive_tick(self) -> None:
+        # A half-open link (the broker frozen, a NAT that forgot us) stays "connected" for TCP until
+        # the kernel gives up, minutes later; silence after our PINGREQs is the only sign of it.
+        if self._heard:
+            self._heard, self._silent = False, 0
+        else:
+            self._silent += 1
+            if self._silent >= SILENT_TICKS:
+                waited = self._keepalive * 0.5 * SILENT_TICKS
+                self._fail(MqttError(f"no answer from the broker for {waited:g} s (keepalive {self._keepalive} s)"))
+                return
         self._write(bytes([PINGREQ, 0]))
         self._schedule_ping()
 
     def _on_publish(self, head: int, body: bytes) -> None:
-        qos = (head >> 1) & 0x03
-        (tlen,) = struct.unpack_from("!H", body)
-        topic = body[2 : 2 + tlen].decode(errors="replace")
-        pos = 2 + tlen
+        topic, qos, pid, payload = parse_publish(head, body)
+        if qos == 2:
+            # We subscribe at QoS 1 at most (subscribe() refuses 2), and a 3.1.1 broker delivers at the
+            # granted QoS or lower, so a QoS 2 PUBLISH is the broker's error. Answering it needs the
+            # PUBREC/PUBREL/PUBCOMP exchange and its per-packet state, which no car uses; a PUBACK (what
+            # this client used to send) is wrong, so close the connection instead.
+            raise MqttProtocolError("QoS 2 PUBLISH, but every subscription is at QoS 1 at most")
         if qos:
-            (pid,) = struct.unpack_from("!H", body, pos)
-            pos += 2
-            self._write(bytes([PUBACK, 2]) + struct.pack("!H", pid))
+            self._write(bytes([PUBACK, 2, pid >> 8, pid & 0xFF]))
         if self.on_message is not None:
-            self.on_message(topic, body[pos:])
+            self.on_message(topic, payload)
+
+    def _on_control(self, head: int, body: bytes) -> None:
+        """Every packet but PUBLISH and a well-formed PUBACK; MqttProtocolError for what may not come."""
+        n = len(body)
+        if head == SUBACK and n >= 3:
+            self._on_suback(body)
+        elif head == PINGRESP and n == 0:
+            pass  # its arrival is what counts, noted in data_received
+        elif head == CONNACK and n == 2:
+            if self._connack.done():
+                raise MqttProtocolError("a second CONNACK")
+            self._connack.set_result(body[1])
+        elif head in _SIZED:
+            raise MqttProtocolError(f"{_SIZED[head]} with a body of {n} bytes, which it cannot have")
+        else:  # PUBREC/PUBREL/PUBCOMP (no QoS 2 here), UNSUBACK (we never unsubscribe), client packets
+            raise MqttProtocolError(f"unexpected packet 0x{head:02x} from the broker")
+
+    def _on_suback(self, body: bytes) -> None:
+        pid, codes = (body[0] << 8) | body[1], body[2:]
+        if codes.translate(None, b"\x00\x01\x02\x80"):  # what is left once the valid codes are gone
+            raise MqttProtocolError(f"SUBACK with a return code other than 0, 1, 2 or 0x80: {codes.hex()}")
+        pending = self._pending_sub.get(pid)
+        if pending is None:
+            return  # a SUBACK for a subscribe() that timed out
+        fut, count = pending
+        if len(codes) != count:  # still pending: connection_lost hands the waiter this error
+            raise MqttProtocolError(f"SUBACK with {len(codes)} return codes for {count} topic filters")
+        del self._pending_sub[pid]
+        if not fut.done():
+            fut.set_result(codes)
