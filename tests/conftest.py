@@ -1,8 +1,13 @@
-"""Shared fixtures: one real Mosquitto, InfluxDB 1.6 and nginx for the whole run.
+"""Shared fixtures: one real Mosquitto, InfluxDB 1.6 and nginx for the whole run, and ejabberd.
 
 They are started from Debian's binaries by ``scripts/services.py`` on free
 loopback ports, in a temporary directory. Every test that uses them gets its
 own topic prefix and database (``unique``), so tests never see each other's data.
+
+ejabberd (its MQTT 5 module) is the second broker: a test that takes
+``any_broker`` runs once against each, so the gateway's connection code is
+not tuned to one broker's reading of the specification. It starts only if
+such a test runs.
 """
 
 from __future__ import annotations
@@ -46,3 +51,40 @@ class Unique:
 def unique() -> Unique:
     tag = uuid.uuid4().hex[:10]
     return Unique(prefix=f"t{tag}/fleet", database=f"t_{tag}")
+
+
+@dataclass
+class Broker:
+    """A broker to connect to, with what its login needs."""
+
+    name: str
+    service: services.Service
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    def mqtt(self, **over: object) -> dict[str, object]:
+        """`mqtt` settings for a gateway (or a link) on this broker."""
+        opts: dict[str, object] = {"host": "127.0.0.1", "port": self.port}
+        if self.username is not None:
+            opts |= {"username": self.username, "password": self.password}
+        return opts | over
+
+
+@pytest.fixture(scope="session")
+def ejabberd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.Service]:
+    # Not skipped when missing: scripts/setup.sh installs it, and CI must run these tests.
+    service = services.start_ejabberd(tmp_path_factory.mktemp("ejabberd"))
+    yield service
+    service.stop()
+
+
+@pytest.fixture(params=["mosquitto", "ejabberd"])
+def any_broker(request: pytest.FixtureRequest, stack: Stack) -> Broker:
+    if request.param == "mosquitto":
+        return Broker("mosquitto", stack.broker)
+    # ejabberd refuses a CONNECT without a user name and a password; anonymous login takes any pair.
+    return Broker("ejabberd", request.getfixturevalue("ejabberd"), "gateway", "any-password")

@@ -16,17 +16,18 @@ import pytest
 from gateway.mqtt import codec
 from gateway.mqtt.link import MqttLink
 from gateway.settings import MqttSettings
-from tests.conftest import Stack, Unique
+from tests.conftest import Broker, Unique
 from tests.helpers import async_wait_for
 
 pytestmark = pytest.mark.integration
 
 
-async def test_two_links_sharing_a_client_id_back_off_instead_of_looping(stack: Stack, unique: Unique) -> None:
-    settings = MqttSettings(
-        host="127.0.0.1", port=stack.broker.port, client_id=f"twin-{unique.database}",
-        reconnect_min_s=0.2, reconnect_max_s=2.0, session_expiry_s=0,
-    )  # fmt: skip
+async def test_two_links_sharing_a_client_id_back_off_instead_of_looping(any_broker: Broker, unique: Unique) -> None:
+    settings = MqttSettings.model_validate(
+        any_broker.mqtt(
+            client_id=f"twin-{unique.database}", reconnect_min_s=0.2, reconnect_max_s=2.0, session_expiry_s=0
+        )
+    )
     links = [MqttLink(settings, lambda m, t: None, [f"{unique.prefix}/#"], auto_ack=True) for _ in range(2)]
     tasks = [asyncio.create_task(link.run()) for link in links]
     t0 = time.monotonic()
@@ -45,11 +46,12 @@ async def test_two_links_sharing_a_client_id_back_off_instead_of_looping(stack: 
     assert 2 <= connects <= 30, f"{connects} connections in {elapsed:.1f} s"
 
 
-async def test_a_stopped_link_ends_at_once_even_while_backing_off(stack: Stack, unique: Unique) -> None:
-    settings = MqttSettings(
-        host="127.0.0.1", port=stack.broker.port, client_id=f"twin2-{unique.database}",
-        reconnect_min_s=5.0, reconnect_max_s=30.0, session_expiry_s=0,
-    )  # fmt: skip
+async def test_a_stopped_link_ends_at_once_even_while_backing_off(any_broker: Broker, unique: Unique) -> None:
+    settings = MqttSettings.model_validate(
+        any_broker.mqtt(
+            client_id=f"twin2-{unique.database}", reconnect_min_s=5.0, reconnect_max_s=30.0, session_expiry_s=0
+        )
+    )
     links = [MqttLink(settings, lambda m, t: None, [f"{unique.prefix}/#"], auto_ack=True) for _ in range(2)]
     tasks = [asyncio.create_task(link.run()) for link in links]
     await asyncio.sleep(1.0)  # both have kicked each other off and wait out their back-off
@@ -63,14 +65,14 @@ async def test_a_stopped_link_ends_at_once_even_while_backing_off(stack: Stack, 
 
 @pytest.mark.parametrize("hops", [0, 1, 2, 3])
 async def test_a_stop_arriving_as_the_connection_drops_is_not_swallowed(
-    stack: Stack, unique: Unique, hops: int
+    any_broker: Broker, unique: Unique, hops: int
 ) -> None:
     # The cancellation is timed by the event loop itself, `hops` callbacks after the connection's loss, so
     # every step of the link's clean-up after a loss is hit; a stop that landed while it waited for its
     # keepalive task used to be swallowed with that task's own, and the link reconnected instead of ending.
-    settings = MqttSettings(
-        host="127.0.0.1", port=stack.broker.port, client_id=f"stop-{hops}-{unique.database}",
-        reconnect_min_s=0.05, reconnect_max_s=0.1, session_expiry_s=0,
+    settings = MqttSettings.model_validate(
+        any_broker.mqtt(client_id=f"stop-{hops}-{unique.database}", reconnect_min_s=0.05, reconnect_max_s=0.1,
+                        session_expiry_s=0)
     )  # fmt: skip
     link = MqttLink(settings, lambda m, t: None, [f"{unique.prefix}/#"], auto_ack=True)
     task = asyncio.create_task(link.run())
@@ -86,8 +88,8 @@ async def test_a_stop_arriving_as_the_connection_drops_is_not_swallowed(
 
     link._proto.lost.add_done_callback(lambda _: loop.call_soon(cancel_after, hops))
     # Another client with our id: the broker closes our connection, as it does to one of two twins.
-    _reader, writer = await asyncio.open_connection("127.0.0.1", stack.broker.port)
-    writer.write(codec.connect(settings.client_id or "", 30, False, 0, 10))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", any_broker.port)
+    writer.write(codec.connect(settings.client_id or "", 30, False, 0, 10, any_broker.username, any_broker.password))
     try:
         done, _ = await asyncio.wait([task], timeout=2.0)
         assert done, f"the link went on after being stopped (connects: {link.connects})"

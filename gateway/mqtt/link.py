@@ -386,12 +386,20 @@ class MqttLink:
         if connack.reason >= 0x80:
             proto.transport.abort()
             raise _Refused(reasons.advice(connack.reason, connack.server_reference))
+        filters = self._filters
         if self._shared and not connack.shared_available:
-            log.error("%s", reasons.advice(0x9E).text)
-        if self._filters:  # a SUBSCRIBE without filters is malformed: a link that only publishes sends none
+            # Subscribing anyway gets us disconnected (0x9E) and back in a loop; refusing them here keeps the
+            # link up for the rest (the cars' statuses) and says in /healthz why telemetry does not come.
+            why = reasons.advice(0x9E)
+            shared = [f for f, _, _ in filters if f.startswith("$share/")]
+            for f in shared:
+                self.stats.refused[f] = f"0x9e {why.label}"
+            log.error("broker %s:%d: %s (mqtt.shared_group is %r)", s.host, s.port, why.text, s.shared_group)
+            filters = [x for x in filters if not x[0].startswith("$share/")]
+        if filters:  # a SUBSCRIBE without filters is malformed: a link that only publishes sends none
             packet_id = self._packet_id()
-            self._subscribe_ids = {packet_id: [f for f, _, _ in self._filters]}
-            proto.transport.write(codec.subscribe(packet_id, self._filters))
+            self._subscribe_ids = {packet_id: [f for f, _, _ in filters]}
+            proto.transport.write(codec.subscribe(packet_id, filters))
         return proto
 
     async def _keepalive(self, proto: _Protocol) -> None:
