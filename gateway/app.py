@@ -258,7 +258,9 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     # Commands and acks have a connection of their own: an ack must not wait behind a backlog of
     # unacknowledged telemetry (after a restart, or while the journal is full). Every instance sees
     # every ack (no shared subscription), since only the sender waits for it.
-    command_settings = s.mqtt.model_copy(update={"client_id": f"{s.mqtt.client_id}-cmd", "session_expiry_s": 0})
+    command_settings = s.mqtt.model_copy(
+        update={"client_id": f"{s.mqtt.client_id or 'fleet-gateway'}-cmd", "session_expiry_s": 0}
+    )
     command_link = MqttLink(
         command_settings,
         lambda msg, token: ingest.handle_ack(msg, token),

@@ -108,14 +108,26 @@ def _link_families(links: dict[str, LinkStats]) -> Iterable[Metric]:
         "Packets from the broker refused as malformed (answered with DISCONNECT).",
         ["link"],
     )
+    connects_refused = counter(
+        "gateway_mqtt_connects_refused_total",
+        "Connections the broker refused (CONNACK), by reason.",
+        ["link", "reason"],
+    )
+    publish_refused = counter(
+        "gateway_mqtt_publications_refused_total", "Our publications the broker refused (PUBACK).", ["link"]
+    )
     for name, st in sorted(links.items()):
         for reason, n in sorted(st.disconnects.items()):
             disconnects.add_metric([name, reason], n)
+        for reason, n in sorted(st.connects_refused.items()):
+            connects_refused.add_metric([name, reason], n)
         lost.add_metric([name], st.sessions_lost)
-        expiry.add_metric([name], st.session_expiry_s)
+        if st.connects:  # before the first CONNACK nothing is granted yet, and 0 would read as "no session"
+            expiry.add_metric([name], st.session_expiry_s)
         refused.add_metric([name], len(st.refused))
         protocol.add_metric([name], st.protocol_errors)
-    yield from (disconnects, lost, expiry, refused, protocol)
+        publish_refused.add_metric([name], st.publish_refused)
+    yield from (disconnects, connects_refused, lost, expiry, refused, protocol, publish_refused)
 
 
 def families(s: Snapshot) -> Iterable[Metric]:

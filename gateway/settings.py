@@ -26,6 +26,7 @@ from gateway.rules.trips import CHECKS, Check
 from gateway.rules.webhooks import decode_secret
 
 ENV_PREFIX = "GATEWAY__"
+DEFAULT_INSTANCE = "gw1"
 
 
 class _Section(BaseModel):
@@ -40,8 +41,11 @@ class MqttSettings(_Section):
     password: SecretStr | None = None
     # A fixed id plus a persistent session lets the broker keep QoS 1
     # messages for us while the gateway is down. Unset, it is
-    # fleet-gateway-<instance>: two instances never take each other's session.
-    client_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^\x00]+$")
+    # fleet-gateway-<instance> (fleet-gateway for the default instance gw1, the
+    # id of earlier versions, whose session an upgrade keeps): two instances
+    # never take each other's session. 60 characters at most: the command
+    # connection's id is <client_id>-cmd, and brokers may refuse over 64.
+    client_id: str | None = Field(None, min_length=1, max_length=60, pattern=r"^[^\x00]+$")
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
     topic_prefix: str = Field("fleet", pattern=r"^[^#+/]+(/[^#+/]+)*$")
     # With a group name, subscriptions go through `$share/<group>/...`, so
@@ -286,7 +290,7 @@ class FleetSettings(_Section):
 
 
 class Settings(_Section):
-    instance: str = Field("gw1", pattern=INSTANCE.anchored)
+    instance: str = Field(DEFAULT_INSTANCE, pattern=INSTANCE.anchored)
     # Development mode allows empty or example secrets; production refuses them.
     dev_mode: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -308,12 +312,24 @@ class Settings(_Section):
     @model_validator(mode="before")
     @classmethod
     def _client_id_from_instance(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            mqtt = data.get("mqtt")
-            if mqtt is None or (isinstance(mqtt, dict) and not mqtt.get("client_id")):
-                client_id = f"fleet-gateway-{data.get('instance', 'gw1')}"
-                data = {**data, "mqtt": {**(mqtt or {}), "client_id": client_id}}
-        return data
+        if not isinstance(data, dict):
+            return data
+        mqtt = data.get("mqtt")
+        if not isinstance(mqtt, dict | MqttSettings | None):
+            return data  # not a section: the field's own validation says so
+        given = mqtt.client_id if isinstance(mqtt, MqttSettings) else (mqtt or {}).get("client_id")
+        if given:
+            return data
+        instance = data.get("instance", DEFAULT_INSTANCE)
+        client_id = "fleet-gateway" if instance == DEFAULT_INSTANCE else f"fleet-gateway-{instance}"
+        if len(client_id) > 60:
+            raise ValueError(
+                f"instance: too long to name the MQTT client after it ({client_id!r} is over 60 characters); "
+                "set mqtt.client_id"
+            )
+        if isinstance(mqtt, MqttSettings):
+            return {**data, "mqtt": mqtt.model_copy(update={"client_id": client_id})}
+        return {**data, "mqtt": {**(mqtt or {}), "client_id": client_id}}
 
     @model_validator(mode="after")
     def _mqtt_tls_parts(self) -> Settings:

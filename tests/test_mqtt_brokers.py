@@ -28,7 +28,16 @@ from gateway.mqtt.link import MqttLink
 from gateway.settings import MqttSettings
 from scripts import services
 from tests.conftest import Broker, Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
+from tests.helpers import (
+    AUTH,
+    MASTER_KEY,
+    REPO,
+    Parts,
+    async_wait_for,
+    gateway_settings,
+    influx_query,
+    mosquitto_pub,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +147,11 @@ async def _publish_retained(broker: Broker, topic: str, payload: bytes) -> None:
         writer.close()
 
 
-async def test_a_session_the_broker_lost_is_counted(tmp_path: Path) -> None:
-    service = services.start_ejabberd(tmp_path / "ejabberd")  # its own: restarting it forgets every session
+async def test_a_capped_session_and_a_session_the_broker_lost_are_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its own ejabberd, at its default cap of 5 minutes per session: restarting it forgets every session.
+    service = services.start_ejabberd(tmp_path / "ejabberd", extra={"session_expiry": 300})
     try:
         broker = Broker("ejabberd", service, "gateway", "pw")
         link = MqttLink(
@@ -149,6 +161,8 @@ async def test_a_session_the_broker_lost_is_counted(tmp_path: Path) -> None:
         )
         task = asyncio.create_task(link.run())
         await async_wait_for(lambda: link.connected, 10, "connected")
+        assert link.stats.session_expiry_s == 300  # asked for a week
+        assert "broker keeps our session for 300 s only" in caplog.text
         await asyncio.sleep(0.2)
         service.restart()
         await async_wait_for(lambda: link.connects >= 2 and link.connected, 20, "reconnected")
@@ -158,3 +172,40 @@ async def test_a_session_the_broker_lost_is_counted(tmp_path: Path) -> None:
         await link.close()
     finally:
         service.stop()
+
+
+async def test_under_a_shared_group_every_instance_gets_every_status(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    # Telemetry is split between the instances; a car's status (online, and its will) must reach each of them,
+    # on a subscription of its own: through the shared one only one instance would hear it, and on brokers that
+    # follow the specification a retained status would reach none.
+    broker = Broker("mosquitto", stack.broker)
+    clients = [
+        await _gateway(broker, stack, unique, tmp_path / name, aiohttp_client, shared_group="g")
+        for name in ("gw1", "gw2")
+    ]
+    parts = [Parts(c.app) for c in clients]
+    await async_wait_for(lambda: all(p.link.connected and not p.link.subscribing for p in parts), 10, "subscribed")
+    now = int(time.time() * 1000)
+    for i in range(1, 5):
+        doc = json.dumps({"ts": now, "online": i % 2 == 0})
+        await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-00{i}/status", doc)
+    await async_wait_for(lambda: all(p.state.online_count() == 2 for p in parts), 10, "every status on both")
+    battery = json.dumps({"ts": now, "soc_pct": 50.0, "range_km": 150.0, "charging": False})
+    await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-001/battery", *[battery] * 10)
+    await async_wait_for(lambda: sum(p.ingest.stats.accepted for p in parts) == 2 * 4 + 10, 10, "the batteries")
+
+
+async def test_a_refused_login_is_counted_by_its_reason(ejabberd: services.Service) -> None:
+    # ejabberd refuses a CONNECT without a password (0x87): a configuration error, retried at its floor.
+    settings = MqttSettings(host="127.0.0.1", port=ejabberd.port, client_id="nopw", username="gateway",
+                            reconnect_min_s=0.05, reconnect_max_s=0.5)  # fmt: skip
+    link = MqttLink(settings, lambda m, t: None, ["x/#"])
+    task = asyncio.create_task(link.run())
+    try:
+        await async_wait_for(lambda: link.stats.connects_refused["not_authorized"] >= 2, 10, "refusals")
+        assert not link.connected and link.connects == 0
+    finally:
+        task.cancel()
+        await asyncio.wait([task])

@@ -97,4 +97,5 @@ async def test_a_stop_arriving_as_the_connection_drops_is_not_swallowed(
     finally:
         writer.close()
         task.cancel()
+        await asyncio.wait([task])
         await link.close()

@@ -346,3 +346,23 @@ async def test_a_full_receive_window_seals_at_once(tmp_path: Path) -> None:
     await asyncio.sleep(0)
     assert acks.all == [1, 2, 3, 4] and j.open_points == 0
     assert len(j.segments) == 1
+
+
+async def test_a_stream_stalled_on_our_acks_is_sealed_at_once(tmp_path: Path) -> None:
+    # A broker that caps what it sends below our window (EMQX sends 32 at most) stops and waits for acks.
+    from gateway.ingest.journal import STALL_MIN, STALL_S
+
+    j = make(tmp_path / "j", batch_size=1000, window=20000, flush_interval_s=60.0)
+    acks = Acks()
+    j.set_ack(acks)
+    for i in range(STALL_MIN - 1):
+        j.append(pt(i), mid=i + 1)
+    await asyncio.sleep(STALL_S * 4)
+    assert acks.all == []  # a trickle below the minimum waits for the flush interval
+    for i in range(STALL_MIN - 1, 32):
+        j.append(pt(i), mid=i + 1)
+    await asyncio.sleep(STALL_S / 5)
+    j.append(pt(40), mid=41)  # still coming: no seal yet
+    assert acks.all == []
+    await asyncio.sleep(STALL_S * 4)
+    assert len(acks.all) == 33 and j.open_points == 0

@@ -220,3 +220,38 @@ def test_fuzz_every_parser_raises_only_protocol_errors(first: int, body: bytes) 
     ):
         with contextlib.suppress(codec.ProtocolError):
             parse()
+
+
+async def test_a_publication_held_for_the_window_and_lost_with_the_connection_is_reported() -> None:
+    link, _ = _link()
+    proto, _ = _connected(link, b"\x21\x00\x01")  # receive maximum 1
+    dropped: list[BrokerUnavailable] = []
+    link.publish("fleet/a/commands", b"{}", on_dropped=dropped.append)  # sent
+    link.publish("fleet/b/commands", b"{}", on_dropped=dropped.append)  # held back
+    proto.connection_lost(None)
+    assert len(dropped) == 1 and "lost before the command could be sent" in str(dropped[0])
+
+
+async def test_a_broker_disconnect_ends_the_connection_at_once() -> None:
+    link, _ = _link()
+    proto, transport = _connected(link)
+    proto.data_received(b"\xe0\x01\x8b")  # server shutting down
+    assert transport.closed and proto.why.label == "server_shutting_down"
+
+
+async def test_a_broker_taking_qos_0_only_gets_commands_at_qos_0() -> None:
+    link, _ = _link()
+    _, transport = _connected(link, b"\x24\x00")  # Maximum QoS 0
+    transport.written.clear()
+    link.publish("fleet/a/commands", b"{}", qos=1)
+    assert transport.written[0] == codec.PUBLISH  # QoS bits 0: no packet id, nothing for the broker to refuse
+
+
+async def test_our_own_close_is_not_counted_as_a_lost_connection() -> None:
+    link, _ = _link()
+    proto, _ = _connected(link)
+    close = asyncio.create_task(link.close())
+    await asyncio.sleep(0)
+    proto.connection_lost(None)
+    await close
+    assert link.stats.disconnects == {"closed": 1}

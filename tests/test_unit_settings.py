@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.settings import Settings, env_overrides, load_settings
+from gateway.settings import MqttSettings, Settings, env_overrides, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY_YAML = REPO / "config" / "gateway.yaml"
@@ -293,3 +293,16 @@ def test_two_keys_with_one_name_are_refused() -> None:
         load_settings(
             None, {"GATEWAY__DEV_MODE": "true", "GATEWAY__API__KEYS": "ops:aaaaaaaaaaaaaaaa,ops:bbbbbbbbbbbbbbbb"}
         )
+
+
+def test_each_instance_gets_its_own_client_ids_unless_one_is_given() -> None:
+    a = Settings.model_validate({})  # the default instance keeps the id of earlier versions, and their session
+    b = Settings.model_validate({"instance": "gw2", "mqtt": {"port": 1884}})
+    assert (a.mqtt.client_id, b.mqtt.client_id) == ("fleet-gateway", "fleet-gateway-gw2")
+    assert b.mqtt.port == 1884  # the rest of the section is kept
+    c = Settings(instance="gw3", mqtt=MqttSettings(port=1884))  # built in code, not from a mapping
+    assert c.mqtt.client_id == "fleet-gateway-gw3" and c.mqtt.port == 1884
+    fixed = Settings.model_validate({"instance": "gw2", "mqtt": {"client_id": "mine"}})
+    assert fixed.mqtt.client_id == "mine"
+    with pytest.raises(ConfigError, match=r"^instance: too long to name the MQTT client"):
+        load_settings(None, environ={"GATEWAY__DEV_MODE": "true", "GATEWAY__INSTANCE": "g" * 50})

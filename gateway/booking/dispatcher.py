@@ -17,11 +17,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
 
-from gateway.errors import PayloadError
+from gateway.errors import BrokerUnavailable, PayloadError
 from gateway.ingest.journal import Journal
 from gateway.ingest.lineproto import DistinctTimes, line
 from gateway.mqtt.link import MqttLink
@@ -70,7 +71,11 @@ class CommandDispatcher:
         self._waiting[cid] = (vehicle_id, fut)
         t0 = time.perf_counter()
         try:
-            self.link.publish(f"{self.prefix}/{vehicle_id}/commands", orjson.dumps(cmd), self.qos, self.timeout_s)
+            self.link.publish(
+                f"{self.prefix}/{vehicle_id}/commands", orjson.dumps(cmd), self.qos, self.timeout_s,
+                # held back for the broker's window, then lost with the connection: 503 now, not a timeout later
+                on_dropped=partial(_fail, fut),
+            )  # fmt: skip
             try:
                 async with asyncio.timeout(self.timeout_s):
                     ack = await fut
@@ -107,6 +112,11 @@ class CommandDispatcher:
         tags = {"vehicle_id": o.vehicle_id, "action": o.action, "result": o.result}
         ts = self._times.next((o.vehicle_id, o.action, o.result), int(time.time() * 1000))
         self.journal.append(line("commands", tags, values, ts))
+
+
+def _fail(fut: asyncio.Future[Ack], e: BrokerUnavailable) -> None:
+    if not fut.done():
+        fut.set_exception(e)
 
 
 def _ms(t0: float) -> float:

@@ -1,10 +1,12 @@
 """The on-disk journal: every point is on disk before its MQTT message is acknowledged.
 
 Points accumulate in an open batch. A batch is *sealed* when it holds
-``batch_size`` points, is ``flush_interval_s`` old, or holds a whole receive
-window of unacknowledged messages (the broker would send no more before our
-acks: a small window, such as EMQX's 32, would otherwise cap ingest at one
-window per flush interval): its bytes go to one
+``batch_size`` points or is ``flush_interval_s`` old, and also as soon as
+the broker stops sending because it waits for our acks: when the open batch
+holds our whole receive window, or at least ``STALL_MIN`` unacknowledged
+messages and nothing new came for ``STALL_S`` (a broker's own cap on what
+it sends, such as EMQX's 32, is not told to the client). Otherwise a small
+window would cap ingest at one window per flush interval. Its bytes go to one
 segment file (written to a temporary name, fsynced, renamed), then the MQTT
 messages that produced it are acknowledged, then the writer may send it to
 InfluxDB. A segment is deleted once InfluxDB has it. After a crash, the
@@ -32,6 +34,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 AckFn = Callable[[list[int]], None]
+
+# The stream has stalled on our acks when this many messages wait and nothing came for this long. The
+# minimum keeps a trickle of messages (a small fleet, one a second per car) in batches of a flush interval.
+STALL_S = 0.005
+STALL_MIN = 16
 
 
 @dataclass
@@ -76,6 +83,7 @@ class Journal:
         # broker sends nothing more until we acknowledge, so waiting for the flush interval would only idle.
         self.window = window
         self._seal_pending = False
+        self._stall_check: asyncio.TimerHandle | None = None
         self.segments: deque[Segment] = deque()
         self.disk_bytes = 0
         self.memory_used = 0
@@ -140,6 +148,8 @@ class Journal:
             self.seal()
         elif len(b.mids) >= self.window:
             self._seal_soon()
+        elif mid and self._stall_check is None and len(b.mids) >= STALL_MIN:
+            self._watch_for_stall()
         return True
 
     def add_mid(self, mid: int) -> None:
@@ -157,6 +167,19 @@ class Journal:
         if not self._seal_pending:
             self._seal_pending = True
             asyncio.get_running_loop().call_soon(self._sealed_soon)
+
+    def _watch_for_stall(self) -> None:
+        seen = len(self._open.mids)
+        self._stall_check = asyncio.get_running_loop().call_later(STALL_S, self._stalled, self._open, seen)
+
+    def _stalled(self, batch: _OpenBatch, seen: int) -> None:
+        self._stall_check = None
+        if batch is not self._open or len(batch.mids) < STALL_MIN:
+            return  # sealed meanwhile; the next batch arms its own check
+        if len(batch.mids) == seen:
+            self.seal()
+        else:
+            self._watch_for_stall()
 
     def _sealed_soon(self) -> None:
         self._seal_pending = False

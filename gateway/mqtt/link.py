@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[codec.Message, int], None]
 """Called for every incoming message with an ack token (0 for QoS 0)."""
+Dropped = Callable[[BrokerUnavailable], None]
+
+CLOSED = reasons.Advice("closed", "we closed the connection", logging.INFO, 0.0)
 
 # A connection that lasted this long (or a keepalive period) was healthy: back-off starts afresh after it.
 STABLE_AFTER_S = 30.0
@@ -61,6 +64,7 @@ class LinkStats:
     refused: dict[str, str] = field(default_factory=dict)  # topic filter -> why the broker refused it
     publish_refused: int = 0  # PUBACKs with a failure reason
     protocol_errors: int = 0  # packets from the broker we refused
+    connects_refused: Counter[str] = field(default_factory=Counter)  # refused CONNACKs, by reason label
 
 
 class _Protocol(asyncio.Protocol):
@@ -115,6 +119,11 @@ class _Protocol(asyncio.Protocol):
                     detail = f": {d.reason_string}" if d.reason_string else ""
                     log.log(self.why.level, "broker disconnected us (reason 0x%02x): %s%s", d.reason, self.why.text,
                             detail)  # fmt: skip
+                    # The connection is over (nothing may follow a DISCONNECT): do not wait for the broker
+                    # or a middlebox to close it, and send nothing more on it.
+                    assert self.transport is not None
+                    self.transport.close()
+                    return
                 else:
                     # CONNECT, SUBSCRIBE, PINGREQ; PUBREC/PUBREL/PUBCOMP (we never use QoS 2); UNSUBACK (we
                     # never unsubscribe); AUTH (we never start an exchange).
@@ -165,7 +174,7 @@ class MqttLink:
         self._filters += [(f, 1, True) for f in unshared_filters]
         # auto_ack: acknowledge each message as soon as it is handled, for traffic with nothing to make durable.
         self._auto_ack = auto_ack
-        self._ssl = _ssl_context(settings)
+        self._ssl = _ssl_context(settings)  # built now to stop start-up on a bad file; again at every connect
         self.connected = False
         self.stats = LinkStats()
         # Packet ids only mean something within one connection's window of
@@ -179,12 +188,18 @@ class MqttLink:
         self._max_out: int | None = None
         self._quota = 65535
         self._inflight: set[int] = set()  # our QoS 1 PUBLISHes not yet PUBACKed
-        self._waiting: deque[tuple[str, bytes, int | None]] = deque()
+        self._waiting: deque[tuple[str, bytes, int | None, Dropped | None]] = deque()
         self._granted = 0  # the session expiry the broker granted last time, to warn once per change
+        self._max_qos = 1
 
     @property
     def connects(self) -> int:
         return self.stats.connects
+
+    @property
+    def subscribing(self) -> bool:
+        """A SUBSCRIBE of this connection still waits for its SUBACK."""
+        return bool(self._subscribe_ids)
 
     @property
     def subscribed(self) -> bool:
@@ -223,6 +238,10 @@ class MqttLink:
             proto.keepalive = c.server_keep_alive
         self._max_out = c.maximum_packet_size
         self._quota = c.receive_maximum
+        if c.maximum_qos < 1 and self._max_qos >= 1:
+            log.error("broker takes QoS 0 only: commands go at QoS 0, and the cars' messages come without acks, so "
+                      "what arrives while the gateway is down is lost")  # fmt: skip
+        self._max_qos = c.maximum_qos
         self._inflight.clear()
         granted = s.session_expiry_s if c.session_expiry_s is None else c.session_expiry_s
         self.stats.session_expiry_s = granted
@@ -251,8 +270,8 @@ class MqttLink:
             self.stats.publish_refused += 1
             log.warning("broker refused a publication (0x%02x): %s", reason, reasons.advice(reason).text)
         while self._waiting and len(self._inflight) < self._quota and self.connected:
-            topic, payload, expiry = self._waiting.popleft()
-            self._send(topic, payload, 1, expiry)
+            topic, payload, expiry, _ = self._waiting.popleft()
+            self._send(topic, payload, self._qos(1), expiry)
 
     def _on_lost(self, proto: _Protocol) -> None:
         if proto is self._proto:
@@ -262,7 +281,10 @@ class MqttLink:
             if self._waiting:
                 log.warning("%d publication(s) waiting for the broker's window dropped with the connection",
                             len(self._waiting))  # fmt: skip
-                self._waiting.clear()
+                waiting, self._waiting = self._waiting, deque()
+                for *_, on_dropped in waiting:
+                    if on_dropped is not None:
+                        on_dropped(BrokerUnavailable("the MQTT connection was lost before the command could be sent"))
 
     # -- public --
 
@@ -274,18 +296,33 @@ class MqttLink:
         gen = self.generation
         proto.transport.write(codec.pubacks(t & 0xFFFF for t in tokens if t >> 16 == gen))
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, expiry_s: float | None = None) -> None:
-        """Send now, or once the broker's receive maximum allows; raises BrokerUnavailable if it cannot."""
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        expiry_s: float | None = None,
+        on_dropped: Dropped | None = None,
+    ) -> None:
+        """Send now, or once the broker's receive maximum allows; raises BrokerUnavailable if it cannot.
+
+        `on_dropped` is told if a publication held back for the broker's window is lost with the connection.
+        """
         if not self.connected or self._proto is None or self._proto.transport is None:
             raise BrokerUnavailable("the MQTT broker is not connected")
         expiry = None if expiry_s is None else max(1, int(expiry_s))
+        qos = self._qos(qos)
         if qos and len(self._inflight) >= self._quota:
             if len(self._waiting) >= MAX_WAITING:
                 raise BrokerUnavailable(f"{MAX_WAITING} publications already wait for the broker's PUBACKs")
             self._check_size(len(codec.publish(topic, payload, qos, 1, expiry)))
-            self._waiting.append((topic, payload, expiry))
+            self._waiting.append((topic, payload, expiry, on_dropped))
             return
         self._send(topic, payload, qos, expiry)
+
+    def _qos(self, qos: int) -> int:
+        # A broker that takes no QoS 1 (Maximum QoS 0) would disconnect us (0x9B) for every command.
+        return min(qos, self._max_qos)
 
     def _send(self, topic: str, payload: bytes, qos: int, expiry: int | None) -> None:
         mid = self._packet_id() if qos else 0
@@ -361,10 +398,16 @@ class MqttLink:
     async def _connect_once(self) -> _Protocol:
         s = self.settings
         loop = asyncio.get_running_loop()
-        server_hostname = (s.server_name or s.host) if self._ssl else None
+        # Loaded afresh at every attempt, so renewed certificates (short-lived ones, a rotated CA) are used
+        # without a restart.
+        try:
+            tls = _ssl_context(s)
+        except StartupError as e:
+            raise BrokerUnavailable(str(e)) from None
+        server_hostname = (s.server_name or s.host) if tls else None
         async with asyncio.timeout(10):
             _, proto = await loop.create_connection(
-                lambda: _Protocol(self), s.host, s.port, ssl=self._ssl, server_hostname=server_hostname
+                lambda: _Protocol(self), s.host, s.port, ssl=tls, server_hostname=server_hostname
             )
         assert proto.transport is not None
         password = s.password.get_secret_value() if s.password else None
@@ -385,7 +428,9 @@ class MqttLink:
             raise
         if connack.reason >= 0x80:
             proto.transport.abort()
-            raise _Refused(reasons.advice(connack.reason, connack.server_reference))
+            why = reasons.advice(connack.reason, connack.server_reference)
+            self.stats.connects_refused[why.label] += 1
+            raise _Refused(why)
         filters = self._filters
         if self._shared and not connack.shared_available:
             # Subscribing anyway gets us disconnected (0x9E) and back in a loop; refusing them here keeps the
@@ -404,14 +449,14 @@ class MqttLink:
 
     async def _keepalive(self, proto: _Protocol) -> None:
         loop = asyncio.get_running_loop()
-        interval = proto.keepalive
-        if not interval:  # the broker switched keepalive off
-            return
+        # A broker that switches keepalive off (0) still answers PINGREQ: we keep our own check of a dead link.
+        interval = proto.keepalive or self.settings.keepalive_s
         while True:
             await asyncio.sleep(interval / 2)
             if loop.time() - proto.last_rx > interval * 1.5:
                 log.warning("no answer from the broker for %.0f s", loop.time() - proto.last_rx)
-                proto.why = reasons.UNANSWERED
+                if proto.why is reasons.LOST:
+                    proto.why = reasons.UNANSWERED
                 assert proto.transport is not None
                 proto.transport.abort()
                 return
@@ -422,6 +467,7 @@ class MqttLink:
         """Disconnect cleanly (the session, and what the broker keeps for it, survive)."""
         proto = self._proto
         if self.connected and proto is not None and proto.transport is not None:
+            proto.why = CLOSED
             proto.transport.write(codec.DISCONNECT_PACKET)
             proto.transport.close()
             with contextlib.suppress(TimeoutError):
@@ -450,5 +496,8 @@ def _ssl_context(s: MqttSettings) -> ssl.SSLContext | None:
         except (OSError, ssl.SSLError) as e:
             raise StartupError(f"mqtt.cert_file, mqtt.key_file: cannot load the client certificate: {e}") from None
     if s.alpn:
-        ctx.set_alpn_protocols(list(s.alpn))
+        try:
+            ctx.set_alpn_protocols(list(s.alpn))
+        except (ValueError, ssl.SSLError, NotImplementedError) as e:
+            raise StartupError(f"mqtt.alpn: {e}") from None
     return ctx
