@@ -203,7 +203,9 @@ async def test_an_ack_from_another_car_does_not_complete_a_command() -> None:
             self.sent: list[dict[str, object]] = []
             self.published = asyncio.Event()
 
-        def publish(self, topic: str, payload: bytes, qos: int, expiry_s: float | None = None) -> None:
+        def publish(
+            self, topic: str, payload: bytes, qos: int, expiry_s: float | None = None, on_dropped: object = None
+        ) -> None:
             self.sent.append(orjson.loads(payload))
             self.published.set()
 
