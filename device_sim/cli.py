@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("broker and fleet")
     g.add_argument("--host", default="127.0.0.1", help="MQTT broker host (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=1883, help="MQTT broker port (default 1883)")
+    g.add_argument("--port", type=int, help="MQTT broker port (default 1883, or 8883 with TLS)")
     g.add_argument("--prefix", default="fleet", help="topic prefix, as the gateway's (default fleet)")
     g.add_argument("--fleet", type=Path, default=DEFAULT_FLEET, help="fleet registry YAML (default config/fleet.yaml)")
     g.add_argument("--vehicles", type=int, help="number of cars: more than the registry adds generated SIM-nnnnn cars")
@@ -176,7 +176,8 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
             raise ConfigError(f"--key-file: {e}") from None
     try:
         return SimConfig(
-            host=a.host, port=a.port, prefix=a.prefix, fleet=load_fleet(a.fleet), fleet_path=a.fleet,
+            host=a.host, port=a.port or (8883 if _wants_tls(a) else 1883), prefix=a.prefix,
+            fleet=load_fleet(a.fleet), fleet_path=a.fleet,
             vehicles=a.vehicles, speed=a.speed, seed=a.seed, start_hour=a.start_hour,
             master_key=a.master_key or os.environ.get(MASTER_KEY_ENV) or None, keys=keys, qos=a.qos,
             username=a.username, password=(a.password or os.environ.get(PASSWORD_ENV)) if a.username else a.password,
@@ -191,9 +192,13 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         raise ConfigError(str(e)) from None
 
 
+def _wants_tls(a: argparse.Namespace) -> bool:
+    return bool(a.tls or a.ca_file or a.cert_file or a.tls_key_file)
+
+
 def tls_from_args(a: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context of --tls/--ca-file/--cert-file/--tls-key-file, None for plain MQTT."""
-    if not (a.tls or a.ca_file or a.cert_file or a.tls_key_file):
+    if not _wants_tls(a):
         return None
     try:
         return tls_context(a.ca_file, a.cert_file, a.tls_key_file)
@@ -201,10 +206,14 @@ def tls_from_args(a: argparse.Namespace) -> ssl.SSLContext | None:
         raise ConfigError(f"--tls: {e}") from None
 
 
-async def _probe(host: str, port: int) -> None:
+async def _probe(host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+    # With TLS, the handshake itself: a CA or host name that does not match would otherwise leave every car
+    # retrying in silence.
     try:
         async with asyncio.timeout(5):
-            _, w = await asyncio.open_connection(host, port)
+            _, w = await asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None)
+    except ssl.SSLError as e:
+        raise ConfigError(f"--ca-file/--host: TLS with the broker at {host}:{port} failed ({e})") from None
     except (OSError, TimeoutError) as e:
         raise ConfigError(f"--host/--port: cannot reach the broker at {host}:{port} ({e or 'timeout'})") from None
     w.close()
@@ -258,7 +267,7 @@ async def run(cfg: SimConfig, a: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGUSR1, try_it_now)
     with _pid_file(a.pid_file):
         tls = tls_from_args(a)
-        await _probe(cfg.host, cfg.port)
+        await _probe(cfg.host, cfg.port, tls)
         key = renters_key(a)
         if a.renters and key:
             await _probe_api(a.renters, key)

@@ -22,7 +22,7 @@ from device_sim.commands import vehicle_key
 from device_sim.config import Behaviour, SimConfig
 from device_sim.faults import Fault
 from device_sim.incidents import Condition
-from device_sim.mqtt import MqttClient, MqttError, Will
+from device_sim.mqtt import MqttClient, MqttError, MqttSubscribeError, Will
 from device_sim.physics import rfc3339_ms
 from gateway.fleet import Fleet, load_fleet
 from gateway.provision import mqtt_password
@@ -284,9 +284,14 @@ class SimFleet:
                     for i in range(0, len(subs), SUBSCRIBE_BATCH):
                         await client.subscribe(subs[i : i + SUBSCRIBE_BATCH])
                 return client
-            except (MqttError, TimeoutError):
+            except (MqttError, TimeoutError) as e:
                 if client is not None:
-                    client.abort()
+                    # A refused subscription leaves a working connection: close it cleanly, so the broker does
+                    # not publish the car's offline will at every retry (a will storm under a strict ACL).
+                    if isinstance(e, MqttSubscribeError):
+                        client.disconnect()
+                    else:
+                        client.abort()
                 self.stats.connect_failures += 1
                 attempt += 1
                 await asyncio.sleep(self._backoff(attempt))

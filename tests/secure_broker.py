@@ -1,7 +1,7 @@
 """Run the production broker configuration (``config/mosquitto/``) in a real Mosquitto, for tests.
 
 The configuration is used as written; only the container paths are mapped onto
-a temporary directory and the three listeners (the cars' 1883 and 8883, the
+a temporary directory and the four listeners (the cars' 1883 and 8883, the
 gateway's 1884) onto free loopback ports. The password file is written by
 ``gateway.provision`` (the same code as ``python -m gateway provision
 --passwd-file``), or by that command itself (:func:`provision_passwd_file`),
@@ -27,7 +27,7 @@ from scripts.services import MOSQUITTO, Service, _spawn, _wait_port, free_port
 from tests.helpers import REPO
 
 # The production listeners, as mosquitto.conf opens them.
-LISTENERS = ("1883", "8883", "1884")
+LISTENERS = ("1883", "8883", "1884", "8884")
 
 CONF_DIR = REPO / "config" / "mosquitto"
 
@@ -38,6 +38,7 @@ class SecureBroker:
     port: int  # the cars' plain MQTT (listener 1883 in production)
     tls_port: int  # the cars' MQTT over TLS (listener 8883)
     gateway_port: int  # the gateway's plain MQTT (listener 1884): client ids are not forced to the user name
+    gateway_tls_port: int  # the gateway's MQTT over TLS (listener 8884), for a gateway on another host
     certs: Path  # ca.crt, server.crt, server.key
 
     def stop(self) -> None:
@@ -109,7 +110,7 @@ def start_secure_broker(
         conf += "user root\n"
     (workdir / "mosquitto.conf").write_text(conf)
     argv = [MOSQUITTO, "-c", str(workdir / "mosquitto.conf")]
-    port, tls_port, gateway_port = (ports[listener] for listener in LISTENERS)
+    port, tls_port, gateway_port, gateway_tls_port = (ports[listener] for listener in LISTENERS)
     service = Service("mosquitto", port, workdir, _spawn(argv, workdir, "mosquitto"), argv)
     try:
         for p in ports.values():
@@ -117,4 +118,4 @@ def start_secure_broker(
     except BaseException:
         service.stop()
         raise
-    return SecureBroker(service, port, tls_port, gateway_port, certs)
+    return SecureBroker(service, port, tls_port, gateway_port, gateway_tls_port, certs)

@@ -343,17 +343,19 @@ def test_the_gateway_has_a_broker_listener_of_its_own_which_compose_never_publis
     # On the cars' listeners a client id is forced to the user name (docs/security.md, client-id
     # takeover); the gateway, two connections on one account, has 1884, reachable only inside the network.
     listeners = mosquitto_listeners()
-    assert set(listeners) == {"1883", "8883", "1884"}
+    assert set(listeners) == {"1883", "8883", "1884", "8884"}
     assert "use_username_as_clientid true" in listeners["1883"]
     assert "use_username_as_clientid true" in listeners["8883"]
-    assert not [o for o in listeners["1884"] if o.startswith("use_username_as_clientid")]
+    for own in ("1884", "8884"):
+        assert not [o for o in listeners[own] if o.startswith("use_username_as_clientid")]
+    assert [o for o in listeners["8884"] if o.split()[0] == "certfile"], "8884 is the gateway's TLS listener"
     assert not [o for o in listeners["1884"] if o.split()[0] in ("certfile", "keyfile")], "1884 is plain MQTT"
     conf = (REPO / "config" / "mosquitto" / "mosquitto.conf").read_text()
     assert re.search(r"^per_listener_settings false$", conf, re.MULTILINE), "one set of accounts and ACL for all"
     services = config["services"]
     broker = services["mosquitto"]
     published = {int(p["target"]): p for p in broker["ports"]}
-    assert 1884 not in published, "the gateway's listener must never be published on the host"
+    assert 1884 not in published and 8884 not in published, "the gateway's listeners are not published"
     assert set(published) == {1883, 8883}
     assert published[1883].get("host_ip") == "127.0.0.1", "plain 1883 is published on the host's loopback only"
     assert broker.get("network_mode") in (None, "default"), "host networking would expose 1884"

@@ -231,7 +231,7 @@ async def test_on_the_gateway_listener_a_car_account_has_only_its_own_acl(
 
 
 class PahoCar:
-    """A car's connection over plain MQTT or TLS (the simulator's client speaks no TLS), counting its logins.
+    """A car's connection over plain MQTT or TLS, with paho (an independent client), counting its logins.
 
     No automatic reconnect: a connection the broker closes stays closed.
     """
@@ -367,6 +367,7 @@ async def test_a_command_signed_with_car_as_key_is_refused_by_car_b(
 # ---- the gateway works through the secured broker, on its own listener --------------------------------
 
 
+@pytest.mark.parametrize("listener", ["plain", "tls"])
 async def test_the_gateway_and_the_cars_work_through_the_secured_broker(
     broker: SecureBroker,
     cars: SimFleet,
@@ -374,17 +375,19 @@ async def test_the_gateway_and_the_cars_work_through_the_secured_broker(
     unique: Unique,
     tmp_path: Path,
     aiohttp_client: Callable[..., Any],
+    listener: str,
 ) -> None:
     # The gateway's two connections (<client_id> and <client_id>-cmd) share one account, so it
-    # logs in on 1884, where client ids are its own; the cars are on 1883 (`cars`).
+    # logs in on 1884 (or 8884, TLS, from another host), where client ids are its own; the cars are on 1883.
+    tls = listener == "tls"
+    mqtt: dict[str, Any] = {
+        "host": "127.0.0.1", "port": broker.gateway_tls_port if tls else broker.gateway_port, "topic_prefix": "fleet",
+        "client_id": f"gw-{unique.database}", "username": "gateway", "password": GATEWAY_PASSWORD,
+    }  # fmt: skip
+    if tls:
+        mqtt |= {"tls": True, "ca_file": str(broker.certs / "ca.crt"), "server_name": "localhost"}
     settings = gateway_settings(
-        broker.gateway_port,
-        f"http://127.0.0.1:{stack.influx.port}",
-        "fleet",
-        unique.database,
-        tmp_path,
-        mqtt__username="gateway",
-        mqtt__password=GATEWAY_PASSWORD,
+        broker.gateway_port, f"http://127.0.0.1:{stack.influx.port}", "fleet", unique.database, tmp_path, mqtt=mqtt
     )
     client = await aiohttp_client(init_app(settings, FLEET))
     rt = Parts(client.app)

@@ -147,12 +147,13 @@ async def test_a_frozen_broker_is_noticed_within_a_few_seconds_at_keepalive_2(br
         await client.subscribe([(topic(), 1)])  # a round trip: the link works
         with broker.frozen():
             t0 = time.monotonic()
-            async with asyncio.timeout(8):  # at most 1.5 x keepalive after the last PINGREQ, plus a tick
+            async with asyncio.timeout(9):  # at most 1.5 x keepalive after the last PINGREQ, plus a tick
                 await client.closed
             waited = time.monotonic() - t0
         assert not client.is_connected
         assert isinstance(client.error, MqttError) and "no answer from the broker" in str(client.error)
-        assert 1.5 <= waited <= 6.0, waited  # not before 1.5 x keepalive of silence
+        # Not before 1.5 x keepalive of silence; 3-4 s by construction, with room for a loaded machine's lag.
+        assert 1.5 <= waited <= 7.5, waited
         with pytest.raises(MqttError):
             client.publish("x", b"", 1)
 
@@ -358,8 +359,9 @@ async def test_a_refused_subscription_raises_and_the_granted_ones_stay(broker: B
         assert client.is_connected
         client.publish(ok, b"still subscribed", 1)
         client.publish(denied, b"refused", 1)
-        await async_wait_for(lambda: inbox.msgs, 5, "the message on the granted filter")
-        assert inbox.msgs == [(ok, b"still subscribed")]
+        client.publish(ok, b"marker", 1)  # after the denied one: once it is here, the denied one would be too
+        await async_wait_for(lambda: len(inbox.msgs) >= 2, 5, "the messages on the granted filter")
+        assert inbox.msgs == [(ok, b"still subscribed"), (ok, b"marker")]
 
 
 # ---- 7. short packets from the broker -------------------------------------------------------------------
