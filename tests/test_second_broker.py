@@ -25,7 +25,6 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -44,13 +43,7 @@ SHARED_SUBSCRIPTIONS_NOT_SUPPORTED = 0x9E
 NOT_AUTHORIZED = 0x87
 
 
-@pytest.fixture(scope="module")
-def ejabberd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.Service]:
-    if services.ejabberd_lib_dir() is None:
-        pytest.skip("Debian's ejabberd is not installed (scripts/setup.sh installs it)")
-    broker = services.start_ejabberd(tmp_path_factory.mktemp("ejabberd"))
-    yield broker
-    broker.stop()
+# The broker is conftest's session-wide `ejabberd`: it fails rather than skips when ejabberd is missing.
 
 
 class Client:
