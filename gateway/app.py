@@ -6,7 +6,8 @@ Start-up order, each step a context below:
    directory that cannot be written stops start-up here;
 2. the InfluxDB sink, with its HTTP client session, checked reachable;
 3. the writer and the journal's sealer;
-4. the store (SQLite) — a corrupt or unreadable file stops start-up here;
+4. the store (SQLite, or PostgreSQL with ``store.url``) — a corrupt or unreadable
+   file, or a database that cannot be reached, stops start-up here;
 5. the cars' latest state, restored from the last save;
 6. the event log, the webhook deliveries and the alert monitor (its open alerts loaded);
 7. the two MQTT links (telemetry; commands and acks) and ingest;
@@ -60,6 +61,7 @@ from gateway.rules.billing import Tariff
 from gateway.rules.webhooks import decode_secret
 from gateway.settings import Settings
 from gateway.store.base import Store
+from gateway.store.postgres import open_postgres
 from gateway.store.sqlite import open_sqlite
 from gateway.times import now_ms
 
@@ -182,7 +184,13 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[STORE] = store = open_sqlite(app[SETTINGS].state.dir / STORE_FILE)
+    s = app[SETTINGS]
+    store: Store
+    if s.store.url is not None:
+        store = await open_postgres(s.store.url.get_secret_value(), s.store.pool_size)
+    else:
+        store = open_sqlite(s.state.dir / STORE_FILE)
+    app[STORE] = store
     yield
     await store.close()
 

@@ -9,6 +9,7 @@
      │    └── SinkRejected        4xx, the data itself is bad: drop and count
      ├── BrokerUnavailable        the MQTT broker is not connected right now
      ├── StoreError               the store (database) failed an operation
+     │    └── StaleRead           a row changed between our read and our write: read again
      └── DomainError              a request the booking rules refuse
           ├── NotFound
           │    ├── UnknownVehicle
@@ -77,6 +78,11 @@ class BrokerUnavailable(GatewayError):
 
 class StoreError(GatewayError):
     """The store could not carry out an operation (disk, database)."""
+
+
+class StaleRead(StoreError):
+    """What a write was based on changed before it committed (another request, another gateway): nothing was
+    written; read again and decide again."""
 
 
 class DomainError(GatewayError):

@@ -281,6 +281,21 @@ class WebhooksSettings(_Section):
         return v
 
 
+class StoreSettings(_Section):
+    # Unset: the embedded SQLite file in state.dir. Set (postgresql://user:password@host:5432/db, any
+    # libpq URL): PostgreSQL, which several gateways of one fleet can share.
+    url: SecretStr | None = None
+    # Connections each gateway keeps to PostgreSQL (one per store call under way).
+    pool_size: int = Field(10, ge=1, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (unset: the SQLite file in state.dir)")
+        return v
+
+
 class StateSettings(_Section):
     dir: Path = Path("state")
 
@@ -302,6 +317,7 @@ class Settings(_Section):
     api: ApiSettings = ApiSettings()
     commands: CommandsSettings = CommandsSettings()
     state: StateSettings = StateSettings()
+    store: StoreSettings = StoreSettings()
     trips: TripsSettings = TripsSettings()
     booking: BookingSettings = BookingSettings()
     billing: BillingSettings = BillingSettings()

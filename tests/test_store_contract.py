@@ -1,8 +1,10 @@
 """The Store contract: every backend passes these tests unchanged.
 
-The ``store`` fixture yields each backend in turn (SQLite today; PostgreSQL
-joins the list when it exists). A test here says only what the protocol in
-``gateway/store/base.py`` promises, never how a backend keeps it.
+The ``store`` fixture yields each backend in turn: SQLite, and PostgreSQL
+(a private server for the run, a fresh database per test: ``tests/pg.py``).
+A test here says only what the protocol in ``gateway/store/base.py``
+promises, never how a backend keeps it; each backend's own promises
+(migrations, refusing what it cannot open) follow in sections of their own.
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
-from gateway.errors import StartupError, StoreError
+from gateway.app import init_app
+from gateway.errors import StaleRead, StartupError, StoreError
+from gateway.fleet import load_fleet
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, EventType, make_event, ulid_floor
@@ -26,9 +33,19 @@ from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
 from gateway.rules.webhooks import Attempt
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room, Store
+from gateway.store.postgres import _PUT_RESERVATION, _car_lock, _reservation_row, open_postgres
+from gateway.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
 from gateway.store.sqlite import open_sqlite
 from gateway.store.sqlite_schema import MIGRATIONS
+from scripts import services
+from tests.conftest import Stack, Unique
+from tests.helpers import AUTH, REPO, gateway_settings
+from tests.pg import Postgres, postgres
+from tests.test_failed_start import assert_one_line_exit_2, run_gateway
 
+__all__ = ["postgres"]  # the session fixture, used here by name
+
+FLEET = load_fleet(REPO / "config" / "fleet.yaml")
 H = 3_600_000
 T0 = 1_795_680_000_000  # 2026-11-26T05:20:00Z
 
@@ -66,11 +83,18 @@ def rec(cid: str, vehicle: str = "ZOE-001", issued: int = T0, **kw: object) -> C
     return CommandRecord(**fields)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_sqlite(tmp_path / "store.sqlite3")
+    if request.param == "sqlite":
+        s: Store = open_sqlite(tmp_path / "store.sqlite3")
+        yield s
+        await s.close()
+        return
+    pg: Postgres = request.getfixturevalue("postgres")
+    s = await open_postgres(await pg.fresh(), pool_size=4)
     yield s
     await s.close()
+    pg.drop_all()
 
 
 async def test_a_reservation_round_trips(store: Store) -> None:
@@ -570,3 +594,183 @@ def test_released_schema_versions_are_never_edited() -> None:
         _, steps = MIGRATIONS[version - 1]
         text = "\n".join(s if isinstance(s, str) else s.__name__ for s in steps)
         assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, f"schema version {version} was edited"
+
+
+# ---- the PostgreSQL backend's own promises: migrations, refusing what it cannot open, real races -----------
+
+
+async def test_postgres_migrates_an_empty_database_once(postgres: Postgres) -> None:
+    url = postgres.empty()
+    # Two gateways starting at once on a new database: one migrates, the other finds it done.
+    first, second = await asyncio.gather(open_postgres(url, pool_size=1), open_postgres(url, pool_size=1))
+    assert await first.put_reservation(res("R-1"), T0) is None
+    await first.close()
+    assert await second.get_reservation("R-1") == res("R-1")
+    await second.close()
+    again = await open_postgres(url, pool_size=1)  # up to date: nothing done, nothing lost
+    assert await again.get_reservation("R-1") == res("R-1")
+    await again.close()
+    with psycopg.connect(url) as c:
+        versions = [v for (v,) in c.execute("SELECT version FROM schema_version ORDER BY version").fetchall()]
+    assert versions == list(range(1, len(PG_MIGRATIONS) + 1))
+    postgres.drop_all()
+
+
+async def test_postgres_refuses_a_newer_schema(postgres: Postgres) -> None:
+    url = postgres.empty()
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("CREATE TABLE schema_version (version integer PRIMARY KEY, description text NOT NULL)")
+        c.execute("INSERT INTO schema_version VALUES (%s, 'from a later gateway')", (len(PG_MIGRATIONS) + 1,))
+    with pytest.raises(StartupError, match="newer than this gateway knows") as e:
+        await open_postgres(url, pool_size=1)
+    assert str(e.value).startswith("store.url: ") and services.POSTGRES_PASSWORD not in str(e.value)
+    postgres.drop_all()
+
+
+@pytest.mark.parametrize("wrong", ["password", "port", "database", "url"])
+async def test_postgres_unreachable_is_a_startup_error_naming_store_url_without_the_password(
+    postgres: Postgres, wrong: str
+) -> None:
+    url = postgres.service.url_for("postgres")
+    secret = services.POSTGRES_PASSWORD
+    if wrong == "password":
+        secret = "wrong-password-4711"
+        url = url.replace(services.POSTGRES_PASSWORD, secret)
+    elif wrong == "port":
+        url = url.replace(f":{postgres.service.port}/", f":{services.free_port()}/")
+    elif wrong == "database":
+        url = postgres.service.url_for("no_such_database")
+    else:
+        url = url.replace(f":{postgres.service.port}/", ":not-a-port/")
+    with pytest.raises(StartupError) as e:
+        await open_postgres(url, pool_size=1, connect_timeout_s=2)
+    message = str(e.value)
+    assert message.startswith("store.url: cannot connect to postgresql://gateway:***@127.0.0.1:"), message
+    assert secret not in message and "\n" not in message
+
+
+def test_a_gateway_whose_database_is_unreachable_exits_2_with_one_line(
+    stack: Stack, unique: Unique, tmp_path: Path, postgres: Postgres
+) -> None:
+    url = postgres.service.url_for("postgres").replace(services.POSTGRES_PASSWORD, "wrong-password-4711")
+    p = run_gateway(stack, unique, tmp_path, GATEWAY__STORE__URL=url)
+    assert_one_line_exit_2(p, "store.url", "password authentication failed")
+    assert "wrong-password-4711" not in p.stderr
+
+
+async def test_two_gateways_racing_for_one_slot_only_one_wins(postgres: Postgres) -> None:
+    url = await postgres.fresh()
+    a, b = await open_postgres(url, pool_size=2), await open_postgres(url, pool_size=2)
+    try:
+        for i in range(10):
+            got = await asyncio.gather(
+                a.put_reservation(res(f"A-{i}", start_h=10 * i + 1, end_h=10 * i + 3), T0),
+                b.put_reservation(res(f"B-{i}", start_h=10 * i + 2, end_h=10 * i + 4), T0),
+            )
+            assert sum(g is None for g in got) == 1, got
+        # Two staff reservations for one car, one from each gateway: staff never displace staff.
+        plans = await asyncio.gather(
+            a.put_with_priority(res("S-a", start_h=200, end_h=202, kind="staff"), T0, room("ZOE-002")),
+            b.put_with_priority(res("S-b", start_h=201, end_h=203, kind="staff"), T0, room("ZOE-002")),
+        )
+        assert sorted(type(p).__name__ for p in plans) == ["Plan", "Refusal"]
+        assert len(await a.list_reservations("ZOE-001", T0 + 200 * H, T0 + 203 * H, 10)) == 1
+    finally:
+        await a.close()
+        await b.close()
+        postgres.drop_all()
+
+
+async def test_a_put_waits_for_whoever_holds_its_car_and_then_sees_what_it_stored(postgres: Postgres) -> None:
+    url = await postgres.fresh()
+    store = await open_postgres(url, pool_size=2)
+    try:
+        async with await psycopg.AsyncConnection.connect(url) as other, other.transaction():
+            # Another gateway, mid-way through its own transaction on ZOE-001.
+            await other.execute("SELECT pg_advisory_xact_lock(%s)", (_car_lock("ZOE-001"),))
+            put = asyncio.create_task(store.put_reservation(res("R-mine", start_h=1, end_h=3), T0))
+            await asyncio.sleep(0.3)
+            assert not put.done()
+            await other.execute(_PUT_RESERVATION, _reservation_row(res("R-theirs", start_h=2, end_h=4)))
+        clash = await asyncio.wait_for(put, 5)
+        assert clash is not None and clash.id == "R-theirs"
+        assert await store.get_reservation("R-mine") is None
+    finally:
+        await store.close()
+        postgres.drop_all()
+
+
+@pytest.mark.integration
+async def test_two_gateways_on_one_postgresql_share_the_reservations(
+    postgres: Postgres, stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    url = await postgres.fresh()
+    clients = []
+    for n in (1, 2):
+        settings = gateway_settings(
+            stack.broker.port, f"http://127.0.0.1:{stack.influx.port}", unique.prefix, unique.database,
+            tmp_path / f"gw{n}", instance=f"gw{n}", mqtt__client_id=f"gw{n}-{unique.database}", store__url=url,
+        )  # fmt: skip
+        clients.append(await aiohttp_client(init_app(settings, FLEET)))
+    first, second = clients
+    start = datetime.now(UTC) + timedelta(hours=1)
+    doc = {"vehicle_id": "ZOE-001", "user_id": "U-42", "starts_at": start.isoformat(),
+           "ends_at": (start + timedelta(hours=1)).isoformat(), "kind": "public"}  # fmt: skip
+    r = await first.put("/v1/reservations/R-pg", json=doc, headers=AUTH)
+    assert r.status == 201, await r.text()
+    r = await second.get("/v1/reservations/R-pg", headers=AUTH)
+    assert r.status == 200 and (await r.json())["vehicle_id"] == "ZOE-001"
+    r = await second.put("/v1/reservations/R-other", json=doc, headers=AUTH)
+    problem = (await r.json())["error"]
+    assert r.status == 409 and problem["code"] == "reservation_conflict" and "R-pg" in problem["message"], problem
+    assert not (tmp_path / "gw1" / "gateway.sqlite3").exists()
+
+
+# -- a write based on a read: checked against what is stored when it commits --
+
+
+async def test_a_put_based_on_a_stale_read_writes_nothing(store: Store) -> None:
+    r = res("R-1")
+    with pytest.raises(StaleRead):
+        await store.put_reservation(r, T0, expected=res("R-1"))  # it was read as there; it is not
+    assert await store.get_reservation("R-1") is None
+    assert await store.put_reservation(r, T0, expected=None) is None  # read as absent, still absent
+    read = await store.get_reservation("R-1")
+    assert await store.cancel_reservation("R-1", T0 + 1)  # someone else, between our read and our write
+    moved = replace(r, ends_ms=r.ends_ms + H)
+    with pytest.raises(StaleRead):
+        await store.put_reservation(moved, T0 + 2, expected=read)
+    with pytest.raises(StaleRead):
+        await store.put_with_priority(replace(moved, kind="staff"), T0 + 2, room(), expected=read)
+    after = await store.get_reservation("R-1")
+    assert after is not None and after.cancelled and after.ends_ms == r.ends_ms  # the cancel stands
+    assert await store.put_reservation(moved, T0 + 3, expected=after) is None  # read again: written
+
+
+async def test_booking_reads_again_when_the_reservation_changes_under_its_put(store: Store) -> None:
+    # Between Booking.put's read and its write the reservation is cancelled (another request, or another
+    # gateway on PostgreSQL): the write must not bring it back; the PUT reads again and says it is cancelled.
+    from gateway.booking.service import Booking
+    from gateway.errors import ReservationCancelled
+    from gateway.rules.reservations import ReservationRequest
+
+    fleet = load_fleet(REPO / "config" / "fleet.yaml")
+    now = T0
+    booking = Booking(store, fleet, None, lambda line: None, early_grace_s=900, clock=lambda: now)  # type: ignore[arg-type]
+    request = ReservationRequest("ZOE-001", "U-1", T0 + H, T0 + 2 * H, "public", False)
+    await booking.put("R-1", request, "test")
+    real_get = store.get_reservation
+
+    async def get_then_cancelled(rid: str) -> Reservation | None:
+        seen = await real_get(rid)
+        if seen is not None and not seen.cancelled:
+            await store.cancel_reservation(rid, now)
+        return seen
+
+    store.get_reservation = get_then_cancelled  # type: ignore[method-assign,assignment]
+    later = ReservationRequest("ZOE-001", "U-1", T0 + H, T0 + 3 * H, "public", False)
+    with pytest.raises(ReservationCancelled):
+        await booking.put("R-1", later, "test")
+    store.get_reservation = real_get  # type: ignore[method-assign]
+    stored = await store.get_reservation("R-1")
+    assert stored is not None and stored.cancelled and stored.ends_ms == T0 + 2 * H

@@ -26,6 +26,7 @@ from gateway.errors import (
     ReservationCancelled,
     ReservationConflict,
     ReservationNotActive,
+    StaleRead,
     StoreError,
     UnknownReservation,
     UnknownVehicle,
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Booking", "CommandSender"]
 
+# A reservation changed under a PUT is read and merged again this many times before the PUT fails (503).
+PUT_ATTEMPTS = 3
 AVAILABILITY_SPAN_MS = 3_600_000  # GET /v1/availability without `to`: the hour from `from`
 MAX_OVERLAPPING = 1_000_000  # every reservation over a span: a fleet's bookings of a month are thousands
 
@@ -101,27 +104,37 @@ class Booking:
         """Create or update; returns the stored reservation, whether it is new, and (staff) what it displaced."""
         now = self.clock()
         new = new_reservation(reservation_id, req, self.fleet.vehicles, now, caller)
-        old = await self.store.get_reservation(reservation_id)
-        if old is not None and old.cancelled:
-            raise ReservationCancelled(f"reservation {reservation_id} was cancelled; use a new id")
-        if old is not None and old.completed:
-            raise ReservationNotActive(f"the rental of reservation {reservation_id} has ended; use a new id")
-        stored = merge_update(old, new, now) if old is not None else new
-        moves: tuple[Move, ...] = ()
-        made: list[Event] = []  # the displacement's events, told once the transaction has committed
-        if stored.kind == "staff":
-            decision = await self.store.put_with_priority(stored, now, self._room(stored, now, made))
-            if isinstance(decision, Refusal):
-                raise ReservationConflict(f"{stored.vehicle_id}: {decision.why}", decision.blocking.id)
-            moves = decision.moves
-        else:
-            clash = await self.store.put_reservation(stored, now)
-            if clash is not None:
-                raise ReservationConflict(
-                    f"{stored.vehicle_id} is already reserved by {clash.id} from {iso_ms(clash.starts_ms)} "
-                    f"to {iso_ms(clash.ends_ms)}",
-                    clash.id,
-                )
+        # The update is merged with the stored row, and written only if that row is unchanged when the write
+        # commits: between the read and the write another request (or, on PostgreSQL, another gateway) may
+        # cancel it or claim its start unlock, which a blind write would undo.
+        for attempt in range(1, PUT_ATTEMPTS + 1):
+            old = await self.store.get_reservation(reservation_id)
+            if old is not None and old.cancelled:
+                raise ReservationCancelled(f"reservation {reservation_id} was cancelled; use a new id")
+            if old is not None and old.completed:
+                raise ReservationNotActive(f"the rental of reservation {reservation_id} has ended; use a new id")
+            stored = merge_update(old, new, now) if old is not None else new
+            moves: tuple[Move, ...] = ()
+            made: list[Event] = []  # the displacement's events, told once the transaction has committed
+            try:
+                if stored.kind == "staff":
+                    decision = await self.store.put_with_priority(stored, now, self._room(stored, now, made), old)
+                    if isinstance(decision, Refusal):
+                        raise ReservationConflict(f"{stored.vehicle_id}: {decision.why}", decision.blocking.id)
+                    moves = decision.moves
+                else:
+                    clash = await self.store.put_reservation(stored, now, old)
+                    if clash is not None:
+                        raise ReservationConflict(
+                            f"{stored.vehicle_id} is already reserved by {clash.id} from {iso_ms(clash.starts_ms)} "
+                            f"to {iso_ms(clash.ends_ms)}",
+                            clash.id,
+                        )
+            except StaleRead:
+                if attempt == PUT_ATTEMPTS:
+                    raise
+                continue
+            break
         if old is not None and (old.starts_ms, old.vehicle_id, old.kind) != (new.starts_ms, new.vehicle_id, new.kind):
             self._record(old, cancelled=True)  # the old point would otherwise still count in the usage dashboard
         self._record(stored, cancelled=False)

@@ -27,10 +27,12 @@ from gateway.rules.webhooks import Attempt, Delivery
 __all__ = [
     "AUDIT_RETENTION_MS",
     "IDEMPOTENCY_RETENTION_MS",
+    "UNCHECKED",
     "AlertStatus",
     "DeliveryEnd",
     "Room",
     "Store",
+    "Unchecked",
     "UsageRows",
     "UsageUser",
     "UsageVehicle",
@@ -42,6 +44,13 @@ AUDIT_RETENTION_MS = 410 * 86_400_000
 IDEMPOTENCY_RETENTION_MS = 86_400_000
 
 AlertStatus = Literal["open", "resolved", "all"]
+
+
+class Unchecked:
+    """The default of `expected`: write whatever is stored now (the caller read nothing it relies on)."""
+
+
+UNCHECKED = Unchecked()
 
 
 @dataclass(frozen=True)
@@ -63,13 +72,21 @@ class Store(Protocol):
 
     async def get_reservation(self, reservation_id: str) -> Reservation | None: ...
 
-    async def put_reservation(self, r: Reservation, now_ms: int) -> Reservation | None:
-        """Store `r` (insert or replace) unless a live reservation of its car overlaps it; return that one."""
+    async def put_reservation(
+        self, r: Reservation, now_ms: int, expected: Reservation | Unchecked | None = UNCHECKED
+    ) -> Reservation | None:
+        """Store `r` (insert or replace) unless a live reservation of its car overlaps it; return that one.
+
+        With `expected` (what the caller read, None for "not there"), the write happens only if the stored
+        row is still exactly that, checked in the same transaction; else :class:`StaleRead`, nothing written."""
         ...
 
-    async def put_with_priority(self, r: Reservation, now_ms: int, room: Room) -> Plan | Refusal:
+    async def put_with_priority(
+        self, r: Reservation, now_ms: int, room: Room, expected: Reservation | Unchecked | None = UNCHECKED
+    ) -> Plan | Refusal:
         """Store a staff reservation, making room as ``rules/priority.py`` decides, in one transaction:
-        the moves, the reservation and the events of ``room.events(plan)``, or (refused) nothing."""
+        the moves, the reservation and the events of ``room.events(plan)``, or (refused) nothing.
+        `expected` as for :meth:`put_reservation`."""
         ...
 
     async def cancel_reservation(self, reservation_id: str, now_ms: int, reason: str = "cancelled") -> bool:

@@ -23,14 +23,14 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import StartupError, StoreError
+from gateway.errors import StaleRead, StartupError, StoreError
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, ulid_floor
 from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, UNCHECKED, Room, Unchecked
 from gateway.store.sqlite_events import EventTables
 from gateway.store.sqlite_schema import migrate
 from gateway.store.sqlite_sql import errors, listing
@@ -127,21 +127,34 @@ class SqliteStore(EventTables):
 
     # -- reservations --
 
+    def _check_unchanged(self, reservation_id: str, expected: Reservation | Unchecked | None) -> None:
+        if isinstance(expected, Unchecked):
+            return
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+        if (None if row is None else _reservation(row)) != expected:
+            raise StaleRead(f"reservation {reservation_id} changed since it was read")
+
     async def get_reservation(self, reservation_id: str) -> Reservation | None:
         with errors("read a reservation"):
             row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
         return None if row is None else _reservation(row)
 
-    async def put_reservation(self, r: Reservation, now_ms: int) -> Reservation | None:
+    async def put_reservation(
+        self, r: Reservation, now_ms: int, expected: Reservation | Unchecked | None = UNCHECKED
+    ) -> Reservation | None:
         with errors("store a reservation"), self._tx():
+            self._check_unchanged(r.id, expected)
             clash = conflict(r, self._live_of(r.vehicle_id, now_ms), now_ms)
             if clash is not None:
                 return clash
             self._insert_reservation(r)
         return None
 
-    async def put_with_priority(self, r: Reservation, now_ms: int, room: Room) -> Plan | Refusal:
+    async def put_with_priority(
+        self, r: Reservation, now_ms: int, room: Room, expected: Reservation | Unchecked | None = UNCHECKED
+    ) -> Plan | Refusal:
         with errors("store a staff reservation"), self._tx():
+            self._check_unchanged(r.id, expected)
             in_the_way = [o for o in self._live_of(r.vehicle_id, now_ms) if o.id != r.id and o.overlaps(r)]
             # Without `r` itself: a staff reservation moving to another car frees the one it leaves.
             others = {
