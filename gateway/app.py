@@ -13,7 +13,10 @@ Start-up order, each step a context below:
 7. the two MQTT links (telemetry; commands and acks) and ingest;
 8. the alert checks, now that the broker's state can be watched;
 9. the booking service and the start-time unlocks;
-10. housekeeping: the self-report, saving the state, pruning the store.
+10. the lease (``gateway/lease.py``): whoever holds it runs the once-only work the
+    steps above listed (webhook delivery, the scheduled alert checks, start-time
+    unlocks, automatic ends), so several gateways on one store never do it twice;
+11. housekeeping: the self-report, saving the state, pruning the store.
 
 Shutdown runs the other way: stop the schedulers, stop taking messages,
 seal and acknowledge what is open, save the state, close the store, drain
@@ -48,8 +51,10 @@ from gateway.ingest.journal import Journal
 from gateway.ingest.pipeline import Ingest
 from gateway.ingest.sinks import Sink, make_sink
 from gateway.ingest.state import FleetState
+from gateway.ingest.state_sync import StateSync
 from gateway.ingest.telemetry import KINDS, Limits
 from gateway.ingest.writer import Writer
+from gateway.lease import LeaseHolder
 from gateway.metrics import Monitor, Snapshot, self_report_line
 from gateway.mqtt.link import MqttLink
 from gateway.notify.alerts import AlertMonitor
@@ -92,6 +97,8 @@ ALERT_VIEWS_FILE = "alert-views.json"
 STORE_FILE = "gateway.sqlite3"
 DRAIN_DEADLINE_S = 10.0
 ALERTS_DRAIN_S = 2.0
+# With other gateways on the store, events and reservations they write wake nobody here: look this often.
+SHARED_POLL_S = 1.0
 
 
 @dataclass
@@ -133,6 +140,8 @@ START_UNLOCKS = web.AppKey("start_unlocks", StartUnlocks)
 EVENTS = web.AppKey("events", EventLog)
 DELIVERER = web.AppKey("deliverer", Deliverer)
 ALERTS = web.AppKey("alerts", AlertMonitor)
+ONCE_JOBS = web.AppKey("once_jobs", list)  # the work only the lease holder does (gateway/lease.py)
+LEASE = web.AppKey("lease", LeaseHolder)
 
 
 async def journal_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -196,10 +205,16 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def state_ctx(app: web.Application) -> AsyncIterator[None]:
-    path = app[SETTINGS].state.dir / STATE_FILE
+    s, sup = app[SETTINGS], app[SUPERVISOR]
+    path = s.state.dir / STATE_FILE
     app[STATE] = state = FleetState(app[FLEET])
     state.load(path)
+    sync = None
+    if s.store.url is not None:  # other gateways may share the store: share the cars' state through it
+        sync = sup.spawn(StateSync(state, app[STORE], s.ha.state_sync_s).run(), "state-sync")
     yield
+    if sync is not None:
+        await sup.cancel(sync)
     try:
         state.save(path)
     except OSError as e:
@@ -207,13 +222,14 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
-    s, sup, store = app[SETTINGS], app[SUPERVISOR], app[STORE]
+    s, store = app[SETTINGS], app[STORE]
     w, a = s.webhooks, s.alerts
     endpoints = [Endpoint(e.url, decode_secret(e.secret.get_secret_value()), e.types) for e in w.endpoints]
     app[EVENTS] = events = EventLog({e.url: e.types for e in endpoints})
     app[DELIVERER] = deliverer = Deliverer(
-        store, endpoints, w.first_retry_s, w.max_age_s, w.timeout_s, w.per_endpoint, on_gone=events.disable
-    )
+        store, endpoints, w.first_retry_s, w.max_age_s, w.timeout_s, w.per_endpoint, on_gone=events.disable,
+        poll_s=SHARED_POLL_S if s.store.url else None,
+    )  # fmt: skip
     events.listen(deliverer.on_event)
     thresholds = Thresholds(
         silent_after_ms=int(a.silent_after_s * 1000),
@@ -233,9 +249,8 @@ async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
         except StoreError as e:
             raise StartupError(f"store: cannot read the open alerts: {e}") from e
     app[FEED] = Feed(store, app[FLEET])
-    task = sup.spawn(deliverer.run(), "webhooks")
+    app[ONCE_JOBS] = [("webhooks", deliverer.run)]
     yield
-    await sup.cancel(task)
 
 
 async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -246,10 +261,9 @@ async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     app[INGEST].on_reading = alerts.observe
     writer = sup.spawn(alerts.run_writer(), "alerts-writer")
-    checks = sup.spawn(alerts.run_checks(lambda: (link.connected, link.connects)), "alerts-checks")
+    app[ONCE_JOBS].append(("alerts-checks", lambda: alerts.run_checks(lambda: (link.connected, link.connects))))
     yield
-    app[INGEST].on_reading = None
-    await sup.cancel(checks)
+    app[INGEST].on_reading = None  # the checks were stopped with the lease (lease_ctx, closed before this)
     await alerts.drain(ALERTS_DRAIN_S)
     await sup.cancel(writer)
     alerts.save()
@@ -307,7 +321,7 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
-    s, sup = app[SETTINGS], app[SUPERVISOR]
+    s = app[SETTINGS]
     booking = Booking(
         app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s, events=app[EVENTS],
         preempt_notice_s=s.booking.preempt_notice_s,
@@ -329,11 +343,18 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     booking.on_unlocked = rentals.unlocked
     app[BOOKING], app[START_UNLOCKS], app[RENTALS] = booking, starts, rentals
-    tasks = [sup.spawn(starts.run(), "start-unlocks"), sup.spawn(rentals.run_auto_end(), "auto-end")]
+    app[ONCE_JOBS] += [("start-unlocks", starts.run), ("auto-end", rentals.run_auto_end)]
     yield
-    for task in tasks:
-        await sup.cancel(task)
     await starts.close()
+
+
+async def lease_ctx(app: web.Application) -> AsyncIterator[None]:
+    s, sup = app[SETTINGS], app[SUPERVISOR]
+    app[LEASE] = holder = LeaseHolder(app[STORE], s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn)
+    task = sup.spawn(holder.run(), "lease")
+    yield
+    await sup.cancel(task)
+    await holder.close()
 
 
 async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -417,6 +438,7 @@ def init_app(settings: Settings, fleet: Fleet, sink: Sink | None = None) -> web.
             mqtt_ctx,
             alerts_ctx,
             booking_ctx,
+            lease_ctx,
             housekeeping_ctx,
         ]
     )

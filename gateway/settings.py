@@ -281,6 +281,15 @@ class WebhooksSettings(_Section):
         return v
 
 
+class HaSettings(_Section):
+    # Several gateways on one store (PostgreSQL): the once-only work (start-time unlocks, automatic
+    # ends, scheduled alert checks, webhook delivery) is done by the holder of a lease in the store,
+    # and another instance takes it over within this long after the holder dies.
+    lease_s: float = Field(15.0, ge=1.0, le=3600.0)
+    # How often each instance shares the cars' latest state through the store, and reads the others'.
+    state_sync_s: float = Field(0.5, gt=0, le=60.0)
+
+
 class StoreSettings(_Section):
     # Unset: the embedded SQLite file in state.dir. Set (postgresql://user:password@host:5432/db, any
     # libpq URL): PostgreSQL, which several gateways of one fleet can share.
@@ -318,6 +327,7 @@ class Settings(_Section):
     commands: CommandsSettings = CommandsSettings()
     state: StateSettings = StateSettings()
     store: StoreSettings = StoreSettings()
+    ha: HaSettings = HaSettings()
     trips: TripsSettings = TripsSettings()
     booking: BookingSettings = BookingSettings()
     billing: BillingSettings = BillingSettings()

@@ -11,6 +11,13 @@ one of the alert conditions and clears it ``--incident-hold`` seconds later
 fit, unless set in the environment. ``--webhook URL`` sends every event
 there, signed with ``--webhook-secret``; ``kill -USR1 $(cat
 .run/device_sim.pid)`` plays a moved_without_trip at once.
+
+Several gateways: ``--instances N`` (N >= 2) also starts a private PostgreSQL
+(in .run/postgres, removed at the end) and N gateways on ``--http-port``,
++1, ..., named gw1, gw2, ..., all on that database and in one MQTT shared
+subscription group, so that the broker splits the cars' messages between
+them (docs/operations.md, "Several gateways, one fleet"). The cars and the
+renters talk to the first; the summary shows each one's share.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ DEMO_API_KEY = "demo-api-key-not-for-production"
 # whsec_ + base64 of 32 bytes, like a real one; fixed so that a receiver started earlier keeps working.
 DEMO_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"demo-webhook-secret-not-for-prod").decode()
 PID_FILE = "device_sim.pid"  # in .run/
+RUN_DIR = REPO / ".run"
+# The MQTT shared subscription group of --instances N >= 2 ($share/demo/fleet/...).
+SHARED_GROUP = "demo"
+MAX_INSTANCES = 16
 
 
 def read_metrics(port: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -88,7 +99,9 @@ def summary(
     total: int,
     trips: list[dict[str, Any]],
     displaced: dict[str, float] | None = None,
+    shares: list[tuple[str, float]] | None = None,
 ) -> str:
+    """One line; `shares` is each instance's received messages per second, when there are several."""
     displaced = displaced or {}
     rate = (m.get("gateway_messages_received_total", 0) - prev.get("gateway_messages_received_total", 0)) / dt
     ended = [t for t in trips if t.get("ended_at")]
@@ -103,7 +116,30 @@ def summary(
         f" | alerts {m.get('gateway_alerts_open', 0):.0f}"
         f" | queue {m.get('gateway_queue_depth', 0):.0f}"
         f" | influx {'ok' if m.get('gateway_influx_healthy') else 'FAILING'}"
+        + (" | " + ", ".join(f"{name} {r:.0f}" for name, r in shares) + " msg/s" if shares else "")
     )
+
+
+def combine(per_instance: list[dict[str, float]]) -> dict[str, float]:
+    """Several gateways' metrics as one: counters (``…_total``) summed, gauges the highest
+    (each instance sees every car and evaluates every alert), Influx healthy only if all are."""
+    out: dict[str, float] = {}
+    for m in per_instance:
+        for name, value in m.items():
+            if name not in out:
+                out[name] = value
+            elif name.endswith("_total"):
+                out[name] += value
+            elif name == "gateway_influx_healthy":
+                out[name] = min(out[name], value)
+            else:
+                out[name] = max(out[name], value)
+    return out
+
+
+def received_rate(m: dict[str, float], prev: dict[str, float], dt: float) -> float:
+    name = "gateway_messages_received_total"
+    return (m.get(name, 0) - prev.get(name, 0)) / dt
 
 
 def _seconds(v: str) -> float:
@@ -136,6 +172,16 @@ def _secret(v: str) -> str:
     return v
 
 
+def _instances(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_INSTANCES:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 to {MAX_INSTANCES}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/run.sh",
@@ -145,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vehicles", type=int, default=29, help="simulated cars (default: the 29 of the reference fleet)")
     p.add_argument("--speed", type=float, default=60.0, help="simulated time runs this many times faster (default 60)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
-    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--http-port", type=int, default=8080,
+                   help="the (first) gateway's HTTP port (default 8080); --instances N: N ports from it")  # fmt: skip
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--influx-port", type=int, default=8086)
     p.add_argument("--webhook", action="append", default=[], type=_url, metavar="URL",
@@ -156,7 +203,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an alert condition on a parked car every S seconds (default 120; 0: none)")  # fmt: skip
     p.add_argument("--incident-hold", type=_hold, default=60.0, metavar="S",
                    help="seconds each incident lasts before it is cleared (default 60)")  # fmt: skip
+    p.add_argument("--instances", type=_instances, default=1, metavar="N",
+                   help="gateways sharing the fleet (default 1). With N >= 2: a private PostgreSQL as their store,"
+                        " HTTP on --http-port, +1, ..., instances gw1..gwN, one MQTT shared group"
+                        f" ({SHARED_GROUP!r}) that splits the cars' messages; cars and renters use the first."
+                        " For evaluation: once-only work (unlocks, automatic ends, alerts, webhooks) is not"
+                        " shared yet, each gateway does it")  # fmt: skip
     return p
+
+
+def instance_name(index: int) -> str:
+    """gw1, gw2, …: gw1's MQTT client id is fleet-gateway, the others' fleet-gateway-<name>."""
+    return f"gw{index + 1}"
+
+
+def gateway_envs(
+    args: argparse.Namespace, env: dict[str, str], run_dir: Path, store_url: str | None = None
+) -> list[dict[str, str]]:
+    """The environment of each of the ``--instances`` gateways, from the demo's common `env`.
+
+    One instance: `env` itself, as before. Several: each its own instance name, HTTP port and
+    state dir (journal), all on `store_url` and in one shared subscription group.
+    """
+    if args.instances == 1:
+        return [dict(env)]
+    if store_url is None:
+        raise ValueError("several gateways need a store URL (PostgreSQL)")
+    out = []
+    for i in range(args.instances):
+        name = instance_name(i)
+        e = dict(env)
+        e.update(
+            GATEWAY__INSTANCE=name,
+            GATEWAY__HTTP__PORT=str(args.http_port + i),
+            GATEWAY__STATE__DIR=str(run_dir / ("state" if i == 0 else f"state-{name}")),
+            GATEWAY__STORE__URL=store_url,
+            GATEWAY__MQTT__SHARED_GROUP=SHARED_GROUP,
+        )
+        e.pop("GATEWAY__MQTT__CLIENT_ID", None)  # derived from the instance, distinct for each
+        out.append(e)
+    return out
+
+
+def log_name(index: int) -> str:
+    """gateway (.run/gateway.log) for the first, gateway-gw2, … for the others."""
+    return "gateway" if index == 0 else f"gateway-{instance_name(index)}"
 
 
 def webhook_endpoints(urls: list[str], secret: str) -> str:
@@ -189,7 +280,7 @@ def sim_command(args: argparse.Namespace, fleet_file: Path, pid_file: Path) -> l
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    run_dir = REPO / ".run"
+    run_dir = RUN_DIR
     run_dir.mkdir(exist_ok=True)
     started: list[services.Service] = []
     children: list[subprocess.Popen[bytes]] = []
@@ -205,6 +296,15 @@ def main(argv: list[str] | None = None) -> int:
                 svc = start(run_dir / name, port)
                 started.append(svc)
                 print(f"{name}: started on 127.0.0.1:{port} (logs in {svc.workdir})")
+        store_url: str | None = None
+        if args.instances > 1:
+            for i in range(args.instances):
+                if services.port_open(args.http_port + i):
+                    raise services.ServiceError(f"port {args.http_port + i} is taken; choose another --http-port")
+            pg = services.start_postgres(run_dir / "postgres")
+            started.append(pg)
+            store_url = pg.url
+            print(f"postgres: started on 127.0.0.1:{pg.port} for {args.instances} gateways (removed at the end)")
         env = dict(os.environ)
         env.update(
             GATEWAY__MQTT__PORT=str(args.mqtt_port),
@@ -237,11 +337,21 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=REPO,
             )
         env["GATEWAY__FLEET__FILE"] = str(fleet_file)
-        children.append(_spawn("gateway", [sys.executable, "-m", "gateway"], env, run_dir))
-        _wait_gateway(children[-1], args.http_port)  # the renters check the API before the fleet starts
+        names: list[str] = []
+        for i, gw_env in enumerate(gateway_envs(args, env, run_dir, store_url)):
+            names.append(log_name(i))
+            children.append(_spawn(names[-1], [sys.executable, "-m", "gateway"], gw_env, run_dir))
+            # The renters check the API before the fleet starts; the first gateway migrates the schema.
+            _wait_gateway(children[-1], args.http_port + i, log=names[-1])
         pid_file = run_dir / PID_FILE
+        names.append("device_sim")
         children.append(_spawn("device_sim", sim_command(args, fleet_file, pid_file), env, run_dir))
-        print(f"gateway: http://127.0.0.1:{args.http_port} (API key {DEMO_API_KEY}); logs in .run/gateway.log")
+        for i in range(args.instances):
+            name = f"gateway {instance_name(i)}" if args.instances > 1 else "gateway"
+            print(f"{name}: http://127.0.0.1:{args.http_port + i} (API key {DEMO_API_KEY});"
+                  f" logs in .run/{log_name(i)}.log")  # fmt: skip
+        if args.instances > 1:
+            print(f"  one MQTT shared group {SHARED_GROUP!r}, one PostgreSQL; cars and renters use the first")
         print(f"fleet: {args.vehicles} simulated cars at {args.speed:g}x; logs in .run/device_sim.log")
         if args.incidents:
             print(
@@ -256,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  a receiver: python -m device_sim.receiver --port {port} --secret {args.webhook_secret}")
             print(f"  an incident now: kill -USR1 $(cat .run/{PID_FILE})")
         print("Ctrl-C to stop.")
-        return _watch(args, children)
+        return _watch(args, children, names)
     except KeyboardInterrupt:
         return 0
     except services.ServiceError as e:
@@ -275,15 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\nstopped everything this run started")
 
 
-def _wait_gateway(proc: subprocess.Popen[bytes], port: int, timeout: float = 60.0) -> None:
+def _wait_gateway(proc: subprocess.Popen[bytes], port: int, timeout: float = 60.0, log: str = "gateway") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise services.ServiceError(f"the gateway exited with {proc.returncode}; see .run/gateway.log")
+            raise services.ServiceError(f"the gateway exited with {proc.returncode}; see .run/{log}.log")
         if services.port_open(port):
             return
         time.sleep(0.1)
-    raise services.ServiceError(f"the gateway did not open port {port} within {timeout:.0f} s; see .run/gateway.log")
+    raise services.ServiceError(f"the gateway did not open port {port} within {timeout:.0f} s; see .run/{log}.log")
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], run_dir: Path) -> subprocess.Popen[bytes]:
@@ -291,27 +401,33 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], run_dir: Path) -> su
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log)
 
 
-def _watch(args: argparse.Namespace, children: list[subprocess.Popen[bytes]]) -> int:
+def _watch(args: argparse.Namespace, children: list[subprocess.Popen[bytes]], names: list[str]) -> int:
     t_start = time.monotonic()
     since = datetime.now(UTC).isoformat(timespec="seconds")
-    prev: dict[str, float] = {}
+    prev: list[dict[str, float]] = [{} for _ in range(args.instances)]
     t_prev = time.monotonic()
     while not args.duration or time.monotonic() - t_start < args.duration:
         time.sleep(2)
-        for name, child in zip(("gateway", "device_sim"), children, strict=False):
+        for name, child in zip(names, children, strict=True):
             if child.poll() is not None:
                 print(f"\n{name} exited with {child.returncode}; see .run/{name}.log", file=sys.stderr)
                 return 1
         try:
-            m, displaced = read_metrics(args.http_port)
-            trips = read_trips(args.http_port, since)
+            read = [read_metrics(args.http_port + i) for i in range(args.instances)]
+            trips = read_trips(args.http_port, since)  # one store: every gateway has every trip
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             print("\rwaiting for the gateway ...", end="", flush=True)
             continue
         now = time.monotonic()
-        line = summary(m, prev, now - t_prev, args.vehicles, trips, displaced)
+        ms = [m for m, _ in read]
+        shares = None
+        if args.instances > 1:
+            dt = now - t_prev
+            rates = [received_rate(m, p, dt) for m, p in zip(ms, prev, strict=True)]
+            shares = [(instance_name(i), r) for i, r in enumerate(rates)]
+        line = summary(combine(ms), combine(prev), now - t_prev, args.vehicles, trips, read[0][1], shares)
         print(f"\r[{now - t_start:5.0f} s] {line}", end="" if sys.stdout.isatty() else "\n", flush=True)
-        prev, t_prev = m, now
+        prev, t_prev = ms, now
     return 0
 
 

@@ -27,6 +27,8 @@ from gateway.settings import Settings, load_settings
 from tests.helpers import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
+# Layered over COMPOSE_FILE: PostgreSQL and a second gateway sharing the fleet (docs/operations.md).
+SCALE_FILE = REPO / "docker-compose.scale.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 SERVICES = {"broker-credentials", "mosquitto", "influxdb", "grafana", "gateway", "device_sim"}
 # Run once before the services that depend on them, then exit: no restart, no health check.
@@ -76,11 +78,13 @@ def real_env(tmp_path: Path) -> Path:
     return path
 
 
-def compose(tmp_path: Path, env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def compose(
+    tmp_path: Path, env_file: Path, *args: str, files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> subprocess.CompletedProcess[str]:
     # A clean environment: only the env file decides, as on a fresh server.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
     return subprocess.run(
-        [str(compose_binary()), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE),
+        [str(compose_binary()), "--project-directory", str(REPO), *(a for f in files for a in ("-f", str(f))),
          "--env-file", str(env_file), *args],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
@@ -120,6 +124,22 @@ def test_a_missing_secret_stops_compose_with_its_name(tmp_path: Path) -> None:
 def test_every_service_is_wired(config: dict[str, Any]) -> None:
     services = config["services"]
     assert set(services) == SERVICES
+    check_wiring(config)
+    assert services["device_sim"]["profiles"] == ["demo"]
+    gw = services["gateway"]
+    assert gw["build"]["context"] == str(REPO)
+    assert {"mosquitto", "influxdb"} <= set(gw["depends_on"])
+    assert "gateway" in services["device_sim"]["depends_on"]
+    assert "influxdb" in services["grafana"]["depends_on"]
+    assert "/healthz" in " ".join(gw["healthcheck"]["test"])
+    assert any(v["type"] == "volume" and v["target"] == gw["environment"]["GATEWAY__STATE__DIR"]
+               for v in gw["volumes"]), "the gateway's state dir must be on a named volume"  # fmt: skip
+    assert any(v["type"] == "volume" for v in services["mosquitto"]["volumes"]), "broker persistence needs a volume"
+
+
+def check_wiring(config: dict[str, Any]) -> None:
+    """Restart policies, dependencies, volumes, bind mounts and health checks of every service."""
+    services = config["services"]
     defined_volumes = set(config.get("volumes", {}))
     for name, s in services.items():
         if name in ONE_SHOT:
@@ -138,16 +158,6 @@ def test_every_service_is_wired(config: dict[str, Any]) -> None:
                 )
         if name != "device_sim" and name not in ONE_SHOT:
             assert s.get("healthcheck", {}).get("test"), f"{name}: no health check"
-    assert services["device_sim"]["profiles"] == ["demo"]
-    gw = services["gateway"]
-    assert gw["build"]["context"] == str(REPO)
-    assert {"mosquitto", "influxdb"} <= set(gw["depends_on"])
-    assert "gateway" in services["device_sim"]["depends_on"]
-    assert "influxdb" in services["grafana"]["depends_on"]
-    assert "/healthz" in " ".join(gw["healthcheck"]["test"])
-    assert any(v["type"] == "volume" and v["target"] == gw["environment"]["GATEWAY__STATE__DIR"]
-               for v in gw["volumes"]), "the gateway's state dir must be on a named volume"  # fmt: skip
-    assert any(v["type"] == "volume" for v in services["mosquitto"]["volumes"]), "broker persistence needs a volume"
 
 
 def _settings_paths(model: type[BaseModel], prefix: str = "GATEWAY") -> set[str]:
@@ -180,7 +190,7 @@ def test_gateway_environment_uses_contract_names_and_makes_a_valid_production_co
 
 
 def test_env_example_documents_every_variable_and_its_placeholders_are_refused() -> None:
-    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    text = COMPOSE_FILE.read_text(encoding="utf-8") + SCALE_FILE.read_text(encoding="utf-8")
     used = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
     documented = set(env_names())
     assert used <= documented, f"not in .env.example: {sorted(used - documented)}"
@@ -423,3 +433,84 @@ def test_production_mosquitto_config_refuses_anonymous_and_applies_the_acl(tmp_p
         assert out.split(" ", 1)[0] == topic, f"the gateway received {out!r}: the ACL let a car send a command"
     finally:
         broker.stop()
+
+
+# ---- two gateways, one fleet (docker-compose.scale.yml) -------------------------------
+
+SCALE_SERVICES = SERVICES | {"postgres", "gateway2"}
+GATEWAYS = ("gateway", "gateway2")
+
+
+@pytest.fixture(scope="module")
+def scale_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The stack with the scale overlay, as Compose resolves it, demo profile included."""
+    tmp = tmp_path_factory.mktemp("compose-scale")
+    r = compose(tmp, real_env(tmp), "--profile", "demo", "config", "--format", "json", files=(COMPOSE_FILE, SCALE_FILE))
+    assert r.returncode == 0, f"docker compose config failed:\n{r.stderr}"
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
+
+
+def gateway_settings(env: dict[str, Any]) -> Settings:
+    environ = {**dockerfile_env(), **{k: str(v) for k, v in env.items()}}
+    environ["GATEWAY__FLEET__FILE"] = str(REPO / "config" / "fleet.yaml")
+    return load_settings(REPO / "config" / "gateway.yaml", environ=environ)
+
+
+def test_the_scale_overlay_runs_two_gateways_on_one_postgres_and_one_shared_group(
+    scale_config: dict[str, Any],
+) -> None:
+    services = scale_config["services"]
+    assert set(services) == SCALE_SERVICES
+    check_wiring(scale_config)
+    pg = services["postgres"]
+    assert pg["image"] == "postgres:16"
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    (data,) = pg["volumes"]
+    assert data["type"] == "volume" and data["target"] == "/var/lib/postgresql/data"
+    assert not pg.get("ports"), "only the gateways, on the Compose network, reach the database"
+    password = pg["environment"]["POSTGRES_PASSWORD"]
+    assert len(password) >= 16
+    user, db = pg["environment"]["POSTGRES_USER"], pg["environment"]["POSTGRES_DB"]
+    expected_url = f"postgresql://{user}:{password}@postgres:5432/{db}"
+    settings = {name: gateway_settings(services[name]["environment"]) for name in GATEWAYS}
+    for name in GATEWAYS:
+        gw = services[name]
+        assert gw["depends_on"]["postgres"]["condition"] == "service_healthy", f"{name} waits for the database"
+        assert {"mosquitto", "influxdb"} <= set(gw["depends_on"])
+        assert gw["environment"]["GATEWAY__STORE__URL"] == expected_url
+        assert gw["image"] == services["broker-credentials"]["image"]
+        s = settings[name]
+        assert s.store.url is not None and s.store.url.get_secret_value() == expected_url
+        assert s.mqtt.shared_group and s.mqtt.shared_group == settings["gateway"].mqtt.shared_group
+        assert "/healthz" in " ".join(gw["healthcheck"]["test"])
+    a, b = settings["gateway"], settings["gateway2"]
+    assert a.instance != b.instance, "each gateway needs its own instance name"
+    assert a.mqtt.client_id != b.mqtt.client_id, "two gateways on one client id take each other's session"
+    # Everything else alike: the same broker, account, database, keys.
+    for field in ("host", "port", "username", "password"):
+        assert getattr(a.mqtt, field) == getattr(b.mqtt, field), field
+    assert a.commands.master_key == b.commands.master_key and a.api.keys == b.api.keys
+    # Each its own state dir (journal) and host port.
+    states = [{v["source"] for v in services[n]["volumes"] if v["type"] == "volume"} for n in GATEWAYS]
+    assert states[0] and states[1] and not states[0] & states[1], states
+    published = [{p["published"] for p in services[n].get("ports", [])} for n in GATEWAYS]
+    assert not published[0] & published[1], published
+
+
+def test_without_the_overlay_it_is_one_gateway_on_sqlite(config: dict[str, Any], tmp_path: Path) -> None:
+    services = config["services"]
+    assert "postgres" not in services and "gateway2" not in services
+    env = services["gateway"]["environment"]
+    assert "GATEWAY__STORE__URL" not in env and "GATEWAY__MQTT__SHARED_GROUP" not in env
+    assert "postgres" not in services["gateway"]["depends_on"]
+    s = gateway_settings(env)
+    assert s.store.url is None and s.mqtt.shared_group is None
+    # The database's password is needed only with the overlay, and then by name.
+    lines = [ln for ln in real_env(tmp_path).read_text().splitlines() if not ln.startswith("POSTGRES_PASSWORD=")]
+    env_file = tmp_path / "no-postgres.env"
+    env_file.write_text("\n".join(lines) + "\n")
+    r = compose(tmp_path, env_file, "config", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = compose(tmp_path, env_file, "config", "--quiet", files=(COMPOSE_FILE, SCALE_FILE))
+    assert r.returncode != 0 and "POSTGRES_PASSWORD" in r.stderr and "in .env" in r.stderr, r.stderr

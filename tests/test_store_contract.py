@@ -32,14 +32,14 @@ from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
 from gateway.rules.webhooks import Attempt
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room, Store
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room, Store, StoredReading
 from gateway.store.postgres import _PUT_RESERVATION, _car_lock, _reservation_row, open_postgres
 from gateway.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
 from gateway.store.sqlite import open_sqlite
 from gateway.store.sqlite_schema import MIGRATIONS
 from scripts import services
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, REPO, gateway_settings
+from tests.helpers import AUTH, REPO, async_wait_for, gateway_settings
 from tests.pg import Postgres, postgres
 from tests.test_failed_start import assert_one_line_exit_2, run_gateway
 
@@ -774,3 +774,210 @@ async def test_booking_reads_again_when_the_reservation_changes_under_its_put(st
     store.get_reservation = real_get  # type: ignore[method-assign]
     stored = await store.get_reservation("R-1")
     assert stored is not None and stored.cancelled and stored.ends_ms == T0 + 2 * H
+
+
+# ---- several gateways, one fleet: leases, the shared vehicle state, claimed idempotency keys -------------
+
+
+async def test_a_lease_has_one_holder_until_it_expires_or_is_released(store: Store) -> None:
+    assert await store.take_lease("once", "gw1", T0, 1000)
+    assert not await store.take_lease("once", "gw2", T0 + 1, 1000)
+    assert await store.take_lease("once", "gw1", T0 + 500, 1000)  # renewed: now until T0 + 1500
+    assert not await store.take_lease("once", "gw2", T0 + 1000, 1000)
+    assert await store.take_lease("other", "gw2", T0, 1000)  # leases are by name
+    assert await store.take_lease("once", "gw2", T0 + 1500, 1000)  # expired: taken over
+    assert not await store.take_lease("once", "gw1", T0 + 1600, 1000)
+    await store.release_lease("once", "gw1")  # not gw1's: nothing
+    assert not await store.take_lease("once", "gw1", T0 + 1700, 1000)
+    await store.release_lease("once", "gw2")
+    assert await store.take_lease("once", "gw1", T0 + 1800, 1000)
+
+
+def reading(vehicle: str, kind: str, ts: int, **fields: object) -> StoredReading:
+    return StoredReading(vehicle, kind, ts, dict(fields))
+
+
+async def test_the_newest_reading_wins_and_an_older_one_never_replaces_it(store: Store) -> None:
+    await store.put_states([reading("ZOE-001", "battery", T0 + 10, soc_pct=80.5)], {"ZOE-001": T0 + 20})
+    readings, seen, cursor = await store.states_changed_since(0)
+    assert readings == [reading("ZOE-001", "battery", T0 + 10, soc_pct=80.5)] and seen == {"ZOE-001": T0 + 20}
+    # A car replaying what it buffered offline, heard from earlier by another gateway: nothing moves back.
+    await store.put_states([reading("ZOE-001", "battery", T0 + 5, soc_pct=90.0)], {"ZOE-001": T0 + 15})
+    assert await store.states_changed_since(cursor) == ([], {}, cursor)
+    assert (await store.states_changed_since(0))[:2] == (readings, seen)
+    # Equal times: the later write wins, as FleetState.update does.
+    await store.put_states([reading("ZOE-001", "battery", T0 + 10, soc_pct=79.0)], {})
+    got, _, _ = await store.states_changed_since(cursor)
+    assert got == [reading("ZOE-001", "battery", T0 + 10, soc_pct=79.0)]
+
+
+async def test_a_batch_of_500_readings_is_stored_in_one_call(store: Store) -> None:
+    kinds = ("battery", "location", "doors", "status")
+    batch = [
+        reading(f"ZOE-{n // 4:03d}", kinds[n % 4], T0 + n, value=n, nested={"ok": True, "x": [1.5, None]})
+        for n in range(500)
+    ]
+    # Within one batch a row may come twice: the newest counts, whatever the order.
+    batch += [reading("ZOE-000", "battery", T0 - 1, value=-1), reading("ZOE-001", "battery", T0 + 999, value=-2)]
+    seen = {f"ZOE-{v:03d}": T0 + 1000 + v for v in range(125)}
+    await store.put_states(batch, seen)
+    readings, got_seen, cursor = await store.states_changed_since(0)
+    want = {(r.vehicle_id, r.kind): r for r in batch[:500]}
+    want[("ZOE-001", "battery")] = batch[-1]
+    assert {(r.vehicle_id, r.kind): r for r in readings} == want and len(readings) == 500
+    assert got_seen == seen and cursor > 0
+
+
+async def test_changed_since_returns_only_what_changed_after_the_cursor(store: Store) -> None:
+    await store.put_states(
+        [reading("ZOE-001", "battery", T0, soc_pct=50), reading("ZOE-002", "battery", T0, soc_pct=60)],
+        {"ZOE-001": T0, "ZOE-002": T0},
+    )
+    _, _, first = await store.states_changed_since(0)
+    await store.put_states([reading("ZOE-002", "location", T0 + 1, lat=48.4)], {"ZOE-002": T0 + 1})
+    readings, seen, second = await store.states_changed_since(first)
+    assert readings == [reading("ZOE-002", "location", T0 + 1, lat=48.4)] and seen == {"ZOE-002": T0 + 1}
+    assert second > first
+    # last_seen is the latest ever heard: an earlier time is not a change.
+    await store.put_states([], {"ZOE-001": T0 - 5, "ZOE-002": T0 + 9})
+    assert (await store.states_changed_since(second))[:2] == ([], {"ZOE-002": T0 + 9})
+    _, all_seen, _ = await store.states_changed_since(0)
+    assert all_seen == {"ZOE-001": T0, "ZOE-002": T0 + 9}
+    await store.put_states([], {})  # nothing to write: nothing changes
+    _, _, third = await store.states_changed_since(second)
+    assert await store.states_changed_since(third) == ([], {}, third)
+
+
+async def test_an_idempotency_key_is_claimed_by_one_holder_then_replays_its_outcome(store: Store) -> None:
+    o = Outcome("c-1", "ZOE-001", "unlock", "done", None, 12.5, None, T0)
+    assert await store.claim_idempotency_key("booking", "k", "fp", "gw1", T0, ttl_ms=1000) == "claimed"
+    assert await store.claim_idempotency_key("booking", "k", "fp", "gw2", T0 + 1, ttl_ms=1000) == "pending"
+    assert await store.claim_idempotency_key("booking", "k", "fp", "gw1", T0 + 500, ttl_ms=1000) == "claimed"
+    assert await store.claim_idempotency_key("booking", "k", "fp", "gw2", T0 + 1000, ttl_ms=1000) == "pending"
+    assert await store.claim_idempotency_key("other", "k", "fp", "gw2", T0, ttl_ms=1000) == "claimed"  # per caller
+    await store.save_idempotent_outcome("booking", "k", "fp", o, T0 + 600)
+    assert await store.claim_idempotency_key("booking", "k", "fp-2", "gw2", T0 + 700) == ("fp", o)
+    assert await store.claim_idempotency_key("booking", "k", "fp", "gw1", T0 + 700) == ("fp", o)
+    # A holder that gave up (its request failed) frees the key at once; one that crashed, when it expires.
+    assert await store.claim_idempotency_key("booking", "j", "fp", "gw1", T0, ttl_ms=1000) == "claimed"
+    await store.release_idempotency_key("booking", "j", "gw2")  # not gw2's: nothing
+    assert await store.claim_idempotency_key("booking", "j", "fp", "gw2", T0 + 1, ttl_ms=1000) == "pending"
+    await store.release_idempotency_key("booking", "j", "gw1")
+    assert await store.claim_idempotency_key("booking", "j", "fp", "gw2", T0 + 2, ttl_ms=1000) == "claimed"
+    assert await store.claim_idempotency_key("booking", "j", "fp", "gw1", T0 + 1001, ttl_ms=1000) == "pending"
+    assert await store.claim_idempotency_key("booking", "j", "fp", "gw1", T0 + 1002, ttl_ms=1000) == "claimed"
+    # Pruning forgets expired claims only; a live one stays claimed.
+    assert await store.prune(T0 + 1500) == 1  # "other"/"k", expired at T0 + 1000
+    assert await store.claim_idempotency_key("booking", "j", "fp", "gw2", T0 + 1500, ttl_ms=1000) == "pending"
+
+
+# -- the same between two gateways on one PostgreSQL, racing for real --
+
+
+async def test_two_gateways_racing_for_a_lease_only_one_gets_it(postgres: Postgres) -> None:
+    url = await postgres.fresh()
+    a, b = await open_postgres(url, pool_size=2), await open_postgres(url, pool_size=2)
+    try:
+        for i in range(20):
+            got = await asyncio.gather(
+                a.take_lease(f"L-{i}", "gw-a", T0, 1000), b.take_lease(f"L-{i}", "gw-b", T0, 1000)
+            )
+            assert sum(got) == 1, got
+            # Expired: both try to take it over at once; again one wins.
+            got = await asyncio.gather(
+                a.take_lease(f"L-{i}", "gw-c", T0 + 1000, 1000), b.take_lease(f"L-{i}", "gw-d", T0 + 1000, 1000)
+            )
+            assert sum(got) == 1, got
+    finally:
+        await a.close()
+        await b.close()
+        postgres.drop_all()
+
+
+async def test_two_gateways_racing_for_an_idempotency_key_never_both_run_it(postgres: Postgres) -> None:
+    url = await postgres.fresh()
+    a, b = await open_postgres(url, pool_size=2), await open_postgres(url, pool_size=2)
+    o = Outcome("c-1", "ZOE-001", "unlock", "done", None, 12.5, None, T0)
+    try:
+        for i in range(20):
+            got = await asyncio.gather(
+                a.claim_idempotency_key("booking", f"k-{i}", "fp", "gw-a", T0),
+                b.claim_idempotency_key("booking", f"k-{i}", "fp", "gw-b", T0),
+            )
+            assert sorted(map(str, got)) == ["claimed", "pending"], got
+            # The winner saves its outcome while the other asks again: it waits or replays, never runs it.
+            winner, other = (a, b) if got[0] == "claimed" else (b, a)
+            _, again = await asyncio.gather(
+                winner.save_idempotent_outcome("booking", f"k-{i}", "fp", o, T0 + 1),
+                other.claim_idempotency_key("booking", f"k-{i}", "fp", "gw-other", T0 + 1),
+            )
+            assert again in ("pending", ("fp", o)), again
+            assert await other.claim_idempotency_key("booking", f"k-{i}", "fp", "gw-other", T0 + 2) == ("fp", o)
+    finally:
+        await a.close()
+        await b.close()
+        postgres.drop_all()
+
+
+async def test_a_reader_of_the_shared_state_misses_no_write_of_two_racing_gateways(postgres: Postgres) -> None:
+    # Each write is to a row of its own and happens once: a reader whose cursor went past a change committed
+    # late (a smaller change number made visible after a larger one) would never see that row.
+    url = await postgres.fresh()
+    a, b, reader = [await open_postgres(url, pool_size=3) for _ in range(3)]
+    try:
+        seen: set[str] = set()
+        cursor = 0
+        done = False
+
+        async def write(store: Store, name: str) -> None:
+            for n in range(40):
+                await store.put_states([reading(f"{name}-{n}", "battery", T0, n=n)], {f"{name}-{n}": T0})
+
+        async def poll() -> None:
+            nonlocal cursor
+            while not done:
+                readings, _, cursor = await reader.states_changed_since(cursor)
+                seen.update(r.vehicle_id for r in readings)
+                await asyncio.sleep(0)
+
+        poller = asyncio.create_task(poll())
+        await asyncio.gather(*(write(s, f"{s_name}{k}") for s, s_name in ((a, "A"), (b, "B")) for k in range(3)))
+        done = True
+        await poller
+        readings, _, cursor = await reader.states_changed_since(cursor)
+        seen.update(r.vehicle_id for r in readings)
+        assert seen == {f"{w}{k}-{n}" for w in "AB" for k in range(3) for n in range(40)}
+    finally:
+        for s in (a, b, reader):
+            await s.close()
+        postgres.drop_all()
+
+
+async def test_an_idempotency_key_retried_on_another_gateway_gets_the_first_answer(postgres: Postgres) -> None:
+    # Two gateways (two Booking services, two stores) on one database: the retry reaching the second while
+    # the first still waits for the car must neither send the command again nor answer differently.
+    from gateway.booking.service import Booking
+    from gateway.rules.reservations import ReservationRequest
+    from tests.test_unit_booking import ScriptedSender
+
+    url = await postgres.fresh()
+    stores = [await open_postgres(url, pool_size=2) for _ in range(2)]
+    try:
+        fleet = load_fleet(REPO / "config" / "fleet.yaml")
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        sender = ScriptedSender(gate=asyncio.Event())
+        first, second = (
+            Booking(s, fleet, sender, lambda line: None, early_grace_s=900, clock=lambda: now) for s in stores
+        )
+        await first.put("R-1", ReservationRequest("ZOE-001", "U-1", now - H // 2, now + H, "public", False), "b")
+        a = asyncio.create_task(first.command("ZOE-001", "unlock", "R-1", "b", idem_key="k-1"))
+        await async_wait_for(lambda: len(sender.sent) == 1, 5, "the first call's command")
+        b = asyncio.create_task(second.command("ZOE-001", "unlock", "R-1", "b", idem_key="k-1"))
+        await asyncio.sleep(0.3)
+        assert not b.done()  # waiting for the first, not sending
+        sender.gate.set()  # type: ignore[union-attr]
+        outcome_a, outcome_b = await asyncio.gather(a, b)
+        assert outcome_a == outcome_b and len(sender.sent) == 1
+    finally:
+        for s in stores:
+            await s.close()

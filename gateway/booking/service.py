@@ -56,6 +56,10 @@ __all__ = ["Booking", "CommandSender"]
 
 # A reservation changed under a PUT is read and merged again this many times before the PUT fails (503).
 PUT_ATTEMPTS = 3
+# A retry whose key another gateway is running waits for its outcome this long (past the longest ack timeout
+# of a usual configuration), looking every IDEMPOTENCY_POLL_S.
+IDEMPOTENCY_WAIT_S = 30.0
+IDEMPOTENCY_POLL_S = 0.1
 AVAILABILITY_SPAN_MS = 3_600_000  # GET /v1/availability without `to`: the hour from `from`
 MAX_OVERLAPPING = 1_000_000  # every reservation over a span: a fleet's bookings of a month are thousands
 
@@ -95,6 +99,8 @@ class Booking:
         self.on_unlocked: Callable[[Reservation], Awaitable[None]] | None = None
         # (caller, key) -> (request fingerprint, the first call's outcome to come)
         self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Future[Outcome]]] = {}
+        # Who claims Idempotency-Keys in the store: this process, whatever its instance name.
+        self._holder = uuid.uuid4().hex
 
     # -- reservations --
 
@@ -251,19 +257,24 @@ class Booking:
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._in_flight[(caller, idem_key)] = (fp, fut)
         try:
-            saved = await self.store.idempotent_outcome(caller, idem_key)
+            saved = await self._claim(caller, idem_key, fp)
             if saved is not None:
                 if saved[0] != fp:
                     raise IdempotencyKeyReused("this Idempotency-Key was used for another request")
                 outcome = saved[1]
             else:
-                outcome = await self._checked_command(vehicle_id, action, reservation_id, caller)
-                # Only outcomes that involved a car are kept; a refusal (409, 404) may not hold later.
+                try:
+                    outcome = await self._checked_command(vehicle_id, action, reservation_id, caller)
+                except BaseException:
+                    await self._unclaim(caller, idem_key)  # a refusal (409, 404) may not hold later: retry anew
+                    raise
+                # Only outcomes that involved a car are kept; saving also ends the claim.
                 try:
                     await self.store.save_idempotent_outcome(caller, idem_key, fp, outcome, self.clock())
                 except StoreError as e:
                     # The car has acted: its answer goes back all the same; only a retry is unprotected.
                     log.error("Idempotency-Key of %s on %s not saved: %s", action, vehicle_id, e)
+                    await self._unclaim(caller, idem_key)
         except BaseException as e:
             # Retries waiting on this call get the same failure instead of hanging.
             fut.set_exception(e if isinstance(e, Exception) else BrokerUnavailable("request cancelled"))
@@ -273,6 +284,28 @@ class Booking:
             self._in_flight.pop((caller, idem_key), None)
         fut.set_result(outcome)
         return outcome
+
+    async def _claim(self, caller: str, key: str, fp: str) -> tuple[str, Outcome] | None:
+        """The key's first outcome, or None once this process may run the request.
+
+        Claimed in the store, so that a retry reaching another gateway while the first call still runs
+        waits for its answer instead of sending the command again."""
+        deadline = self.clock() + int(IDEMPOTENCY_WAIT_S * 1000)
+        while True:
+            got = await self.store.claim_idempotency_key(caller, key, fp, self._holder, self.clock())
+            if got == "claimed":
+                return None
+            if isinstance(got, tuple):
+                return got
+            if self.clock() >= deadline:
+                raise StoreError("a request with this Idempotency-Key is still running on another gateway; retry")
+            await asyncio.sleep(IDEMPOTENCY_POLL_S)
+
+    async def _unclaim(self, caller: str, key: str) -> None:
+        try:
+            await self.store.release_idempotency_key(caller, key, self._holder)
+        except StoreError as e:  # it expires by itself; until then a retry waits
+            log.warning("Idempotency-Key claim not released: %s", e)
 
     async def _checked_command(
         self, vehicle_id: str, action: Action, reservation_id: str | None, caller: str

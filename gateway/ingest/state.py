@@ -35,6 +35,9 @@ class FleetState:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.vehicles = {vid: VehicleState() for vid in fleet.vehicles}
+        # Cars changed here since the last share with the other gateways (state_sync.py); a set, so a car
+        # reporting 100 times between two shares is shared once.
+        self.dirty: set[str] = set()
 
     def update(self, r: Reading, received_ms: int | None) -> bool:
         """Keep `r` unless a newer reading of its kind is known (then False); `received_ms` None: not
@@ -42,11 +45,24 @@ class FleetState:
         st = self.vehicles[r.vehicle_id]
         if received_ms is not None:
             st.last_seen_ms = received_ms
+            self.dirty.add(r.vehicle_id)
         old = st.readings.get(r.kind)
         if old is None or r.ts_ms >= old.ts_ms:
             st.readings[r.kind] = r
+            self.dirty.add(r.vehicle_id)
             return True
         return False
+
+    def merge(self, r: Reading, last_seen_ms: int | None) -> None:
+        """A reading another gateway had: newest wins, as for our own, and it is not ours to share again."""
+        st = self.vehicles.get(r.vehicle_id)
+        if st is None:
+            return  # a car another gateway's registry has and ours does not
+        if last_seen_ms is not None and (st.last_seen_ms is None or last_seen_ms > st.last_seen_ms):
+            st.last_seen_ms = last_seen_ms
+        old = st.readings.get(r.kind)
+        if old is None or r.ts_ms > old.ts_ms:
+            st.readings[r.kind] = r
 
     def save(self, path: Path) -> None:
         doc = {

@@ -67,8 +67,11 @@ class Deliverer:
         clock: Callable[[], int] = now_ms,
         rng: random.Random | None = None,
         on_gone: Callable[[str], None] = lambda url: None,
+        poll_s: float | None = None,
     ) -> None:
         self.store = store
+        # With other gateways on the store, events they record wake nobody here: look at least this often.
+        self.poll_s = poll_s
         self.endpoints = list(endpoints)
         self.first_retry_s = first_retry_s
         self.max_age_s = max_age_s
@@ -104,6 +107,9 @@ class Deliverer:
         self._wakes[url].set()
 
     async def run(self) -> None:
+        # Run again after a lease regained: what was in flight when it stopped is pending again in the store.
+        self._in_flight = {e.url: set() for e in self.endpoints}
+        self._outcomes = []
         urls = [e.url for e in self.endpoints]
         while True:
             try:
@@ -187,6 +193,8 @@ class Deliverer:
                 continue
             # Due rows all in flight: their outcomes wake us. Otherwise sleep until the next is due.
             wait = None if nxt is None else max(0.0, (nxt - self.clock()) / 1000)
+            if self.poll_s is not None:
+                wait = self.poll_s if wait is None else min(wait, self.poll_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), wait)
 

@@ -11,9 +11,9 @@ after a crash. A backend turns its driver's errors into
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from gateway.rules.alerts import Alert
 from gateway.rules.commands import CommandRecord, Outcome
@@ -26,12 +26,15 @@ from gateway.rules.webhooks import Attempt, Delivery
 
 __all__ = [
     "AUDIT_RETENTION_MS",
+    "IDEMPOTENCY_CLAIM_TTL_MS",
     "IDEMPOTENCY_RETENTION_MS",
     "UNCHECKED",
     "AlertStatus",
+    "Claim",
     "DeliveryEnd",
     "Room",
     "Store",
+    "StoredReading",
     "Unchecked",
     "UsageRows",
     "UsageUser",
@@ -42,6 +45,9 @@ __all__ = [
 AUDIT_RETENTION_MS = 410 * 86_400_000
 # A retry comes within minutes; a day is plenty.
 IDEMPOTENCY_RETENTION_MS = 86_400_000
+# How long a claimed Idempotency-Key stays claimed if its holder neither saves an outcome nor releases it
+# (it crashed): longer than a command takes (ack_timeout_s is at most 300 s), so a slow car is not sent twice.
+IDEMPOTENCY_CLAIM_TTL_MS = 330_000
 
 AlertStatus = Literal["open", "resolved", "all"]
 
@@ -65,6 +71,35 @@ class Room:
 
 
 DeliveryEnd = Literal["delivered", "expired", "gone", "dropped"]
+
+
+@dataclass(frozen=True)
+class StoredReading:
+    """The newest reading of one kind of one car, as shared between gateways (``ingest.telemetry.Reading``
+    without the import: the store sits below ingest)."""
+
+    vehicle_id: str
+    kind: str
+    ts_ms: int
+    fields: dict[str, Any]
+
+
+def newest_of(readings: Sequence[StoredReading], seen: Mapping[str, int]) -> tuple[list[StoredReading], dict[str, int]]:
+    """A batch as one write per row: the newest reading per car and kind (equal times: the later one,
+    as if written one after another), each car's latest last-seen time. A batch statement may touch a
+    row only once (PostgreSQL's ON CONFLICT refuses a second time)."""
+    newest: dict[tuple[str, str], StoredReading] = {}
+    for r in readings:
+        old = newest.get((r.vehicle_id, r.kind))
+        if old is None or r.ts_ms >= old.ts_ms:
+            newest[(r.vehicle_id, r.kind)] = r
+    return list(newest.values()), dict(seen)
+
+
+# What claiming an Idempotency-Key found: "claimed" (the caller runs the request, then saves its outcome or
+# releases the claim), the (fingerprint, outcome) saved by whoever ran it, or "pending" (another holder runs
+# it now: wait and ask again).
+Claim = Literal["claimed", "pending"] | tuple[str, Outcome]
 
 
 class Store(Protocol):
@@ -127,7 +162,46 @@ class Store(Protocol):
 
     async def save_idempotent_outcome(
         self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
-    ) -> None: ...
+    ) -> None:
+        """Keep the outcome under (caller, key), and end any claim of the key, in one transaction."""
+        ...
+
+    async def claim_idempotency_key(
+        self, caller: str, key: str, fingerprint: str, holder: str, now_ms: int,
+        ttl_ms: int = IDEMPOTENCY_CLAIM_TTL_MS,
+    ) -> Claim:  # fmt: skip
+        """The saved outcome of (caller, key) if there is one; else claim the key for `holder` until
+        ``now_ms + ttl_ms`` ("claimed") unless another holder's claim is still live ("pending"). A holder
+        claiming again renews its claim. At most one holder has a live claim, across instances."""
+        ...
+
+    async def release_idempotency_key(self, caller: str, key: str, holder: str) -> None:
+        """End `holder`'s claim (the request failed, nothing to save): a retry may claim it at once."""
+        ...
+
+    # -- leases: work done once across instances --
+
+    async def take_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """If lease `name` is free, expired (``expires_ms <= now_ms``) or held by `holder`: make it
+        `holder`'s until ``now_ms + ttl_ms`` and return True; else False. Atomic across instances."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Free the lease if `holder` has it (expired or not); else nothing."""
+        ...
+
+    # -- the shared latest state of the cars --
+
+    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> None:
+        """In one transaction: each reading replaces the stored one of its car and kind unless that one is
+        newer (equal times: the new one wins); each car's last seen time becomes the later of the two.
+        Every row changed gets a change number beyond every one before (see :meth:`states_changed_since`)."""
+        ...
+
+    async def states_changed_since(self, cursor: int) -> tuple[list[StoredReading], dict[str, int], int]:
+        """The readings and last-seen times changed after `cursor` (0: all), and the cursor to ask with
+        next time. Nothing committed is ever skipped: a change not yet visible now comes in a later call."""
+        ...
 
     # -- the command audit --
 

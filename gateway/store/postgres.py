@@ -43,7 +43,7 @@ does not stall the event loop, and every instance then sees every record.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import astuple, fields
 from typing import Any
@@ -65,12 +65,16 @@ from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.rules.webhooks import Attempt, Delivery
 from gateway.store.base import (
     AUDIT_RETENTION_MS,
+    IDEMPOTENCY_CLAIM_TTL_MS,
     IDEMPOTENCY_RETENTION_MS,
     UNCHECKED,
     AlertStatus,
+    Claim,
     DeliveryEnd,
     Room,
+    StoredReading,
     Unchecked,
+    newest_of,
 )
 from gateway.store.postgres_schema import migrate
 
@@ -102,6 +106,24 @@ def _upsert(table: str, columns: str, key: str) -> str:
 _PUT_RESERVATION = _upsert("reservations", _COLUMNS, "id")
 _PUT_COMMAND = _upsert("commands", _COMMAND_COLUMNS, "command_id")
 _PUT_IDEMPOTENCY = _upsert("idempotency", "caller, key, fingerprint, outcome, created_ms", "caller, key")
+
+# Held (transaction-scoped) by every write of the shared vehicle state, around taking its change number
+# and until commit: see put_states.
+STATE_LOCK = 0x6761_7465_7374_6174  # "gatestat"
+
+# Inserted, or updated only if ours or expired: one statement, so PostgreSQL settles a race on the row
+# (a second inserter waits for the first's commit, then takes the update path and checks its WHERE
+# against the row as committed).
+_TAKE_LEASE = (
+    "INSERT INTO leases AS l (name, holder, expires_ms) VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE "
+    "SET holder = EXCLUDED.holder, expires_ms = EXCLUDED.expires_ms "
+    "WHERE l.holder = EXCLUDED.holder OR l.expires_ms <= %s RETURNING holder"
+)
+_CLAIM_KEY = (
+    "INSERT INTO idempotency_claims AS c (caller, key, fingerprint, holder, expires_ms) VALUES (%s, %s, %s, %s, %s) "
+    "ON CONFLICT (caller, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, holder = EXCLUDED.holder, "
+    "expires_ms = EXCLUDED.expires_ms WHERE c.holder = EXCLUDED.holder OR c.expires_ms <= %s RETURNING holder"
+)
 
 
 def _reservation(r: Sequence[Any]) -> Reservation:
@@ -422,11 +444,99 @@ class PostgresStore:
     async def save_idempotent_outcome(
         self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
     ) -> None:
+        async with self._tx("save an idempotency key") as conn:
+            await conn.execute(_PUT_IDEMPOTENCY, (caller, key, fingerprint, orjson.dumps(outcome.to_doc()), now_ms))
+            # The outcome commits with the claim's end: whoever claims the key after this sees the outcome.
+            await conn.execute("DELETE FROM idempotency_claims WHERE caller = %s AND key = %s", (caller, key))
+
+    async def claim_idempotency_key(
+        self, caller: str, key: str, fingerprint: str, holder: str, now_ms: int,
+        ttl_ms: int = IDEMPOTENCY_CLAIM_TTL_MS,
+    ) -> Claim:  # fmt: skip
+        # Claim first, then read the outcome. The claim statement settles who holds the key (as take_lease).
+        # The read is a later statement, so under READ COMMITTED it sees every commit before it began; a
+        # claim that succeeded because the last holder saved its outcome (which ends the claim in the same
+        # transaction) therefore finds that outcome. Read first and claim second, an outcome saved between
+        # the two would be missed and the request run twice.
+        async with self._tx("claim an idempotency key") as conn:
+            cur = await conn.execute(_CLAIM_KEY, (caller, key, fingerprint, holder, now_ms + ttl_ms, now_ms))
+            claimed = await cur.fetchone() is not None
+            cur = await conn.execute(
+                "SELECT fingerprint, outcome FROM idempotency WHERE caller = %s AND key = %s", (caller, key)
+            )
+            saved = await cur.fetchone()
+            if saved is not None:
+                if claimed:  # nothing to run: not left to block anyone until it expires
+                    await conn.execute(
+                        "DELETE FROM idempotency_claims WHERE caller = %s AND key = %s AND holder = %s",
+                        (caller, key, holder),
+                    )
+                return str(saved[0]), Outcome.from_doc(orjson.loads(saved[1]))
+        return "claimed" if claimed else "pending"
+
+    async def release_idempotency_key(self, caller: str, key: str, holder: str) -> None:
         await self._count(
-            "save an idempotency key",
-            _PUT_IDEMPOTENCY,
-            (caller, key, fingerprint, orjson.dumps(outcome.to_doc()), now_ms),
+            "release an idempotency key",
+            "DELETE FROM idempotency_claims WHERE caller = %s AND key = %s AND holder = %s",
+            (caller, key, holder),
         )
+
+    # -- leases --
+
+    async def take_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        row = await self._one("take a lease", _TAKE_LEASE, (name, holder, now_ms + ttl_ms, now_ms))
+        return row is not None
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._count("release a lease", "DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
+
+    # -- the shared latest state --
+
+    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> None:
+        rows, last_seen = newest_of(readings, seen)
+        if not rows and not last_seen:
+            return
+        async with self._tx("store the vehicle state") as conn:
+            # Change numbers must become visible in order, or a reader that has seen 12 would ask for
+            # "after 12" and never see 11 committed late. So writers take turns: the lock is held from
+            # before nextval until commit, and a transaction is visible before its locks go, so the next
+            # writer's number is both larger and committed later. A reader's one statement thus sees a
+            # prefix of the numbers, and "seq > cursor" misses nothing. The cost is one writer at a time,
+            # a few ms for a batch of hundreds in two statements.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (STATE_LOCK,))
+            cur = await conn.execute("SELECT nextval('state_seq')")
+            row = await cur.fetchone()
+            assert row is not None
+            seq = int(row[0])
+            if rows:
+                await conn.execute(
+                    "INSERT INTO vehicle_readings AS r (vehicle_id, kind, ts_ms, fields, seq) "
+                    "SELECT v, k, t, f::jsonb, %s FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]) "
+                    "AS u(v, k, t, f) ON CONFLICT (vehicle_id, kind) DO UPDATE SET ts_ms = EXCLUDED.ts_ms, "
+                    "fields = EXCLUDED.fields, seq = EXCLUDED.seq WHERE r.ts_ms <= EXCLUDED.ts_ms",
+                    (seq, [r.vehicle_id for r in rows], [r.kind for r in rows], [r.ts_ms for r in rows],
+                     [orjson.dumps(r.fields).decode() for r in rows]),
+                )  # fmt: skip
+            if last_seen:
+                await conn.execute(
+                    "INSERT INTO vehicles_seen AS s (vehicle_id, last_seen_ms, seq) "
+                    "SELECT v, t, %s FROM unnest(%s::text[], %s::bigint[]) AS u(v, t) "
+                    "ON CONFLICT (vehicle_id) DO UPDATE SET last_seen_ms = EXCLUDED.last_seen_ms, seq = EXCLUDED.seq "
+                    "WHERE s.last_seen_ms < EXCLUDED.last_seen_ms",
+                    (seq, list(last_seen), list(last_seen.values())),
+                )
+
+    async def states_changed_since(self, cursor: int) -> tuple[list[StoredReading], dict[str, int], int]:
+        # One statement, so one snapshot: the readings and the times as of the same commit.
+        rows = await self._rows(
+            "read the vehicle state",
+            "SELECT vehicle_id, kind, ts_ms, fields, seq FROM vehicle_readings WHERE seq > %s UNION ALL "
+            "SELECT vehicle_id, NULL, last_seen_ms, NULL::jsonb, seq FROM vehicles_seen WHERE seq > %s",
+            (cursor, cursor),
+        )
+        readings = [StoredReading(v, k, int(t), dict(f)) for v, k, t, f, _ in rows if k is not None]
+        seen = {v: int(t) for v, k, t, _, _ in rows if k is None}
+        return readings, seen, max((int(r[4]) for r in rows), default=cursor)
 
     # -- the command audit --
 
@@ -681,7 +791,9 @@ class PostgresStore:
                 "DELETE FROM idempotency WHERE created_ms < %s", (now_ms - IDEMPOTENCY_RETENTION_MS,)
             )
             b = await conn.execute("DELETE FROM commands WHERE issued_ms < %s", (now_ms - AUDIT_RETENTION_MS,))
-            n = a.rowcount + b.rowcount
+            # An expired claim is free already: only its row is left.
+            c = await conn.execute("DELETE FROM idempotency_claims WHERE expires_ms <= %s", (now_ms,))
+            n = a.rowcount + b.rowcount + c.rowcount
             if events_before_ms is not None:
                 # Ids are ULIDs, ordered by time: every event before a time has an id below that time's.
                 first_kept = "evt_" + ulid_floor(events_before_ms)

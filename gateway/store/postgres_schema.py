@@ -7,7 +7,7 @@ transactional here: a version is all there or not at all). A version, once
 released, is never edited: a change is a new version.
 
 Version 1 is the SQLite schema of version 5 as a whole: no PostgreSQL
-database predates it. Where the two differ, it is on purpose:
+database predates it; version 2 is SQLite's version 6. Where the two differ, it is on purpose:
 
 * text keys are ``COLLATE "C"``: listings, ``id > after`` and pruning by
   ULID compare bytes, as SQLite does, whatever the database's locale;
@@ -161,6 +161,36 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             "CREATE UNIQUE INDEX alerts_open ON alerts (type, vehicle_id, reservation_id) WHERE resolved_ms IS NULL",
             "CREATE INDEX alerts_vehicle ON alerts (vehicle_id, opened_ms)",
             "CREATE INDEX alerts_opened ON alerts (opened_ms)",
+        ],
+    ),
+    (
+        "leases, the shared latest state of the cars, claimed idempotency keys",
+        [
+            # One row per piece of work done once across instances; free once expires_ms has passed.
+            f"CREATE TABLE leases (name {_T} PRIMARY KEY, holder {_T} NOT NULL, expires_ms bigint NOT NULL)",
+            # The change number of the shared state. Its values are taken under one advisory lock, so they
+            # commit in order (postgres.py, put_states).
+            "CREATE SEQUENCE state_seq",
+            f"""CREATE TABLE vehicle_readings (
+                vehicle_id {_T} NOT NULL,
+                kind {_T} NOT NULL,
+                ts_ms bigint NOT NULL,
+                fields jsonb NOT NULL,
+                seq bigint NOT NULL,
+                PRIMARY KEY (vehicle_id, kind)
+            )""",
+            "CREATE INDEX vehicle_readings_seq ON vehicle_readings (seq)",
+            f"CREATE TABLE vehicles_seen (vehicle_id {_T} PRIMARY KEY, last_seen_ms bigint NOT NULL, "
+            "seq bigint NOT NULL)",
+            "CREATE INDEX vehicles_seen_seq ON vehicles_seen (seq)",
+            f"""CREATE TABLE idempotency_claims (
+                caller {_T} NOT NULL,
+                key {_T} NOT NULL,
+                fingerprint {_T} NOT NULL,
+                holder {_T} NOT NULL,
+                expires_ms bigint NOT NULL,
+                PRIMARY KEY (caller, key)
+            )""",
         ],
     ),
 ]

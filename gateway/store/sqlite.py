@@ -1,7 +1,8 @@
 """The embedded store: one SQLite file in the state directory.
 
 Reservations, idempotency, the command audit and trips are here; events,
-the webhook outbox and alerts in ``sqlite_events.py``; the transaction and
+the webhook outbox and alerts in ``sqlite_events.py``; leases, the shared
+vehicle state and claimed idempotency keys in ``sqlite_shared.py``; the transaction and
 error mapping both share, in ``sqlite_sql.py``.
 The schema and its versions are in ``sqlite_schema.py``; opening the store
 brings any older file up to date. Every call is a short local transaction, so it runs on the
@@ -33,6 +34,7 @@ from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, UNCHECKED, Room, Unchecked
 from gateway.store.sqlite_events import EventTables
 from gateway.store.sqlite_schema import migrate
+from gateway.store.sqlite_shared import SharedTables
 from gateway.store.sqlite_sql import errors, listing
 
 __all__ = ["AUDIT_FLUSH_S", "SqliteStore", "open_sqlite"]
@@ -108,7 +110,7 @@ def open_sqlite(path: Path) -> SqliteStore:
     return SqliteStore(db)
 
 
-class SqliteStore(EventTables):
+class SqliteStore(EventTables, SharedTables):
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._audit: list[CommandRecord] = []
@@ -281,11 +283,13 @@ class SqliteStore(EventTables):
     async def save_idempotent_outcome(
         self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
     ) -> None:
-        with errors("save an idempotency key"):
+        with errors("save an idempotency key"), self._tx():
             self.db.execute(
                 "INSERT OR REPLACE INTO idempotency (caller, key, fingerprint, outcome, created_ms) VALUES (?,?,?,?,?)",
                 (caller, key, fingerprint, orjson.dumps(outcome.to_doc()), now_ms),
             )
+            # Whoever claimed the key is done; anyone claiming it now finds the outcome.
+            self.db.execute("DELETE FROM idempotency_claims WHERE caller = ? AND key = ?", (caller, key))
 
     # -- the command audit --
 
@@ -470,7 +474,9 @@ class SqliteStore(EventTables):
         with errors("prune old rows"), self._tx():
             a = self.db.execute("DELETE FROM idempotency WHERE created_ms < ?", (now_ms - IDEMPOTENCY_RETENTION_MS,))
             b = self.db.execute("DELETE FROM commands WHERE issued_ms < ?", (now_ms - AUDIT_RETENTION_MS,))
-            n = a.rowcount + b.rowcount
+            # An expired claim is free already: only its row is left.
+            c = self.db.execute("DELETE FROM idempotency_claims WHERE expires_ms <= ?", (now_ms,))
+            n = a.rowcount + b.rowcount + c.rowcount
             if events_before_ms is not None:
                 # Ids are ULIDs, ordered by time: every event before a time has an id below that time's.
                 first_kept = "evt_" + ulid_floor(events_before_ms)

@@ -185,6 +185,36 @@ MIGRATIONS: list[tuple[str, list[Migration]]] = [
             "UPDATE reservations SET cancel_reason = 'cancelled' WHERE cancelled",
         ],
     ),
+    (
+        "leases, the shared latest state of the cars, claimed idempotency keys",
+        [
+            # One row per piece of work done once across instances; free once expires_ms has passed.
+            "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL)",
+            # The newest reading per car and kind; seq is the change number of the write that last changed it.
+            """CREATE TABLE vehicle_readings (
+                vehicle_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                ts_ms INTEGER NOT NULL,
+                fields BLOB NOT NULL,
+                seq INTEGER NOT NULL,
+                PRIMARY KEY (vehicle_id, kind)
+            )""",
+            "CREATE INDEX vehicle_readings_seq ON vehicle_readings (seq)",
+            "CREATE TABLE vehicles_seen (vehicle_id TEXT PRIMARY KEY, last_seen_ms INTEGER NOT NULL, "
+            "seq INTEGER NOT NULL)",
+            "CREATE INDEX vehicles_seen_seq ON vehicles_seen (seq)",
+            # A request under way with its Idempotency-Key, beside (not in) the outcomes: an outcome row always
+            # has its outcome, and a claim ends when its outcome is saved or when it expires.
+            """CREATE TABLE idempotency_claims (
+                caller TEXT NOT NULL,
+                key TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                holder TEXT NOT NULL,
+                expires_ms INTEGER NOT NULL,
+                PRIMARY KEY (caller, key)
+            )""",
+        ],
+    ),
 ]
 
 

@@ -1,0 +1,68 @@
+"""The cars' latest state shared between gateways through the store.
+
+With a shared subscription each gateway hears a part of the fleet's
+messages, yet each must answer ``GET /v1/vehicles`` for every car. So every
+``ha.state_sync_s`` each gateway writes the cars that changed here, in one
+batch (never per message: ingest runs at tens of thousands a second), and
+reads back what changed in the store since its last look, newest reading
+winning both ways. A car's state is thus at most about two sync periods
+behind on any instance (one to be written, one to be read).
+
+Only with a store that several gateways share (PostgreSQL); on SQLite one
+gateway has it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.errors import StoreError
+from gateway.ingest.state import FleetState
+from gateway.ingest.telemetry import Reading
+from gateway.store.base import Store, StoredReading
+
+log = logging.getLogger(__name__)
+
+
+class StateSync:
+    def __init__(self, state: FleetState, store: Store, every_s: float) -> None:
+        self.state = state
+        self.store = store
+        self.every_s = every_s
+        self.cursor = 0
+        self.failing = False
+
+    async def run(self) -> None:
+        while True:
+            await self.sync_once()
+            await asyncio.sleep(self.every_s)
+
+    async def sync_once(self) -> None:
+        dirty, self.state.dirty = self.state.dirty, set()
+        readings: list[StoredReading] = []
+        seen: dict[str, int] = {}
+        for vid in dirty:
+            st = self.state.vehicles[vid]
+            readings += [StoredReading(vid, r.kind, r.ts_ms, r.fields) for r in st.readings.values()]
+            if st.last_seen_ms is not None:
+                seen[vid] = st.last_seen_ms
+        try:
+            if readings or seen:
+                await self.store.put_states(readings, seen)
+            rows, last_seen, self.cursor = await self.store.states_changed_since(self.cursor)
+        except StoreError as e:
+            self.state.dirty |= dirty  # shared at the next turn
+            if not self.failing:
+                log.error("state sync: %s; the other gateways' view of these cars lags until it works", e)
+                self.failing = True
+            return
+        if self.failing:
+            log.warning("state sync: working again")
+            self.failing = False
+        for row in rows:
+            self.state.merge(Reading(row.kind, row.vehicle_id, row.ts_ms, row.fields), last_seen.get(row.vehicle_id))
+        for vid, ms in last_seen.items():
+            seen_here = self.state.vehicles.get(vid)
+            if seen_here is not None and (seen_here.last_seen_ms is None or ms > seen_here.last_seen_ms):
+                seen_here.last_seen_ms = ms

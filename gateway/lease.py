@@ -1,0 +1,95 @@
+"""The work that must happen once across gateway instances, done by whichever holds the lease.
+
+Start-time unlocks, automatic ends, the scheduled alert checks and webhook
+delivery must not run in two gateways sharing one store: a car would get
+two unlocks, a receiver two deliveries. Every instance tries to take one
+lease in the store; the holder runs those jobs and renews the lease, the
+others keep trying. A holder that dies stops renewing, and another takes
+over within ``ha.lease_s``: the lease is written for two thirds of it and
+tried every sixth, so the worst case is 5/6 of ``lease_s``. A holder that
+cannot renew (the store is unreachable) stops its jobs before its lease
+can have expired, so two holders never run them at once while the store
+is reachable to either.
+
+On SQLite there is one gateway per file, which always gets the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from gateway.errors import StoreError
+from gateway.store.base import Store
+from gateway.times import now_ms
+
+log = logging.getLogger(__name__)
+
+Job = tuple[str, Callable[[], Coroutine[Any, Any, None]]]
+"""A name (for the log) and what starts it afresh: a job is started again after every lease regained."""
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+LEASE = "once-only-work"
+
+
+class LeaseHolder:
+    def __init__(
+        self,
+        store: Store,
+        holder: str,
+        lease_s: float,
+        jobs: list[Job],
+        spawn: Spawn,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.store = store
+        self.spawn = spawn  # the app's supervisor: a job that dies shows in /healthz
+        self.holder = holder
+        self.jobs = jobs
+        self.ttl_ms = int(lease_s * 1000 * 2 / 3)
+        self.every_s = lease_s / 6
+        self.clock = clock
+        self.held = False
+        self._running: list[asyncio.Task[None]] = []
+        self._renewed_ms = 0  # on our clock, when the store last confirmed the lease
+
+    async def run(self) -> None:
+        while True:
+            now = self.clock()
+            try:
+                got = await self.store.take_lease(LEASE, self.holder, now, self.ttl_ms)
+            except StoreError as e:
+                log.error("lease: cannot renew (%s)", e)
+                # Ours until it expires: stop the jobs before it can, with a renewal period to spare.
+                got = self.held and self.clock() - self._renewed_ms < self.ttl_ms - self.every_s * 1000
+            else:
+                if got:
+                    self._renewed_ms = now
+            if got and not self.held:
+                self.held = True
+                log.info("lease taken by %s: it runs %s", self.holder, ", ".join(n for n, _ in self.jobs))
+                self._running = [self.spawn(start(), name) for name, start in self.jobs]
+            elif not got and self.held:
+                log.warning("lease lost by %s: its once-only work stops (another instance takes it)", self.holder)
+                await self._stop()
+            await asyncio.sleep(self.every_s)
+
+    async def _stop(self) -> None:
+        self.held = False
+        running, self._running = self._running, []
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop the jobs and give the lease up, so another instance need not wait for it to expire."""
+        was_held = self.held
+        await self._stop()
+        if was_held:
+            try:
+                await self.store.release_lease(LEASE, self.holder)
+            except StoreError as e:
+                log.warning("lease: cannot release (%s); it expires by itself", e)
