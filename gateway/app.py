@@ -40,7 +40,7 @@ from aiohttp import web
 from gateway.booking.dispatcher import CommandDispatcher
 from gateway.booking.rentals import Rentals, readings_from
 from gateway.booking.service import Booking
-from gateway.booking.start_unlocks import StartUnlocks
+from gateway.booking.start_unlocks import IDLE_S, StartUnlocks
 from gateway.errors import StartupError, StoreError
 from gateway.fleet import Fleet
 from gateway.http.keys import BOOKING, FEED, FLEET, LIMITER, MONITOR, RENTALS, STATE
@@ -326,7 +326,7 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s, events=app[EVENTS],
         preempt_notice_s=s.booking.preempt_notice_s,
     )  # fmt: skip
-    starts = StartUnlocks(app[STORE], booking)
+    starts = StartUnlocks(app[STORE], booking, idle_s=SHARED_POLL_S if s.store.url else IDLE_S)
     booking.on_change = starts.wake
     b, t = s.billing, s.trips
     rentals = Rentals(

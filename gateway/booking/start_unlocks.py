@@ -33,10 +33,14 @@ UNKNOWN_CALLER = "(before the audit)"
 
 
 class StartUnlocks:
-    def __init__(self, store: Store, booking: Booking, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self, store: Store, booking: Booking, clock: Callable[[], int] = now_ms, idle_s: float = IDLE_S
+    ) -> None:
         self.store = store
         self.booking = booking
         self.clock = clock
+        # A reservation booked through another gateway on the store wakes nobody here: the longest wait.
+        self.idle_s = idle_s
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         # Reservations whose unlock found the broker down: audited once per outage, not every retry.
@@ -58,7 +62,8 @@ class StartUnlocks:
                 log.error("start unlocks: %s; trying again", e)
                 nxt = self.clock()
             now = self.clock()
-            wait = IDLE_S if nxt is None else min(IDLE_S, max(RETRY_S if nxt <= now else 0.01, (nxt - now) / 1000))
+            idle = self.idle_s
+            wait = idle if nxt is None else min(idle, max(RETRY_S if nxt <= now else 0.01, (nxt - now) / 1000))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
