@@ -466,6 +466,7 @@ class PostgresService(Service):
         Service.stop(self, signal.SIGINT)
         self.proc = _spawn_as(self.argv, self.workdir, self.name, self.run_as)
         _wait_port(self.port, self.proc, self.workdir, self.name)
+        _wait_postgres_ready(Path(self.argv[0]).parent, self.port, self.proc)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> None:
         # SIGINT is PostgreSQL's fast shutdown; SIGTERM (smart) would wait for every client to leave.
@@ -538,6 +539,7 @@ def start_postgres(workdir: Path, port: int | None = None) -> PostgresService:
     proc = _spawn_as(argv, workdir, "postgres", run_as)
     try:
         _wait_port(port, proc, workdir, "postgres")
+        _wait_postgres_ready(bindir, port, proc)
     except ServiceError:
         proc.kill()
         proc.wait()
@@ -545,6 +547,22 @@ def start_postgres(workdir: Path, port: int | None = None) -> PostgresService:
         raise
     url = f"postgresql://{POSTGRES_USER}:{POSTGRES_PASSWORD}@127.0.0.1:{port}/postgres"
     return PostgresService("postgres", port, workdir, proc, argv, url=url, data_dir=data_dir, run_as=run_as)
+
+
+def _wait_postgres_ready(bindir: Path, port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    # The port opens before the server takes logins ("the database system is starting up"), longer so on a
+    # loaded machine: pg_isready says when it accepts.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"postgres exited with {proc.returncode}")
+        ready = subprocess.run(
+            [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "1"], check=False
+        )
+        if ready.returncode == 0:
+            return
+        time.sleep(0.05)
+    raise ServiceError(f"postgres on port {port} did not accept connections within {timeout:.0f} s")
 
 
 def create_database(influx_port: int, name: str) -> None:
