@@ -14,6 +14,9 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
+from psycopg import sql
+
 from scripts import services
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +69,79 @@ def start_gateway(env: dict[str, str], http_port: int, timeout: float = 60) -> s
         time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"the gateway did not connect to the broker within {timeout:.0f} s")
+
+
+def create_pg_database(pg: services.PostgresService, name: str) -> str:
+    """A new, empty database `name` in the bench's PostgreSQL (the gateway migrates it); its URL."""
+    with psycopg.connect(pg.url, autocommit=True) as c:  # CREATE DATABASE cannot run in a transaction
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return pg.url_for(name)
+
+
+@contextlib.contextmanager
+def postgres_if(wanted: bool, workdir: Path) -> Iterator[services.PostgresService | None]:
+    """A private PostgreSQL in `workdir` for the run if `wanted` (else None), stopped afterwards."""
+    if not wanted:
+        yield None
+        return
+    pg = services.start_postgres(workdir)
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+def start_gateways(
+    broker_port: int,
+    influx_port: int,
+    state_dir: Path,
+    client_id: str,
+    instances: int = 1,
+    store_url: str | None = None,
+    group: str | None = None,
+    **extra: str,
+) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """Start `instances` gateways, one after the other (the first migrates the store); (processes, HTTP ports).
+
+    One gateway without `store_url` or `group` is configured exactly as `gateway_env` alone would:
+    its SQLite store in `state_dir`, `client_id` as is. Otherwise instance i (gw1, gw2, ...) gets
+    ``GATEWAY__INSTANCE``, a state dir ``state_dir/gw<i>``, the client id ``<client_id>-gw<i>``
+    and its own HTTP port, and all of them share `store_url` (``GATEWAY__STORE__URL``) and the
+    MQTT shared subscription `group` (``GATEWAY__MQTT__SHARED_GROUP``).
+    """
+    single = instances == 1 and store_url is None and group is None
+    procs: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
+    try:
+        for i in range(instances):
+            http_port = services.free_port()
+            own = dict(extra)
+            if single:
+                own.update(GATEWAY__MQTT__CLIENT_ID=client_id)
+                where = state_dir
+            else:
+                name = f"gw{i + 1}"
+                own.update(GATEWAY__INSTANCE=name, GATEWAY__MQTT__CLIENT_ID=f"{client_id}-{name}")
+                where = state_dir / name
+                if store_url is not None:
+                    own.update(GATEWAY__STORE__URL=store_url)
+                if group is not None:
+                    own.update(GATEWAY__MQTT__SHARED_GROUP=group)
+            env = gateway_env(broker_port, influx_port, http_port, where, **own)
+            procs.append(start_gateway(env, http_port))
+            ports.append(http_port)
+    except BaseException:
+        stop_all(procs)
+        raise
+    return procs, ports
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate every process (all at once, then wait for each), last started first."""
+    for p in reversed(procs):
+        p.terminate()
+    for p in reversed(procs):
+        p.wait()
 
 
 @contextlib.contextmanager

@@ -10,10 +10,20 @@ keeps every queued QoS 1 message (``max_queued_messages``), so a slow
 consumer is slow, not lossy; loss is what never arrives.
 
     python -m bench.ingest [--cars 20] [--messages 5000] [--rounds 2] [--window 32]
+    python -m bench.ingest --instances 2 --store postgresql
 
 The `windowed` consumer is the gateway again, announcing a receive maximum
 of ``--window`` unacknowledged messages (EMQX's default is 32) instead of
 its default 20,000: the broker then waits for our acks every few messages.
+
+With ``--instances N`` (N > 1) or ``--store postgresql``, the measured
+consumers become `gateway` (one gateway on its SQLite file, the baseline)
+and `shared`: N gateways (gw1, gw2, ...) on one PostgreSQL the bench starts
+in its temporary directory (a fresh database per round), splitting the
+cars' traffic through the MQTT shared subscription group ``g``, each with
+its own state dir, HTTP port and client id, all writing to one InfluxDB
+database, whose rows are counted as for the others. ``--only`` adds
+the other consumers back. Prints shared/gateway besides the rates.
 
 Prints each rate and the ratios gateway/bare, gateway/naive and
 windowed/gateway; rounds are
@@ -35,7 +45,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import REPO, gateway_env, start_gateway, wait_until
+from bench.common import REPO, create_pg_database, postgres_if, start_gateways, stop_all, wait_until
 from scripts import services
 
 T0_MS = 1795683600000
@@ -99,10 +109,12 @@ class Run:
         influx: services.Service,
         proxy: services.Service,
         work: Path,
+        pg: services.PostgresService | None = None,
     ):
         self.args = args
         self.broker = broker
         self.influx = influx
+        self.pg = pg
         # The naive script writes through influxdb_client (/api/v2/write): via the test proxy.
         self.proxy_port = proxy.port
         self.work = work
@@ -182,25 +194,39 @@ class Run:
         """The gateway announcing a small receive window, as under EMQX's default of 32 in flight."""
         return self._gateway("gwwin", GATEWAY__MQTT__RECEIVE_MAXIMUM=str(self.args.window))
 
+    def shared(self) -> tuple[float, int]:
+        """`--instances` gateways on one store (PostgreSQL: a fresh database) in one shared group."""
+        prefix, db = self._names("shared")
+        store_url = None
+        if self.args.store == "postgresql":
+            assert self.pg is not None
+            store_url = create_pg_database(self.pg, db)
+        group = "g" if self.args.instances > 1 else None
+        return self._gateway_at(prefix, db, self.args.instances, store_url, group)
+
     def _gateway(self, kind: str, **extra: str) -> tuple[float, int]:
         prefix, db = self._names(kind)
-        http_port = services.free_port()
-        env = gateway_env(
+        return self._gateway_at(prefix, db, 1, None, None, **extra)
+
+    def _gateway_at(
+        self, prefix: str, db: str, instances: int, store_url: str | None, group: str | None, **extra: str
+    ) -> tuple[float, int]:
+        procs, _ = start_gateways(
             self.broker.port,
             self.influx.port,
-            http_port,
             self.work / f"state-{db}",
+            f"gw-{prefix}",
+            instances,
+            store_url,
+            group,
             GATEWAY__MQTT__TOPIC_PREFIX=prefix,
-            GATEWAY__MQTT__CLIENT_ID=f"gw-{prefix}",
             GATEWAY__INFLUX__DATABASE=db,
             **extra,
         )
-        c = start_gateway(env, http_port)
         try:
             return self._timed_storage(prefix, db)
         finally:
-            c.terminate()
-            c.wait()
+            stop_all(procs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,10 +236,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported (default 2)")
     p.add_argument("--timeout", type=float, default=120, help="give up on one consumer after this long")
     p.add_argument(
-        "--only", choices=["bare", "naive", "gateway", "windowed"], action="append", help="measure only these"
+        "--only",
+        choices=["bare", "naive", "gateway", "windowed", "shared"],
+        action="append",
+        help="measure only these (`shared` needs --instances > 1 or --store postgresql)",
     )
     p.add_argument("--window", type=int, default=32, help="mqtt.receive_maximum of the `windowed` gateway (default 32)")
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="gateways of the `shared` consumer, in one MQTT shared group (default 1: no `shared` consumer)",
+    )
+    p.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="store of the `shared` consumer (default sqlite, for one instance only): postgresql is "
+        "started by the bench. With --instances > 1 or postgresql, the consumers are `gateway` "
+        "(one on SQLite, the baseline) and `shared`, unless --only says otherwise",
+    )
     args = p.parse_args(argv)
+    if args.instances < 1:
+        p.error("--instances must be at least 1")
+    multi = args.instances > 1 or args.store == "postgresql"
+    if args.only and "shared" in args.only and not multi:
+        p.error("`shared` needs --instances > 1 or --store postgresql")
+    if args.instances > 1 and args.store == "sqlite":
+        p.error("several instances need a shared store: --store postgresql")
+    default_kinds = ["gateway", "shared"] if multi else ["bare", "naive", "gateway", "windowed"]
+    shared_label = f"{args.instances} gw {args.store}"
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
@@ -221,15 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         influx = services.start_influxd(work / "influxdb")
         proxy = services.start_nginx_v2_proxy(work / "nginx", influx.port)
         try:
-            run = Run(args, broker, influx, proxy, work)
-            kinds = args.only or ["bare", "naive", "gateway", "windowed"]
-            results: dict[str, list[tuple[float, int]]] = {k: [] for k in kinds}
-            print(f"{run.total} QoS 1 messages from {args.cars} cars per consumer, {args.rounds} round(s)", flush=True)
-            for r in range(args.rounds):
-                for kind in kinds:
-                    rate, lost = getattr(run, kind)()
-                    results[kind].append((rate, lost))
-                    print(f"  round {r + 1}: {kind:8s} {rate:9,.0f} msg/s  lost {lost}", flush=True)
+            with postgres_if(args.store == "postgresql", work / "postgres") as pg:
+                run = Run(args, broker, influx, proxy, work, pg)
+                kinds = args.only or default_kinds
+                results: dict[str, list[tuple[float, int]]] = {k: [] for k in kinds}
+                print(
+                    f"{run.total} QoS 1 messages from {args.cars} cars per consumer, {args.rounds} round(s)",
+                    flush=True,
+                )
+                if "shared" in kinds:
+                    print(f"  shared = {shared_label} (shared group g), gateway = 1 gw sqlite", flush=True)
+                for r in range(args.rounds):
+                    for kind in kinds:
+                        rate, lost = getattr(run, kind)()
+                        results[kind].append((rate, lost))
+                        print(f"  round {r + 1}: {kind:8s} {rate:9,.0f} msg/s  lost {lost}", flush=True)
         finally:
             for s in (proxy, influx, broker):
                 s.stop()
@@ -245,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  gateway / naive script    = {med['gateway'] / med['naive']:.2f}x")
         if "windowed" in med:
             print(f"  window {args.window} / default window = {med['windowed'] / med['gateway']:.2f}x")
+        if "shared" in med:
+            print(f"  {shared_label} / 1 gw sqlite = {med['shared'] / med['gateway']:.2f}x")
     return 0 if all(n == 0 for n in lost.values()) else 1
 
 
