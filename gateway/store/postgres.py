@@ -57,7 +57,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.errors import StaleRead, StartupError, StoreError
-from gateway.rules.alerts import Alert, AlertType
+from gateway.rules.alerts import Alert
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, ulid_floor
 from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
@@ -79,6 +79,7 @@ from gateway.store.base import (
     newest_of,
 )
 from gateway.store.postgres_schema import migrate
+from gateway.store.rows import to_alert, to_command, to_reservation
 
 __all__ = ["PostgresStore", "open_postgres", "redact"]
 
@@ -131,26 +132,6 @@ _CLAIM_KEY = (
 )
 
 
-def _reservation(r: Sequence[Any]) -> Reservation:
-    su = None if r[10] is None else StartUnlock(r[10], int(r[11]), r[12], r[13])
-    return Reservation(
-        id=r[0],
-        vehicle_id=r[1],
-        user_id=r[2],
-        starts_ms=int(r[3]),
-        ends_ms=int(r[4]),
-        kind="staff" if r[5] == "staff" else "public",
-        unlock_at_start=bool(r[6]),
-        cancelled=bool(r[7]),
-        created_ms=int(r[8]),
-        updated_ms=int(r[9]),
-        start_unlock=su,
-        created_by=r[14],
-        completed=bool(r[15]),
-        cancel_reason=r[16],
-    )
-
-
 def _reservation_row(r: Reservation) -> tuple[object, ...]:
     su = r.start_unlock
     return (
@@ -162,15 +143,6 @@ def _reservation_row(r: Reservation) -> tuple[object, ...]:
 
 def _trip(r: Sequence[Any]) -> Trip:
     return Trip(*r)
-
-
-def _command(r: Sequence[Any]) -> CommandRecord:
-    return CommandRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8], r[9])
-
-
-def _alert(r: Sequence[Any]) -> Alert:
-    at: AlertType = r[1]
-    return Alert(r[0], at, r[2], r[3] or None, int(r[4]), r[5], orjson.loads(r[6]), r[7])
 
 
 def _car_lock(vehicle_id: str) -> int:
@@ -321,14 +293,14 @@ class PostgresStore:
             return
         cur = await conn.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = %s FOR UPDATE", (reservation_id,))
         row = await cur.fetchone()
-        if (None if row is None else _reservation(row)) != expected:
+        if (None if row is None else to_reservation(row)) != expected:
             raise StaleRead(f"reservation {reservation_id} changed since it was read")
 
     async def get_reservation(self, reservation_id: str) -> Reservation | None:
         row = await self._one(
             "read a reservation", f"SELECT {_COLUMNS} FROM reservations WHERE id = %s", (reservation_id,)
         )
-        return None if row is None else _reservation(row)
+        return None if row is None else to_reservation(row)
 
     async def put_reservation(
         self, r: Reservation, now_ms: int, expected: Reservation | Unchecked | None = UNCHECKED
@@ -383,7 +355,7 @@ class PostgresStore:
             "AND NOT completed ORDER BY starts_ms, id",
             (vehicle_id, now_ms),
         )
-        return [_reservation(row) for row in await cur.fetchall()]
+        return [to_reservation(row) for row in await cur.fetchall()]
 
     async def cancel_reservation(self, reservation_id: str, now_ms: int, reason: str = "cancelled") -> bool:
         async with self._tx("cancel a reservation") as conn:
@@ -405,7 +377,7 @@ class PostgresStore:
             "starts_ms, id",
             limit,
         )
-        return [_reservation(r) for r in await self._rows("list reservations", sql, args)]
+        return [to_reservation(r) for r in await self._rows("list reservations", sql, args)]
 
     # -- the start-time unlock --
 
@@ -416,7 +388,7 @@ class PostgresStore:
             "AND NOT cancelled AND starts_ms <= %s AND ends_ms > %s ORDER BY starts_ms",
             (now_ms, now_ms),
         )
-        return [_reservation(r) for r in rows]
+        return [to_reservation(r) for r in rows]
 
     async def next_start_unlock_ms(self, now_ms: int) -> int | None:
         row = await self._one(
@@ -431,7 +403,7 @@ class PostgresStore:
         rows = await self._rows(
             "read pending start unlocks", f"SELECT {_COLUMNS} FROM reservations WHERE su_status = 'pending'"
         )
-        return [_reservation(r) for r in rows]
+        return [to_reservation(r) for r in rows]
 
     async def claim_start_unlock(self, reservation_id: str, claim: StartUnlock) -> bool:
         return await self._set_start_unlock(reservation_id, claim, " AND su_status IS NULL")
@@ -611,7 +583,7 @@ class PostgresStore:
             "issued_ms DESC, command_id DESC",
             limit,
         )
-        return [_command(r) for r in await self._rows("list commands", sql, args)]
+        return [to_command(r) for r in await self._rows("list commands", sql, args)]
 
     # -- trips --
 
@@ -842,7 +814,7 @@ class PostgresStore:
             "opened_ms DESC, id DESC",
             limit,
         )  # fmt: skip
-        return [_alert(r) for r in await self._rows("list alerts", sql, args)]
+        return [to_alert(r) for r in await self._rows("list alerts", sql, args)]
 
     # -- housekeeping --
 

@@ -32,6 +32,7 @@ from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, UNCHECKED, Room, Unchecked
+from gateway.store.rows import to_command, to_reservation
 from gateway.store.sqlite_events import EventTables
 from gateway.store.sqlite_schema import migrate
 from gateway.store.sqlite_shared import SharedTables
@@ -57,34 +58,10 @@ _COMMAND_COLUMNS = (
 )
 
 
-def _reservation(r: Any) -> Reservation:
-    su = None if r[10] is None else StartUnlock(r[10], int(r[11]), r[12], r[13])
-    return Reservation(
-        id=r[0],
-        vehicle_id=r[1],
-        user_id=r[2],
-        starts_ms=int(r[3]),
-        ends_ms=int(r[4]),
-        kind="staff" if r[5] == "staff" else "public",
-        unlock_at_start=bool(r[6]),
-        cancelled=bool(r[7]),
-        created_ms=int(r[8]),
-        updated_ms=int(r[9]),
-        start_unlock=su,
-        created_by=r[14],
-        completed=bool(r[15]),
-        cancel_reason=r[16],
-    )
-
-
 def _trip(r: Any) -> Trip:
     t = Trip(*r)
     at = None if t.end_at_station is None else bool(t.end_at_station)
     return replace(t, forced=bool(t.forced), end_at_station=at)
-
-
-def _command(r: Any) -> CommandRecord:
-    return CommandRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8], r[9])
 
 
 def open_sqlite(path: Path) -> SqliteStore:
@@ -133,13 +110,13 @@ class SqliteStore(EventTables, SharedTables):
         if isinstance(expected, Unchecked):
             return
         row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
-        if (None if row is None else _reservation(row)) != expected:
+        if (None if row is None else to_reservation(row)) != expected:
             raise StaleRead(f"reservation {reservation_id} changed since it was read")
 
     async def get_reservation(self, reservation_id: str) -> Reservation | None:
         with errors("read a reservation"):
             row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
-        return None if row is None else _reservation(row)
+        return None if row is None else to_reservation(row)
 
     async def put_reservation(
         self, r: Reservation, now_ms: int, expected: Reservation | Unchecked | None = UNCHECKED
@@ -195,7 +172,7 @@ class SqliteStore(EventTables, SharedTables):
             "AND NOT completed ORDER BY starts_ms, id",
             (vehicle_id, now_ms),
         ).fetchall()
-        return [_reservation(row) for row in rows]
+        return [to_reservation(row) for row in rows]
 
     def _insert_reservation(self, r: Reservation) -> None:
         su = r.start_unlock
@@ -228,7 +205,7 @@ class SqliteStore(EventTables, SharedTables):
             limit,
         )
         with errors("list reservations"):
-            return [_reservation(r) for r in self.db.execute(sql, args).fetchall()]
+            return [to_reservation(r) for r in self.db.execute(sql, args).fetchall()]
 
     # -- the start-time unlock --
 
@@ -239,7 +216,7 @@ class SqliteStore(EventTables, SharedTables):
                 "AND NOT cancelled AND starts_ms <= ? AND ends_ms > ? ORDER BY starts_ms",
                 (now_ms, now_ms),
             ).fetchall()
-        return [_reservation(r) for r in rows]
+        return [to_reservation(r) for r in rows]
 
     async def next_start_unlock_ms(self, now_ms: int) -> int | None:
         with errors("read the next start unlock"):
@@ -253,7 +230,7 @@ class SqliteStore(EventTables, SharedTables):
     async def pending_start_unlocks(self) -> list[Reservation]:
         with errors("read pending start unlocks"):
             rows = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE su_status = 'pending'").fetchall()
-        return [_reservation(r) for r in rows]
+        return [to_reservation(r) for r in rows]
 
     async def claim_start_unlock(self, reservation_id: str, claim: StartUnlock) -> bool:
         return self._set_start_unlock(reservation_id, claim, " AND su_status IS NULL")
@@ -354,7 +331,7 @@ class SqliteStore(EventTables, SharedTables):
             limit,
         )
         with errors("list commands"):
-            return [_command(r) for r in self.db.execute(sql, args).fetchall()]
+            return [to_command(r) for r in self.db.execute(sql, args).fetchall()]
 
     # -- trips --
 

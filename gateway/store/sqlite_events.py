@@ -8,24 +8,19 @@ their time, so listing after an id, pruning and expiring are ranges on the key.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
 
 import orjson
 
-from gateway.rules.alerts import Alert, AlertType
+from gateway.rules.alerts import Alert
 from gateway.rules.events import Event, ulid_floor
 from gateway.rules.webhooks import Attempt, Delivery
 from gateway.store.base import AlertStatus, DeliveryEnd
+from gateway.store.rows import to_alert
 from gateway.store.sqlite_sql import SqliteBase, errors, listing
 
 __all__ = ["EventTables"]
 
 _ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
-
-
-def _alert(r: Any) -> Alert:
-    at: AlertType = r[1]
-    return Alert(r[0], at, r[2], r[3] or None, int(r[4]), r[5], orjson.loads(r[6]), r[7])
 
 
 class EventTables(SqliteBase):
@@ -156,4 +151,4 @@ class EventTables(SqliteBase):
             limit,
         )  # fmt: skip
         with errors("list alerts"):
-            return [_alert(r) for r in self.db.execute(sql, args).fetchall()]
+            return [to_alert(r) for r in self.db.execute(sql, args).fetchall()]

@@ -1,0 +1,46 @@
+"""Rows of both backends' tables read back into the rules' types: one reading, so they cannot drift apart.
+
+Both backends select the same columns in the same order (``_COLUMNS``, ``_COMMAND_COLUMNS``,
+``_ALERT_COLUMNS`` in each); SQLite hands integers where PostgreSQL hands booleans, hence the
+conversions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from gateway.rules.alerts import Alert, AlertType
+from gateway.rules.commands import CommandRecord
+from gateway.rules.reservations import Reservation, StartUnlock
+
+
+def to_reservation(r: Sequence[Any]) -> Reservation:
+    su = None if r[10] is None else StartUnlock(r[10], int(r[11]), r[12], r[13])
+    return Reservation(
+        id=r[0],
+        vehicle_id=r[1],
+        user_id=r[2],
+        starts_ms=int(r[3]),
+        ends_ms=int(r[4]),
+        kind="staff" if r[5] == "staff" else "public",
+        unlock_at_start=bool(r[6]),
+        cancelled=bool(r[7]),
+        created_ms=int(r[8]),
+        updated_ms=int(r[9]),
+        start_unlock=su,
+        created_by=r[14],
+        completed=bool(r[15]),
+        cancel_reason=r[16],
+    )
+
+
+def to_command(r: Sequence[Any]) -> CommandRecord:
+    return CommandRecord(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8], r[9])
+
+
+def to_alert(r: Sequence[Any]) -> Alert:
+    at: AlertType = r[1]
+    return Alert(r[0], at, r[2], r[3] or None, int(r[4]), r[5], orjson.loads(r[6]), r[7])
