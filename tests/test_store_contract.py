@@ -714,6 +714,24 @@ async def test_changed_since_returns_only_what_changed_after_the_cursor(store: S
     assert await store.states_changed_since(third) == ([], {}, third)
 
 
+async def test_a_writer_reading_back_gets_only_the_others_changes(store: Store) -> None:
+    assert await store.put_states([], {}) == 0  # nothing written: no batch of its own
+    theirs = await store.put_states([reading("ZOE-001", "battery", T0, soc_pct=50)], {"ZOE-001": T0})
+    mine = await store.put_states([reading("ZOE-002", "battery", T0, soc_pct=60)], {"ZOE-002": T0})
+    assert mine > theirs > 0
+    readings, seen, cursor = await store.states_changed_since(0, mine)
+    assert readings == [reading("ZOE-001", "battery", T0, soc_pct=50)] and seen == {"ZOE-001": T0}
+    assert cursor == mine  # past its own batch, which is then never read
+    assert await store.states_changed_since(cursor) == ([], {}, cursor)
+    # Its own row overwritten by another writer's newer reading is theirs, and comes.
+    await store.put_states([reading("ZOE-002", "battery", T0 + 1, soc_pct=59)], {})
+    readings, _, _ = await store.states_changed_since(cursor, mine)
+    assert readings == [reading("ZOE-002", "battery", T0 + 1, soc_pct=59)]
+    # Only its own batch: nothing to read, the cursor still moves past it.
+    last = await store.put_states([reading("ZOE-003", "doors", T0, locked=True)], {})
+    assert await store.states_changed_since(last - 1, last) == ([], {}, last)
+
+
 async def test_an_idempotency_key_is_claimed_by_one_holder_then_replays_its_outcome(store: Store) -> None:
     o = Outcome("c-1", "ZOE-001", "unlock", "done", None, 12.5, None, T0)
     assert await store.claim_idempotency_key("booking", "k", "fp", "gw1", T0, ttl_ms=1000) == "claimed"

@@ -245,6 +245,33 @@ async def test_a_reader_of_the_shared_state_misses_no_write_of_two_racing_gatewa
         postgres.drop_all()
 
 
+async def test_gateways_syncing_their_state_each_get_all_of_the_others_writes(postgres: Postgres) -> None:
+    # As StateSync does: write a batch, read back the others' changes, leaving out its own batch and moving
+    # the cursor past it. Three at once: a cursor moved past one's own number must skip nobody's change.
+    url = await postgres.fresh()
+    stores = [await open_postgres(url, pool_size=2) for _ in range(3)]
+    try:
+        got: list[set[str]] = [set() for _ in stores]
+        cursors = [0 for _ in stores]
+
+        async def gateway(i: int) -> None:
+            for n in range(40):
+                own = await stores[i].put_states([reading(f"G{i}-{n}", "battery", T0, n=n)], {f"G{i}-{n}": T0})
+                readings, _, cursors[i] = await stores[i].states_changed_since(cursors[i], own)
+                got[i].update(r.vehicle_id for r in readings)
+
+        await asyncio.gather(*(gateway(i) for i in range(3)))
+        for i in range(3):  # what the others wrote after one's last turn
+            readings, _, _ = await stores[i].states_changed_since(cursors[i])
+            got[i].update(r.vehicle_id for r in readings)
+            others = {f"G{j}-{n}" for j in range(3) if j != i for n in range(40)}
+            assert got[i] >= others, sorted(others - got[i])[:5]
+    finally:
+        for s in stores:
+            await s.close()
+        postgres.drop_all()
+
+
 async def test_an_idempotency_key_retried_on_another_gateway_gets_the_first_answer(postgres: Postgres) -> None:
     # Two gateways (two Booking services, two stores) on one database: the retry reaching the second while
     # the first still waits for the car must neither send the command again nor answer differently.

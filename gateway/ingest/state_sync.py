@@ -48,9 +48,9 @@ class StateSync:
             if st.last_seen_ms is not None:
                 seen[vid] = st.last_seen_ms
         try:
-            if readings or seen:
-                await self.store.put_states(readings, seen)
-            rows, last_seen, self.cursor = await self.store.states_changed_since(self.cursor)
+            own = await self.store.put_states(readings, seen) if readings or seen else 0
+            # Not our own batch back: reading it cost as much as writing it, for nothing to merge.
+            rows, last_seen, self.cursor = await self.store.states_changed_since(self.cursor, own)
         except StoreError as e:
             self.state.dirty |= dirty  # shared at the next turn
             if not self.failing:

@@ -192,15 +192,19 @@ class Store(Protocol):
 
     # -- the shared latest state of the cars --
 
-    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> None:
+    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> int:
         """In one transaction: each reading replaces the stored one of its car and kind unless that one is
         newer (equal times: the new one wins); each car's last seen time becomes the later of the two.
-        Every row changed gets a change number beyond every one before (see :meth:`states_changed_since`)."""
+        Every row changed gets this batch's change number, beyond every one before, which is returned
+        (0: nothing to write; see :meth:`states_changed_since`)."""
         ...
 
-    async def states_changed_since(self, cursor: int) -> tuple[list[StoredReading], dict[str, int], int]:
+    async def states_changed_since(self, cursor: int, own: int = 0) -> tuple[list[StoredReading], dict[str, int], int]:
         """The readings and last-seen times changed after `cursor` (0: all), and the cursor to ask with
-        next time. Nothing committed is ever skipped: a change not yet visible now comes in a later call."""
+        next time. Nothing committed is ever skipped: a change not yet visible now comes in a later call.
+
+        `own` is the number :meth:`put_states` returned to this caller for its last batch: the rows
+        still carrying it are what the caller wrote, so they are left out, and the cursor moves past it."""
         ...
 
     # -- the command audit --

@@ -482,51 +482,55 @@ class PostgresStore:
 
     # -- the shared latest state --
 
-    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> None:
+    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> int:
         rows, last_seen = newest_of(readings, seen)
         if not rows and not last_seen:
-            return
-        async with self._tx("store the vehicle state") as conn:
-            # Change numbers must become visible in order, or a reader that has seen 12 would ask for
-            # "after 12" and never see 11 committed late. So writers take turns: the lock is held from
-            # before nextval until commit, and a transaction is visible before its locks go, so the next
-            # writer's number is both larger and committed later. A reader's one statement thus sees a
-            # prefix of the numbers, and "seq > cursor" misses nothing. The cost is one writer at a time,
-            # a few ms for a batch of hundreds in two statements.
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (STATE_LOCK,))
-            cur = await conn.execute("SELECT nextval('state_seq')")
+            return 0
+        # Change numbers must become visible in order, or a reader that has seen 12 would ask for "after 12"
+        # and never see 11 committed late. So writers take turns: the lock is held from before nextval
+        # until commit, and a transaction is visible before its locks go, so the next writer's number is
+        # both larger and committed later. A reader's one statement thus sees a prefix of the numbers, and
+        # "seq > cursor" misses nothing. The cost is one writer at a time, a few ms for a batch of hundreds.
+        #
+        # One statement, so one round trip (it is its own transaction, in autocommit): the lock is taken
+        # before nextval (`s` reads from `l`), both inserts use that number. An ON CONFLICT update compares
+        # with the row as last committed, not as of the statement's start, so the newest still wins. Each
+        # list goes as one JSON document the server unpacks: psycopg's array dumper escapes every element
+        # in Python (measured: 33 ms of the event loop for 1,500 readings, against about 2).
+        async with self._conn("store the vehicle state") as conn:
+            cur = await conn.execute(
+                "WITH l AS (SELECT pg_advisory_xact_lock(%s)), s AS (SELECT nextval('state_seq') AS seq FROM l), "
+                "r AS (INSERT INTO vehicle_readings AS r (vehicle_id, kind, ts_ms, fields, seq) "
+                "SELECT x->>0, x->>1, (x->>2)::bigint, x->3, s.seq FROM s, jsonb_array_elements(%s::jsonb) AS x "
+                "ON CONFLICT (vehicle_id, kind) DO UPDATE SET ts_ms = EXCLUDED.ts_ms, fields = EXCLUDED.fields, "
+                "seq = EXCLUDED.seq WHERE r.ts_ms <= EXCLUDED.ts_ms), "
+                "v AS (INSERT INTO vehicles_seen AS v (vehicle_id, last_seen_ms, seq) "
+                "SELECT key, value::bigint, s.seq FROM s, jsonb_each_text(%s::jsonb) "
+                "ON CONFLICT (vehicle_id) DO UPDATE SET last_seen_ms = EXCLUDED.last_seen_ms, seq = EXCLUDED.seq "
+                "WHERE v.last_seen_ms < EXCLUDED.last_seen_ms) "
+                "SELECT seq FROM s",
+                (STATE_LOCK, orjson.dumps([(r.vehicle_id, r.kind, r.ts_ms, r.fields) for r in rows]).decode(),
+                 orjson.dumps(last_seen).decode()),
+            )  # fmt: skip
             row = await cur.fetchone()
-            assert row is not None
-            seq = int(row[0])
-            if rows:
-                await conn.execute(
-                    "INSERT INTO vehicle_readings AS r (vehicle_id, kind, ts_ms, fields, seq) "
-                    "SELECT v, k, t, f::jsonb, %s FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[]) "
-                    "AS u(v, k, t, f) ON CONFLICT (vehicle_id, kind) DO UPDATE SET ts_ms = EXCLUDED.ts_ms, "
-                    "fields = EXCLUDED.fields, seq = EXCLUDED.seq WHERE r.ts_ms <= EXCLUDED.ts_ms",
-                    (seq, [r.vehicle_id for r in rows], [r.kind for r in rows], [r.ts_ms for r in rows],
-                     [orjson.dumps(r.fields).decode() for r in rows]),
-                )  # fmt: skip
-            if last_seen:
-                await conn.execute(
-                    "INSERT INTO vehicles_seen AS s (vehicle_id, last_seen_ms, seq) "
-                    "SELECT v, t, %s FROM unnest(%s::text[], %s::bigint[]) AS u(v, t) "
-                    "ON CONFLICT (vehicle_id) DO UPDATE SET last_seen_ms = EXCLUDED.last_seen_ms, seq = EXCLUDED.seq "
-                    "WHERE s.last_seen_ms < EXCLUDED.last_seen_ms",
-                    (seq, list(last_seen), list(last_seen.values())),
-                )
+        assert row is not None
+        return int(row[0])
 
-    async def states_changed_since(self, cursor: int) -> tuple[list[StoredReading], dict[str, int], int]:
-        # One statement, so one snapshot: the readings and the times as of the same commit.
+    async def states_changed_since(self, cursor: int, own: int = 0) -> tuple[list[StoredReading], dict[str, int], int]:
+        # One statement, so one snapshot: the readings and the times as of the same commit. Moving the
+        # cursor past `own` skips nothing: its writer held STATE_LOCK until commit, so every smaller number
+        # was committed before it.
         rows = await self._rows(
             "read the vehicle state",
-            "SELECT vehicle_id, kind, ts_ms, fields, seq FROM vehicle_readings WHERE seq > %s UNION ALL "
-            "SELECT vehicle_id, NULL, last_seen_ms, NULL::jsonb, seq FROM vehicles_seen WHERE seq > %s",
-            (cursor, cursor),
+            "SELECT vehicle_id, kind, ts_ms, fields::text, seq FROM vehicle_readings WHERE seq > %s AND seq <> %s "
+            "UNION ALL SELECT vehicle_id, NULL, last_seen_ms, NULL, seq FROM vehicles_seen "
+            "WHERE seq > %s AND seq <> %s",
+            (cursor, own, cursor, own),
         )
-        readings = [StoredReading(v, k, int(t), dict(f)) for v, k, t, f, _ in rows if k is not None]
-        seen = {v: int(t) for v, k, t, _, _ in rows if k is None}
-        return readings, seen, max((int(r[4]) for r in rows), default=cursor)
+        # As text, parsed by orjson: several times faster than psycopg's jsonb loader (the stdlib's json).
+        readings = [StoredReading(v, k, t, orjson.loads(f)) for v, k, t, f, _ in rows if k is not None]
+        seen = {v: t for v, k, t, _, _ in rows if k is None}
+        return readings, seen, max(cursor, own, *(r[4] for r in rows))
 
     # -- the command audit --
 

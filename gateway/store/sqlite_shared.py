@@ -39,10 +39,10 @@ class SharedTables(SqliteBase):
 
     # -- the shared latest state --
 
-    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> None:
+    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> int:
         rows, last_seen = newest_of(readings, seen)
         if not rows and not last_seen:
-            return
+            return 0
         with errors("store the vehicle state"), self._tx():
             # Writers take turns (BEGIN IMMEDIATE), so one past the largest change number is beyond every
             # committed one, and the numbers commit in order.
@@ -62,18 +62,20 @@ class SharedTables(SqliteBase):
                 "WHERE vehicles_seen.last_seen_ms < excluded.last_seen_ms",
                 [(vid, ms, seq) for vid, ms in last_seen.items()],
             )
+        return int(seq)
 
-    async def states_changed_since(self, cursor: int) -> tuple[list[StoredReading], dict[str, int], int]:
+    async def states_changed_since(self, cursor: int, own: int = 0) -> tuple[list[StoredReading], dict[str, int], int]:
         # One statement, so one snapshot: the readings and the times are read as of the same commit.
         with errors("read the vehicle state"):
             rows = self.db.execute(
-                "SELECT vehicle_id, kind, ts_ms, fields, seq FROM vehicle_readings WHERE seq > ? UNION ALL "
-                "SELECT vehicle_id, NULL, last_seen_ms, NULL, seq FROM vehicles_seen WHERE seq > ?",
-                (cursor, cursor),
+                "SELECT vehicle_id, kind, ts_ms, fields, seq FROM vehicle_readings WHERE seq > ? AND seq != ? "
+                "UNION ALL SELECT vehicle_id, NULL, last_seen_ms, NULL, seq FROM vehicles_seen "
+                "WHERE seq > ? AND seq != ?",
+                (cursor, own, cursor, own),
             ).fetchall()
         readings = [StoredReading(v, k, int(t), orjson.loads(f)) for v, k, t, f, _ in rows if k is not None]
         seen = {v: int(t) for v, k, t, _, _ in rows if k is None}
-        return readings, seen, max((int(r[4]) for r in rows), default=cursor)
+        return readings, seen, max(cursor, own, *(int(r[4]) for r in rows))
 
     # -- claimed idempotency keys --
 
