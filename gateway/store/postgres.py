@@ -5,6 +5,12 @@ schema and its versions are in ``postgres_schema.py``, brought up to date at
 start. It keeps every promise of the :class:`~gateway.store.base.Store`
 protocol as the SQLite store does, one transaction for one of SQLite's.
 
+Reservations, start unlocks, idempotent outcomes, the command audit, trips
+and usage are here; events, the webhook outbox and alerts in
+``postgres_events.py``; leases, the shared vehicle state and claimed
+idempotency keys in ``postgres_shared.py``; the pool, its transaction and
+error mapping all three share, in ``postgres_sql.py``.
+
 The driver is psycopg 3 (with ``psycopg_pool``): maintained (by psycopg2's
 authors, releases every few months), typed (it ships ``py.typed``, so
 ``mypy --strict`` checks our calls; asyncpg ships none and needs third-party
@@ -36,8 +42,11 @@ unique index, upserts).
 A connection the server dropped (a restart, a failover) fails the call under
 way with a StoreError and leaves the pool; the next call gets a new one.
 
-The command audit is written through, not behind as SQLite's: a round trip
-does not stall the event loop, and every instance then sees every record.
+The command audit is written behind, as SQLite's: rows gather for 50 ms and
+go in one transaction, and a failed write keeps them in memory for the next
+try. Written through, each unlock paid a round trip and its loop turns on
+the request's path. Reads of the audit flush it first, so this instance
+lists what it answered; another lists it within the 50 ms.
 """
 
 from __future__ import annotations
@@ -45,11 +54,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple, fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import psycopg
@@ -57,33 +64,20 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.errors import StaleRead, StartupError, StoreError
-from gateway.rules.alerts import Alert
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, ulid_floor
 from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.rules.webhooks import Attempt, Delivery
-from gateway.store.base import (
-    AUDIT_RETENTION_MS,
-    IDEMPOTENCY_CLAIM_TTL_MS,
-    IDEMPOTENCY_RETENTION_MS,
-    UNCHECKED,
-    AlertStatus,
-    Claim,
-    DeliveryEnd,
-    Room,
-    StoredReading,
-    Unchecked,
-    newest_of,
-)
+from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, UNCHECKED, Room, Unchecked
+from gateway.store.postgres_events import EventTables
 from gateway.store.postgres_schema import migrate
-from gateway.store.rows import to_alert, to_command, to_reservation
+from gateway.store.postgres_shared import SharedTables
+from gateway.store.postgres_sql import Conn, _listing, _one_line, redact
+from gateway.store.rows import to_command, to_reservation
 
 __all__ = ["PostgresStore", "open_postgres", "redact"]
-
-Conn = AsyncConnection[tuple[Any, ...]]
 
 _COLUMNS = (
     "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
@@ -95,7 +89,6 @@ _ENDED_AT = _TRIP_FIELDS.index("ended_ms")
 _COMMAND_COLUMNS = (
     "command_id, vehicle_id, action, reservation_id, caller, source, issued_ms, result, reason, latency_ms"
 )
-_ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
 
 
 def _upsert(table: str, columns: str, key: str) -> str:
@@ -112,24 +105,6 @@ AUDIT_FLUSH_S = 0.05  # as SQLite's
 AUDIT_MAX_PENDING = 100_000
 log = logging.getLogger(__name__)
 _PUT_IDEMPOTENCY = _upsert("idempotency", "caller, key, fingerprint, outcome, created_ms", "caller, key")
-
-# Held (transaction-scoped) by every write of the shared vehicle state, around taking its change number
-# and until commit: see put_states.
-STATE_LOCK = 0x6761_7465_7374_6174  # "gatestat"
-
-# Inserted, or updated only if ours or expired: one statement, so PostgreSQL settles a race on the row
-# (a second inserter waits for the first's commit, then takes the update path and checks its WHERE
-# against the row as committed).
-_TAKE_LEASE = (
-    "INSERT INTO leases AS l (name, holder, expires_ms) VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE "
-    "SET holder = EXCLUDED.holder, expires_ms = EXCLUDED.expires_ms "
-    "WHERE l.holder = EXCLUDED.holder OR l.expires_ms <= %s RETURNING holder"
-)
-_CLAIM_KEY = (
-    "INSERT INTO idempotency_claims AS c (caller, key, fingerprint, holder, expires_ms) VALUES (%s, %s, %s, %s, %s) "
-    "ON CONFLICT (caller, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, holder = EXCLUDED.holder, "
-    "expires_ms = EXCLUDED.expires_ms WHERE c.holder = EXCLUDED.holder OR c.expires_ms <= %s RETURNING holder"
-)
 
 
 def _reservation_row(r: Reservation) -> tuple[object, ...]:
@@ -149,39 +124,6 @@ def _car_lock(vehicle_id: str) -> int:
     """The advisory lock key of a car: the same in every process (Python's hash() is salted per process)."""
     digest = hashlib.blake2b(b"gateway.car:" + vehicle_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-def _listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
-    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
-
-    A condition without a ``%s`` takes no argument: its value only says whether it applies."""
-    used = [(cond, value) for cond, value in filters if value is not None]
-    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
-    args = [value for cond, value in used if "%s" in cond]
-    return f"{select}{where} ORDER BY {order} LIMIT %s", [*args, limit]
-
-
-def redact(url: str) -> str:
-    """`url` without its password, to name it in a message or a log."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        return "(an unparsable URL)"
-
-
-def _one_line(e: BaseException, url: str) -> str:
-    """libpq's message on one line, the password not in it (a malformed URL may be quoted back whole)."""
-    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-    text = text.replace(url, redact(url))
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    return text.replace(password, "***") if password else text
 
 
 async def open_postgres(url: str, pool_size: int = 10, connect_timeout_s: float = 10.0) -> PostgresStore:
@@ -209,10 +151,9 @@ async def open_postgres(url: str, pool_size: int = 10, connect_timeout_s: float 
     return PostgresStore(pool, url)
 
 
-class PostgresStore:
+class PostgresStore(EventTables, SharedTables):
     def __init__(self, pool: AsyncConnectionPool[Conn], url: str) -> None:
-        self.pool = pool
-        self._url = url  # only to keep its password out of error messages
+        super().__init__(pool, url)
         # The command audit is written behind, as SQLite's: one transaction per unlock on the request's
         # path cost a round trip and a loop turn each (measured: p99 several times SQLite's under load).
         self._audit: list[CommandRecord] = []
@@ -229,36 +170,6 @@ class PostgresStore:
         except StoreError as e:
             log.error("%s; %d audit records lost at shutdown", e, len(self._audit))
         await self.pool.close()
-
-    @asynccontextmanager
-    async def _conn(self, what: str) -> AsyncIterator[Conn]:
-        """A connection of the pool in autocommit: each statement its own transaction."""
-        try:
-            async with self.pool.connection() as conn:
-                yield conn
-        except psycopg.Error as e:
-            raise StoreError(f"the store could not {what}: {_one_line(e, self._url)}") from e
-
-    @asynccontextmanager
-    async def _tx(self, what: str) -> AsyncIterator[Conn]:
-        """One transaction: committed if the block ends, rolled back if it raises (anything)."""
-        async with self._conn(what) as conn, conn.transaction():
-            yield conn
-
-    async def _rows(self, what: str, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        async with self._conn(what) as conn:
-            cur = await conn.execute(sql, args)
-            return await cur.fetchall()
-
-    async def _one(self, what: str, sql: str, args: Sequence[object] = ()) -> tuple[Any, ...] | None:
-        async with self._conn(what) as conn:
-            cur = await conn.execute(sql, args)
-            return await cur.fetchone()
-
-    async def _count(self, what: str, sql: str, args: Sequence[object] = ()) -> int:
-        async with self._conn(what) as conn:
-            cur = await conn.execute(sql, args)
-            return cur.rowcount
 
     # -- locking --
 
@@ -439,99 +350,6 @@ class PostgresStore:
             # The outcome commits with the claim's end: whoever claims the key after this sees the outcome.
             await conn.execute("DELETE FROM idempotency_claims WHERE caller = %s AND key = %s", (caller, key))
 
-    async def claim_idempotency_key(
-        self, caller: str, key: str, fingerprint: str, holder: str, now_ms: int,
-        ttl_ms: int = IDEMPOTENCY_CLAIM_TTL_MS,
-    ) -> Claim:  # fmt: skip
-        # Claim first, then read the outcome. The claim statement settles who holds the key (as take_lease).
-        # The read is a later statement, so under READ COMMITTED it sees every commit before it began; a
-        # claim that succeeded because the last holder saved its outcome (which ends the claim in the same
-        # transaction) therefore finds that outcome. Read first and claim second, an outcome saved between
-        # the two would be missed and the request run twice.
-        async with self._tx("claim an idempotency key") as conn:
-            cur = await conn.execute(_CLAIM_KEY, (caller, key, fingerprint, holder, now_ms + ttl_ms, now_ms))
-            claimed = await cur.fetchone() is not None
-            cur = await conn.execute(
-                "SELECT fingerprint, outcome FROM idempotency WHERE caller = %s AND key = %s", (caller, key)
-            )
-            saved = await cur.fetchone()
-            if saved is not None:
-                if claimed:  # nothing to run: not left to block anyone until it expires
-                    await conn.execute(
-                        "DELETE FROM idempotency_claims WHERE caller = %s AND key = %s AND holder = %s",
-                        (caller, key, holder),
-                    )
-                return str(saved[0]), Outcome.from_doc(orjson.loads(saved[1]))
-        return "claimed" if claimed else "pending"
-
-    async def release_idempotency_key(self, caller: str, key: str, holder: str) -> None:
-        await self._count(
-            "release an idempotency key",
-            "DELETE FROM idempotency_claims WHERE caller = %s AND key = %s AND holder = %s",
-            (caller, key, holder),
-        )
-
-    # -- leases --
-
-    async def take_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
-        row = await self._one("take a lease", _TAKE_LEASE, (name, holder, now_ms + ttl_ms, now_ms))
-        return row is not None
-
-    async def release_lease(self, name: str, holder: str) -> None:
-        await self._count("release a lease", "DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
-
-    # -- the shared latest state --
-
-    async def put_states(self, readings: Sequence[StoredReading], seen: Mapping[str, int]) -> int:
-        rows, last_seen = newest_of(readings, seen)
-        if not rows and not last_seen:
-            return 0
-        # Change numbers must become visible in order, or a reader that has seen 12 would ask for "after 12"
-        # and never see 11 committed late. So writers take turns: the lock is held from before nextval
-        # until commit, and a transaction is visible before its locks go, so the next writer's number is
-        # both larger and committed later. A reader's one statement thus sees a prefix of the numbers, and
-        # "seq > cursor" misses nothing. The cost is one writer at a time, a few ms for a batch of hundreds.
-        #
-        # One statement, so one round trip (it is its own transaction, in autocommit): the lock is taken
-        # before nextval (`s` reads from `l`), both inserts use that number. An ON CONFLICT update compares
-        # with the row as last committed, not as of the statement's start, so the newest still wins. Each
-        # list goes as one JSON document the server unpacks: psycopg's array dumper escapes every element
-        # in Python (measured: 33 ms of the event loop for 1,500 readings, against about 2).
-        async with self._conn("store the vehicle state") as conn:
-            cur = await conn.execute(
-                "WITH l AS (SELECT pg_advisory_xact_lock(%s)), s AS (SELECT nextval('state_seq') AS seq FROM l), "
-                "r AS (INSERT INTO vehicle_readings AS r (vehicle_id, kind, ts_ms, fields, seq) "
-                "SELECT x->>0, x->>1, (x->>2)::bigint, x->3, s.seq FROM s, jsonb_array_elements(%s::jsonb) AS x "
-                "ON CONFLICT (vehicle_id, kind) DO UPDATE SET ts_ms = EXCLUDED.ts_ms, fields = EXCLUDED.fields, "
-                "seq = EXCLUDED.seq WHERE r.ts_ms <= EXCLUDED.ts_ms), "
-                "v AS (INSERT INTO vehicles_seen AS v (vehicle_id, last_seen_ms, seq) "
-                "SELECT key, value::bigint, s.seq FROM s, jsonb_each_text(%s::jsonb) "
-                "ON CONFLICT (vehicle_id) DO UPDATE SET last_seen_ms = EXCLUDED.last_seen_ms, seq = EXCLUDED.seq "
-                "WHERE v.last_seen_ms < EXCLUDED.last_seen_ms) "
-                "SELECT seq FROM s",
-                (STATE_LOCK, orjson.dumps([(r.vehicle_id, r.kind, r.ts_ms, r.fields) for r in rows]).decode(),
-                 orjson.dumps(last_seen).decode()),
-            )  # fmt: skip
-            row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
-
-    async def states_changed_since(self, cursor: int, own: int = 0) -> tuple[list[StoredReading], dict[str, int], int]:
-        # One statement, so one snapshot: the readings and the times as of the same commit. Moving the
-        # cursor past `own` skips nothing: its writer held STATE_LOCK until commit, so every smaller number
-        # was committed before it.
-        rows = await self._rows(
-            "read the vehicle state",
-            "SELECT vehicle_id, kind, ts_ms, fields::text, seq FROM vehicle_readings WHERE seq > %s AND seq <> %s "
-            "UNION ALL SELECT vehicle_id, NULL, last_seen_ms, NULL, seq FROM vehicles_seen "
-            "WHERE seq > %s AND seq <> %s",
-            (cursor, own, cursor, own),
-        )
-        # As text, parsed by orjson: several times faster than psycopg's jsonb loader (the stdlib's json).
-        readings = [StoredReading(v, k, t, orjson.loads(f)) for v, k, t, f, _ in rows if k is not None]
-        seen = {v: t for v, k, t, _, _ in rows if k is None}
-        return readings, seen, max(cursor, own, *(r[4] for r in rows))
-
     # -- the command audit --
 
     async def record_command(self, rec: CommandRecord, event: Event | None = None) -> None:
@@ -687,138 +505,6 @@ class PostgresStore:
             users=[UsageUser(u, int(n), int(b), float(d), int(a), int(p), st) for u, n, b, d, a, p, st in users],
             vehicles=[UsageVehicle(v, s, k, int(n), dm, dk, e, int(a)) for v, s, k, n, dm, dk, e, a in cars],
         )
-
-    # -- events and the webhook outbox --
-
-    @staticmethod
-    async def _insert_events(conn: Conn, events: list[Event]) -> None:
-        """Within a transaction: the events and one pending delivery per target, due now."""
-        if not events:
-            return
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO events (id, type, ts_ms, body) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                [(e.id, e.type, e.ts_ms, e.body) for e in events],
-            )
-            deliveries = [(e.id, url, e.ts_ms) for e in events for url in e.targets]
-            if deliveries:
-                await cur.executemany(
-                    "INSERT INTO deliveries (event_id, endpoint, due_ms) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                    deliveries,
-                )
-
-    async def add_event(self, e: Event) -> None:
-        async with self._tx("record an event") as conn:
-            await self._insert_events(conn, [e])
-
-    async def list_events(self, after: str | None, type_: str | None, limit: int) -> list[Event]:
-        await self._flush_audit()
-        sql, args = _listing(
-            "SELECT id, type, ts_ms, body FROM events", [("id > %s", after), ("type = %s", type_)], "id", limit
-        )
-        return [Event(r[0], r[1], int(r[2]), bytes(r[3])) for r in await self._rows("list events", sql, args)]
-
-    async def due_deliveries(self, endpoint: str, now_ms: int, limit: int) -> list[Delivery]:
-        await self._flush_audit()
-        rows = await self._rows(
-            "read due deliveries",
-            "SELECT d.event_id, d.endpoint, d.attempts, d.due_ms, e.ts_ms, e.body FROM deliveries d "
-            "JOIN events e ON e.id = d.event_id WHERE d.endpoint = %s AND d.state = 'pending' AND d.due_ms <= %s "
-            "ORDER BY d.due_ms, d.event_id LIMIT %s",
-            (endpoint, now_ms, limit),
-        )
-        return [Delivery(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), bytes(r[5])) for r in rows]
-
-    async def next_delivery_ms(self, endpoint: str, after_ms: int) -> int | None:
-        await self._flush_audit()
-        row = await self._one(
-            "read the next delivery",
-            "SELECT min(due_ms) FROM deliveries WHERE endpoint = %s AND state = 'pending' AND due_ms > %s",
-            (endpoint, after_ms),
-        )
-        return None if row is None or row[0] is None else int(row[0])
-
-    async def record_attempts(self, attempts: Sequence[Attempt]) -> None:
-        if not attempts:
-            return
-        rows = [
-            (a.state, a.attempts, a.due_ms, None if a.state == "pending" else a.at_ms, a.error[:500] or None,
-             a.event_id, a.endpoint)
-            for a in attempts
-        ]  # fmt: skip
-        async with self._tx("record delivery attempts") as conn, conn.cursor() as cur:
-            await cur.executemany(
-                "UPDATE deliveries SET state = %s, attempts = %s, due_ms = %s, done_ms = %s, last_error = %s "
-                "WHERE event_id = %s AND endpoint = %s AND state = 'pending'",
-                rows,
-            )
-
-    async def give_up_deliveries(
-        self, endpoint: str | None, keep: Collection[str], end: DeliveryEnd, now_ms: int, why: str
-    ) -> int:
-        await self._flush_audit()
-        arg: object
-        if endpoint is not None:
-            where, arg = "endpoint = %s", endpoint
-        else:
-            where, arg = "NOT (endpoint = ANY(%s))", list(keep)
-        return await self._count(
-            "give up deliveries",
-            f"UPDATE deliveries SET state = %s, done_ms = %s, last_error = %s WHERE state = 'pending' AND {where}",
-            (end, now_ms, why[:500], arg),
-        )
-
-    async def expire_deliveries(self, endpoint: str, events_before_ms: int, now_ms: int) -> int:
-        await self._flush_audit()
-        # An event's id is never earlier than its time (ULIDs, monotonic), so below this id means older.
-        return await self._count(
-            "expire deliveries",
-            "UPDATE deliveries SET state = 'expired', done_ms = %s, last_error = 'older than max_age_s' "
-            "WHERE endpoint = %s AND state = 'pending' AND event_id < %s",
-            (now_ms, endpoint, "evt_" + ulid_floor(events_before_ms)),
-        )
-
-    async def webhook_backlog(self) -> int:
-        row = await self._one("count the webhook backlog", "SELECT count(*) FROM deliveries WHERE state = 'pending'")
-        return 0 if row is None else int(row[0])
-
-    # -- alerts --
-
-    async def open_alert(self, a: Alert, e: Event) -> bool:
-        async with self._tx("open an alert") as conn:
-            # No conflict target: the id's key and the open-alert unique index both mean "already there".
-            cur = await conn.execute(
-                f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (a.id, a.type, a.vehicle_id, a.reservation_id or "", a.opened_ms, a.message, orjson.dumps(a.details),
-                 None),
-            )  # fmt: skip
-            if cur.rowcount != 1:
-                return False
-            await self._insert_events(conn, [e])
-        return True
-
-    async def resolve_alert(self, a: Alert, resolved_ms: int, e: Event) -> bool:
-        async with self._tx("resolve an alert") as conn:
-            cur = await conn.execute(
-                "UPDATE alerts SET resolved_ms = %s WHERE id = %s AND resolved_ms IS NULL", (resolved_ms, a.id)
-            )
-            if cur.rowcount != 1:
-                return False
-            await self._insert_events(conn, [e])
-        return True
-
-    async def list_alerts(
-        self, status: AlertStatus, vehicle_id: str | None, type_: str | None, limit: int
-    ) -> list[Alert]:
-        sql, args = _listing(
-            f"SELECT {_ALERT_COLUMNS} FROM alerts",
-            [("vehicle_id = %s", vehicle_id), ("type = %s", type_),
-             ("resolved_ms IS NULL", True if status == "open" else None),
-             ("resolved_ms IS NOT NULL", True if status == "resolved" else None)],
-            "opened_ms DESC, id DESC",
-            limit,
-        )  # fmt: skip
-        return [to_alert(r) for r in await self._rows("list alerts", sql, args)]
 
     # -- housekeeping --
 

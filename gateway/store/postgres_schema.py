@@ -169,7 +169,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
             # One row per piece of work done once across instances; free once expires_ms has passed.
             f"CREATE TABLE leases (name {_T} PRIMARY KEY, holder {_T} NOT NULL, expires_ms bigint NOT NULL)",
             # The change number of the shared state. Its values are taken under one advisory lock, so they
-            # commit in order (postgres.py, put_states).
+            # commit in order (postgres_shared.py, put_states).
             "CREATE SEQUENCE state_seq",
             f"""CREATE TABLE vehicle_readings (
                 vehicle_id {_T} NOT NULL,

@@ -92,7 +92,7 @@ class SharedTables(SqliteBase):
                 "RETURNING holder",
                 (caller, key, fingerprint, holder, now_ms + ttl_ms, now_ms),
             ).fetchall()
-            # Read after claiming: an outcome saved before the claim was free is seen (see postgres.py).
+            # Read after claiming: an outcome saved before the claim was free is seen (see postgres_shared.py).
             saved = self.db.execute(
                 "SELECT fingerprint, outcome FROM idempotency WHERE caller = ? AND key = ?", (caller, key)
             ).fetchone()

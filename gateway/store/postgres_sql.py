@@ -1,0 +1,93 @@
+"""What the PostgreSQL store's parts share: the pool, its transaction, its error mapping, its listing builder."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.errors import StoreError
+
+__all__ = ["Conn", "PostgresBase", "redact"]
+
+Conn = AsyncConnection[tuple[Any, ...]]
+
+
+def _listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
+    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
+
+    A condition without a ``%s`` takes no argument: its value only says whether it applies."""
+    used = [(cond, value) for cond, value in filters if value is not None]
+    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
+    args = [value for cond, value in used if "%s" in cond]
+    return f"{select}{where} ORDER BY {order} LIMIT %s", [*args, limit]
+
+
+def redact(url: str) -> str:
+    """`url` without its password, to name it in a message or a log."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "(an unparsable URL)"
+
+
+def _one_line(e: BaseException, url: str) -> str:
+    """libpq's message on one line, the password not in it (a malformed URL may be quoted back whole)."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    text = text.replace(url, redact(url))
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
+
+
+class PostgresBase:
+    """The pool and the write-behind flush every part of the store relies on."""
+
+    def __init__(self, pool: AsyncConnectionPool[Conn], url: str) -> None:
+        self.pool = pool
+        self._url = url  # only to keep its password out of error messages
+
+    @asynccontextmanager
+    async def _conn(self, what: str) -> AsyncIterator[Conn]:
+        """A connection of the pool in autocommit: each statement its own transaction."""
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except psycopg.Error as e:
+            raise StoreError(f"the store could not {what}: {_one_line(e, self._url)}") from e
+
+    @asynccontextmanager
+    async def _tx(self, what: str) -> AsyncIterator[Conn]:
+        """One transaction: committed if the block ends, rolled back if it raises (anything)."""
+        async with self._conn(what) as conn, conn.transaction():
+            yield conn
+
+    async def _rows(self, what: str, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        async with self._conn(what) as conn:
+            cur = await conn.execute(sql, args)
+            return await cur.fetchall()
+
+    async def _one(self, what: str, sql: str, args: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        async with self._conn(what) as conn:
+            cur = await conn.execute(sql, args)
+            return await cur.fetchone()
+
+    async def _count(self, what: str, sql: str, args: Sequence[object] = ()) -> int:
+        async with self._conn(what) as conn:
+            cur = await conn.execute(sql, args)
+            return cur.rowcount
+
+    async def _flush_audit(self) -> None:
+        """Write what was written behind (the command audit and its events); see ``PostgresStore``."""
+        raise NotImplementedError
