@@ -582,6 +582,7 @@ async def test_deliveries_too_old_are_given_up_in_one_go(store: Store) -> None:
 RELEASED = {
     1: "8477f18777579388", 2: "54bed9e0b62c3c5a", 3: "2446e9a303d05f29",  # 0.1.0, 0.2.0, 0.3.0
     4: "f05822166f519b29", 5: "2c35d84013547380",  # 0.4.0, 0.5.0
+    6: "9bd7fa05e982ced8",  # 0.7.0
 }  # fmt: skip
 
 

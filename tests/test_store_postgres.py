@@ -8,6 +8,7 @@ races them for real.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +35,17 @@ __all__ = ["postgres"]  # the session fixture, used here by name
 from tests.test_store_contract import FLEET, T0, H, reading, res, room
 
 # ---- the PostgreSQL backend's own promises: migrations, refusing what it cannot open, real races -----------
+
+
+# PostgreSQL's schema versions as 0.7.0 shipped them: a released migration is never edited, only followed.
+PG_RELEASED = {1: "be65d654cb27df83", 2: "68d7217f9ecd3630"}
+
+
+def test_released_postgres_schema_versions_are_never_edited() -> None:
+    for version, digest in PG_RELEASED.items():
+        _, steps = PG_MIGRATIONS[version - 1]
+        text = "\n".join(s if isinstance(s, str) else s.__name__ for s in steps)
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, f"schema version {version} was edited"
 
 
 async def test_postgres_migrates_an_empty_database_once(postgres: Postgres) -> None:
