@@ -483,10 +483,13 @@ def _spawn_as(argv: list[str], workdir: Path, name: str, user: str | None) -> su
         )  # fmt: skip
 
 
-def start_postgres(workdir: Path, port: int | None = None) -> PostgresService:
+def start_postgres(workdir: Path, port: int | None = None, crash_safe: bool = False) -> PostgresService:
     """Start a private PostgreSQL cluster on 127.0.0.1:``port`` (free if None), its socket in ``workdir``.
 
     Test scaffolding: ``fsync`` is off, so a crash of the machine may lose it; ``stop()`` removes it.
+    ``synchronous_commit`` is off too, so a crash of the server may lose the last commits it confirmed,
+    unless `crash_safe`: a test that kills the server and counts what survived needs it on (without
+    fsync, what was written is still in the kernel's cache when the server dies).
     Run as root, the server runs as the ``postgres`` account, and its data directory (which it must
     own, and reach through every parent) is a private temporary directory of that account: pytest's
     and most work trees' parents are closed to other users, and opening them up is not ours to do.
@@ -533,7 +536,8 @@ def start_postgres(workdir: Path, port: int | None = None) -> PostgresService:
         os.chown(sockets, pwd.getpwnam(run_as).pw_uid, -1)
     argv = [
         str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
-        "-c", f"unix_socket_directories={sockets}", "-c", "fsync=off", "-c", "synchronous_commit=off",
+        "-c", f"unix_socket_directories={sockets}", "-c", "fsync=off",
+        "-c", f"synchronous_commit={'on' if crash_safe else 'off'}",
         "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "log_min_messages=warning",
     ]  # fmt: skip
     proc = _spawn_as(argv, workdir, "postgres", run_as)
