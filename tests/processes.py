@@ -17,14 +17,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from scripts.services import free_port
-from tests.helpers import API_KEY, MASTER_KEY, REPO
+from tests.helpers import API_KEY, AUTH, MASTER_KEY, REPO
 
 
 class GatewayProcess:
@@ -71,6 +73,20 @@ class GatewayProcess:
             return dict(json.load(e))
         except OSError:
             return None
+
+    def call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> tuple[int, Any]:
+        """One JSON call to the gateway's API with the test key: (status, body)."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=None if body is None else orjson.dumps(body),
+            method=method,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=15) as r:
+                return r.status, orjson.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, orjson.loads(e.read())
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -11,9 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import orjson
 import pytest
 
 from scripts import services
-from tests.helpers import AUTH, MASTER_KEY, REPO, influx_query, wait_for
+from tests.helpers import MASTER_KEY, REPO, influx_query, wait_for
 from tests.processes import GatewayProcess, TrackingPublisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,21 +99,6 @@ def wait_stored(influx: services.Service, expected: int, timeout: float = 60) ->
     wait_for(lambda: stored(influx) == expected, timeout, f"{expected} points in InfluxDB (have {stored(influx)})")
 
 
-def call(gw: GatewayProcess, method: str, path: str, body: Mapping[str, object]) -> tuple[int, dict[str, object]]:
-    """One JSON call to the gateway's API with the test key: (status, body)."""
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{gw.http_port}{path}",
-        data=orjson.dumps(body),
-        method=method,
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=15) as r:
-            return r.status, orjson.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, orjson.loads(e.read())
-
-
 def test_influxdb_killed_under_load_then_back_and_journal_fills(
     small_gateway: GatewayProcess, pub: TrackingPublisher, influx: services.Service
 ) -> None:
@@ -176,8 +159,8 @@ def test_mosquitto_restarted_under_load_and_unlock_fails_fast_meanwhile(
     wait_for(lambda: (gateway.health() or {}).get("broker") == "disconnected", 10, "gateway sees the broker gone")
 
     t0 = time.monotonic()
-    status, answer = call(gateway, "POST", "/v1/vehicles/ZOE-001/lock", {})
-    assert status == 503 and answer["error"]["code"] == "broker_unavailable"  # type: ignore[index]
+    status, answer = gateway.call("POST", "/v1/vehicles/ZOE-001/lock", {})
+    assert status == 503 and answer["error"]["code"] == "broker_unavailable"
     assert time.monotonic() - t0 < 1
 
     publish(pub, 10000, 10000)  # queued by the publisher until the broker is back
@@ -200,7 +183,7 @@ def test_unlock_still_works_while_the_journal_is_full(
         "vehicle_id": "ZOE-020", "user_id": "U-1", "kind": "staff",
         "starts_at": (now - timedelta(minutes=1)).isoformat(), "ends_at": (now + timedelta(hours=1)).isoformat(),
     }  # fmt: skip
-    assert call(gw, "PUT", "/v1/reservations/R-full", reservation)[0] == 201
+    assert gw.call("PUT", "/v1/reservations/R-full", reservation)[0] == 201
     # Telemetry waits at the broker behind 2,000 unacknowledged messages; the car's ack must not.
-    status, answer = call(gw, "POST", "/v1/vehicles/ZOE-020/unlock", {"reservation_id": "R-full"})
+    status, answer = gw.call("POST", "/v1/vehicles/ZOE-020/unlock", {"reservation_id": "R-full"})
     assert status == 200 and answer["status"] == "done", answer

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,7 +38,7 @@ from gateway.app import SHARED_POLL_S
 from gateway.booking.start_unlocks import IDLE_S as START_UNLOCKS_IDLE_S
 from gateway.fleet import load_fleet
 from tests.conftest import Stack
-from tests.helpers import AUTH, MASTER_KEY, REPO, influx_query, mosquitto_pub, wait_for
+from tests.helpers import MASTER_KEY, REPO, influx_query, mosquitto_pub, wait_for
 from tests.pg import Postgres, postgres  # noqa: F401  (the session fixture)
 from tests.processes import GatewayProcess, TrackingPublisher
 
@@ -158,23 +158,8 @@ class Cluster:
         return found[0]
 
 
-def api(g: GatewayProcess, method: str, path: str, body: Mapping[str, object] | None = None) -> tuple[int, Any]:
-    """One JSON call to a gateway's API with the test key: (status, body)."""
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{g.http_port}{path}",
-        data=None if body is None else orjson.dumps(body),
-        method=method,
-        headers={**AUTH, "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=15) as r:
-            return r.status, orjson.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, orjson.loads(e.read())
-
-
 def vehicles(g: GatewayProcess) -> dict[str, dict[str, Any]]:
-    status, got = api(g, "GET", "/v1/vehicles")
+    status, got = g.call("GET", "/v1/vehicles")
     assert status == 200, got
     return {v["vehicle_id"]: v for v in got["vehicles"]}
 
@@ -310,7 +295,7 @@ def test_telemetry_is_split_and_every_instance_shows_every_cars_newest_state(clu
 
 
 def audited(gw: GatewayProcess, car: str) -> list[dict[str, Any]]:
-    status, listed = api(gw, "GET", f"/v1/vehicles/{car}/commands")
+    status, listed = gw.call("GET", f"/v1/vehicles/{car}/commands")
     assert status == 200, listed
     commands: list[dict[str, Any]] = listed["commands"]
     return commands
@@ -321,9 +306,9 @@ def test_an_unlock_through_any_instance_gets_its_ack(cluster: Cluster) -> None:
     cars = ["ZOE-010", "ZOE-011", "ZOE-012"]
     for i, car in enumerate(cars):
         booked_on, unlocked_on = gws[i], gws[(i + 1) % 3]
-        status, answer = api(booked_on, "PUT", f"/v1/reservations/R-any-{i}", reservation(car, -60))
+        status, answer = booked_on.call("PUT", f"/v1/reservations/R-any-{i}", reservation(car, -60))
         assert status == 201, answer
-        status, answer = api(unlocked_on, "POST", f"/v1/vehicles/{car}/unlock", {"reservation_id": f"R-any-{i}"})
+        status, answer = unlocked_on.call("POST", f"/v1/vehicles/{car}/unlock", {"reservation_id": f"R-any-{i}"})
         assert status == 200 and answer["status"] == "done", answer  # the ack reached the instance that sent it
         # The third instance sees the command in the shared audit (written behind: within AUDIT_FLUSH_S),
         # and the car's new state.
@@ -340,11 +325,11 @@ def test_a_start_time_unlock_is_sent_once(cluster: Cluster) -> None:
     other = next(g for n, g in cluster.gateways.items() if n != holder)
     car, start_s = "KANGOO-001", 3.0
     due = time.time() + start_s
-    status, answer = api(other, "PUT", "/v1/reservations/R-start", reservation(car, start_s, unlock_at_start=True))
+    status, answer = other.call("PUT", "/v1/reservations/R-start", reservation(car, start_s, unlock_at_start=True))
     assert status == 201, answer
 
     def outcome() -> Any:
-        got = api(other, "GET", "/v1/reservations/R-start")[1]["start_unlock"]
+        got = other.call("GET", "/v1/reservations/R-start")[1]["start_unlock"]
         return got and got["status"] != "pending" and got
 
     got = wait_for(outcome, start_s + 10, "the start-time unlock's outcome")
@@ -365,11 +350,11 @@ def test_a_start_time_unlock_booked_on_another_instance_is_on_time(cluster: Clus
     holder = cluster.holder()
     other = next(g for n, g in cluster.gateways.items() if n != holder)
     # A change on the holder wakes its scheduler now: with no start-time unlock to come, it then idles.
-    status, answer = api(cluster.gateways[holder], "PUT", "/v1/reservations/R-wake", reservation("ZOE-021", 1800))
+    status, answer = cluster.gateways[holder].call("PUT", "/v1/reservations/R-wake", reservation("ZOE-021", 1800))
     assert status == 201, answer
     car, start_s = "KANGOO-005", 1.5
     due = time.time() + start_s
-    status, answer = api(other, "PUT", "/v1/reservations/R-late", reservation(car, start_s, unlock_at_start=True))
+    status, answer = other.call("PUT", "/v1/reservations/R-late", reservation(car, start_s, unlock_at_start=True))
     assert status == 201, answer
     wait_for(lambda: cluster.commands.count(car) >= 1, start_s + START_UNLOCKS_IDLE_S + 5, "the unlock at the car")
     late = cluster.commands.first(car) - due
@@ -391,7 +376,7 @@ def test_the_lease_holder_killed_its_work_moves_and_nothing_is_lost(cluster: Clu
         wait_for(lambda: stored_between(cluster, start_ms, start_ms + n_burst) > 0, 20, "first points stored")
 
         car, start_s = "KANGOO-004", 1.0
-        status, answer = api(first, "PUT", "/v1/reservations/R-kill", reservation(car, start_s, unlock_at_start=True))
+        status, answer = first.call("PUT", "/v1/reservations/R-kill", reservation(car, start_s, unlock_at_start=True))
         assert status == 201, answer
         dead.kill()
         killed = time.time()
@@ -405,10 +390,10 @@ def test_the_lease_holder_killed_its_work_moves_and_nothing_is_lost(cluster: Clu
         wait_for(lambda: "start unlock of reservation R-kill" in survivors[new].log(), 5, "the new holder's log line")
 
         # An event recorded by a survivor reaches the receiver, delivered by the new holder.
-        status, answer = api(first, "PUT", "/v1/reservations/R-hook", reservation("ZOE-020", -60))
+        status, answer = first.call("PUT", "/v1/reservations/R-hook", reservation("ZOE-020", -60))
         assert status == 201, answer
         other = next(g for n, g in survivors.items() if n != new)
-        status, answer = api(other, "POST", "/v1/vehicles/ZOE-020/unlock", {"reservation_id": "R-hook"})
+        status, answer = other.call("POST", "/v1/vehicles/ZOE-020/unlock", {"reservation_id": "R-hook"})
         assert status == 200 and answer["status"] == "done", answer
         wait_for(
             lambda: any(
