@@ -40,7 +40,7 @@ from aiohttp import web
 from gateway.booking.dispatcher import CommandDispatcher
 from gateway.booking.rentals import Rentals, readings_from
 from gateway.booking.service import Booking
-from gateway.booking.start_unlocks import IDLE_S, StartUnlocks
+from gateway.booking.start_unlocks import IDLE_S, STALE_MARGIN_S, StartUnlocks
 from gateway.errors import StartupError, StoreError
 from gateway.fleet import Fleet
 from gateway.http.keys import BOOKING, FEED, FLEET, LIMITER, MONITOR, RENTALS, STATE
@@ -326,7 +326,10 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE], app[FLEET], app[DISPATCHER], app[JOURNAL].append, s.commands.early_grace_s, events=app[EVENTS],
         preempt_notice_s=s.booking.preempt_notice_s,
     )  # fmt: skip
-    starts = StartUnlocks(app[STORE], booking, idle_s=SHARED_POLL_S if s.store.url else IDLE_S)
+    starts = StartUnlocks(
+        app[STORE], booking, idle_s=SHARED_POLL_S if s.store.url else IDLE_S,
+        stale_after_s=s.commands.ack_timeout_s + STALE_MARGIN_S,
+    )  # fmt: skip
     booking.on_change = starts.wake
     b, t = s.billing, s.trips
     rentals = Rentals(
@@ -350,7 +353,9 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def lease_ctx(app: web.Application) -> AsyncIterator[None]:
     s, sup = app[SETTINGS], app[SUPERVISOR]
-    app[LEASE] = holder = LeaseHolder(app[STORE], s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn)
+    app[LEASE] = holder = LeaseHolder(
+        app[STORE], s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn, unique=s.store.url is not None
+    )
     task = sup.spawn(holder.run(), "lease")
     yield
     await sup.cancel(task)

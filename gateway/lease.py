@@ -7,9 +7,17 @@ lease in the store; the holder runs those jobs and renews the lease, the
 others keep trying. A holder that dies stops renewing, and another takes
 over within ``ha.lease_s``: the lease is written for two thirds of it and
 tried every sixth, so the worst case is 5/6 of ``lease_s``. A holder that
-cannot renew (the store is unreachable) stops its jobs before its lease
-can have expired, so two holders never run them at once while the store
-is reachable to either.
+cannot renew (the store is unreachable, or slow to answer: each try is cut
+off at the time the jobs must stop) stops its jobs a renewal period before
+its lease can have expired. The expiry is written and compared on the
+gateways' own clocks, so they must agree within that period (a sixth of
+``lease_s``, 2.5 s by default): keep them synchronised (NTP).
+
+On a shared store each process holds the lease under a name of its own (its
+``instance`` and a random suffix), so two gateways left with the same
+``instance`` still never both hold it; a restarted one waits for its old
+lease to expire (at most two thirds of ``lease_s``) unless it stopped
+cleanly, which gives the lease up.
 
 On SQLite there is one gateway per file, which always gets the lease.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -39,15 +48,18 @@ class LeaseHolder:
     def __init__(
         self,
         store: Store,
-        holder: str,
+        name: str,
         lease_s: float,
         jobs: list[Job],
         spawn: Spawn,
         clock: Callable[[], int] = now_ms,
+        unique: bool = True,
     ) -> None:
         self.store = store
         self.spawn = spawn  # the app's supervisor: a job that dies shows in /healthz
-        self.holder = holder
+        self.name = name  # for the log: the instance
+        # Not unique on SQLite: one gateway per file, and a restart after a crash need not wait for its lease.
+        self.holder = f"{name}/{uuid.uuid4().hex[:12]}" if unique else name
         self.jobs = jobs
         self.ttl_ms = int(lease_s * 1000 * 2 / 3)
         self.every_s = lease_s / 6
@@ -59,21 +71,25 @@ class LeaseHolder:
     async def run(self) -> None:
         while True:
             now = self.clock()
+            # Ours until it expires: the jobs stop a renewal period before it can, whatever the store does
+            # meanwhile, so a try that has not answered by then counts as failed.
+            stop_ms = self._renewed_ms + self.ttl_ms - self.every_s * 1000
+            wait_s = max(0.0, (stop_ms - now) / 1000) if self.held else self.every_s
             try:
-                got = await self.store.take_lease(LEASE, self.holder, now, self.ttl_ms)
-            except StoreError as e:
-                log.error("lease: cannot renew (%s)", e)
-                # Ours until it expires: stop the jobs before it can, with a renewal period to spare.
-                got = self.held and self.clock() - self._renewed_ms < self.ttl_ms - self.every_s * 1000
+                async with asyncio.timeout(wait_s):
+                    got = await self.store.take_lease(LEASE, self.holder, now, self.ttl_ms)
+            except (StoreError, TimeoutError) as e:
+                log.error("lease: cannot renew (%s)", e or f"no answer from the store within {wait_s:.1f} s")
+                got = self.held and self.clock() < stop_ms
             else:
                 if got:
                     self._renewed_ms = now
             if got and not self.held:
                 self.held = True
-                log.info("lease taken by %s: it runs %s", self.holder, ", ".join(n for n, _ in self.jobs))
+                log.info("lease taken by %s: it runs %s", self.name, ", ".join(n for n, _ in self.jobs))
                 self._running = [self.spawn(start(), name) for name, start in self.jobs]
             elif not got and self.held:
-                log.warning("lease lost by %s: its once-only work stops (another instance takes it)", self.holder)
+                log.warning("lease lost by %s: its once-only work stops (another instance takes it)", self.name)
                 await self._stop()
             await asyncio.sleep(self.every_s)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.booking.service import Booking
-from gateway.booking.start_unlocks import StartUnlocks
+from gateway.booking.start_unlocks import STALE_AFTER_S, StartUnlocks
 from gateway.errors import (
     BrokerUnavailable,
     IdempotencyKeyReused,
@@ -260,8 +260,8 @@ async def test_broker_down_releases_the_claim_and_a_crash_claim_is_sent_again(w:
     await run_until(StartUnlocks(w.store, w.booking, w.clock), audited)
     r = await w.store.get_reservation("R-s")
     assert r is not None and r.start_unlock is None  # released, so it is tried again
-    # A claim left by a crash (sent, outcome never recorded) is sent again at the next start.
-    assert await w.store.claim_start_unlock("R-s", StartUnlock("pending", T0))
+    # A claim left by a crash (sent, outcome never recorded) is sent again once nobody can be waiting for it.
+    assert await w.store.claim_start_unlock("R-s", StartUnlock("pending", w.clock() - int(STALE_AFTER_S * 1000) - 1))
     w.sender.down = False
 
     async def sent() -> bool:
@@ -269,6 +269,25 @@ async def test_broker_down_releases_the_claim_and_a_crash_claim_is_sent_again(w:
 
     await run_until(StartUnlocks(w.store, w.booking, w.clock), sent)
     assert w.sender.sent == [("ZOE-001", "unlock", "R-s", "booking")]
+
+
+async def test_a_young_claim_may_have_a_sender_still_waiting_and_is_not_sent_again(w: World) -> None:
+    # The gateway that held the lease before may still wait for the car's ack: a second unlock now would be
+    # a second command for one start. Once the claim is older than any wait, it is sent again.
+    await w.booking.put("R-s", req(unlock=True), "booking")
+    assert await w.store.claim_start_unlock("R-s", StartUnlock("pending", w.clock() - 1000))
+    starts = StartUnlocks(w.store, w.booking, w.clock, idle_s=0.05, stale_after_s=1.5)
+    task = asyncio.create_task(starts.run())
+    try:
+        await asyncio.sleep(0.3)  # several passes of the scheduler
+        assert w.sender.sent == []
+        w.clock.now += 600
+        await async_wait_for(lambda: w.sender.sent, timeout=3, what="the abandoned claim sent again")
+        assert w.sender.sent == [("ZOE-001", "unlock", "R-s", "booking")]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await starts.close()
 
 
 async def test_a_store_error_after_the_car_acted_keeps_the_answer(w: World) -> None:

@@ -2,9 +2,11 @@
 
 A start that passed while the gateway was down is unlocked at the next
 start. A claim is written to the store before the command is sent, so two
-schedulers never send the same unlock; a claim left by a crash (sent, but
-the outcome never recorded) is sent again, since unlocking twice is
-harmless and not opening for a waiting user is not.
+schedulers never send the same unlock. A claim left by a crash (sent, but
+the outcome never recorded) is sent again once it is older than its sender
+could still be waiting for the car's ack: unlocking twice is harmless and
+not opening for a waiting user is not, but a younger claim may belong to a
+sender still at work, here or on the gateway that held the lease before.
 """
 
 from __future__ import annotations
@@ -28,17 +30,23 @@ __all__ = ["StartUnlocks"]
 # An unlock that could not be sent (the broker was down) is tried again this often.
 RETRY_S = 1.0
 IDLE_S = 5.0
+# A claim is abandoned this long after its sender's ack timeout: time for the sender's store write.
+STALE_MARGIN_S = 5.0
+STALE_AFTER_S = 10.0 + STALE_MARGIN_S  # with the default ack timeout
 # The caller of a start unlock whose reservation predates named keys: not a possible key name.
 UNKNOWN_CALLER = "(before the audit)"
 
 
 class StartUnlocks:
     def __init__(
-        self, store: Store, booking: Booking, clock: Callable[[], int] = now_ms, idle_s: float = IDLE_S
-    ) -> None:
+        self, store: Store, booking: Booking, clock: Callable[[], int] = now_ms, idle_s: float = IDLE_S,
+        stale_after_s: float = STALE_AFTER_S,
+    ) -> None:  # fmt: skip
         self.store = store
         self.booking = booking
         self.clock = clock
+        # A pending claim older than this has no sender left waiting for its ack (see the module docstring).
+        self.stale_after_ms = int(stale_after_s * 1000)
         # A reservation booked through another gateway on the store wakes nobody here: the longest wait.
         self.idle_s = idle_s
         self._wake = asyncio.Event()
@@ -51,11 +59,9 @@ class StartUnlocks:
         self._wake.set()
 
     async def run(self) -> None:
-        for r in await self.store.pending_start_unlocks():
-            log.warning("start unlock of %s was interrupted by a restart; sending it again", r.id)
-            await self.store.set_start_unlock(r.id, None)
         while True:
             try:
+                await self._release_abandoned()
                 await self._start_due()
                 nxt = await self.store.next_start_unlock_ms(self.clock())
             except StoreError as e:
@@ -69,10 +75,25 @@ class StartUnlocks:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
 
+    async def _release_abandoned(self) -> None:
+        # Every pass, not only at start: the sender may have died on another gateway, leaving the lease.
+        now = self.clock()
+        for r in await self.store.pending_start_unlocks():
+            su = r.start_unlock
+            if (
+                su is None
+                or now - su.at_ms < self.stale_after_ms
+                or any(t.get_name() == _task_name(r) for t in self._tasks)
+            ):
+                continue
+            log.warning("start unlock of %s was claimed %d s ago and never finished (a gateway stopped or "
+                        "died meanwhile); sending it again", r.id, (now - su.at_ms) // 1000)  # fmt: skip
+            await self.store.set_start_unlock(r.id, None)
+
     async def _start_due(self) -> None:
         for r in await self.store.due_start_unlocks(self.clock()):
             if await self.store.claim_start_unlock(r.id, StartUnlock("pending", self.clock())):
-                task = asyncio.create_task(self._unlock(r), name=f"start-unlock-{r.id}")
+                task = asyncio.create_task(self._unlock(r), name=_task_name(r))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -93,13 +114,17 @@ class StartUnlocks:
             su = StartUnlock(o.result, self.clock(), o.command_id, o.reason)
             await self.store.set_start_unlock(r.id, su)
         except StoreError as e:
-            # The claim stays "pending" and is sent again at the next start.
+            # The claim stays "pending" and is sent again once abandoned.
             log.error("start unlock of %s: %s", r.id, e)
             return
         log.info("start unlock of reservation %s on %s: %s", r.id, r.vehicle_id, su.status)
 
     async def close(self) -> None:
-        """Cancel start unlocks still waiting for a car; their claims are sent again at the next start."""
+        """Cancel start unlocks still waiting for a car; their claims are sent again once abandoned."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _task_name(r: Reservation) -> str:
+    return f"start-unlock-{r.id}"

@@ -160,8 +160,10 @@ class PostgresStore(EventTables, SharedTables):
         self._audit_events: list[Event] = []
         self._flusher: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
+        self._closed = False
 
     async def close(self) -> None:
+        self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -363,11 +365,10 @@ class PostgresStore(EventTables, SharedTables):
 
     async def _flush_later(self) -> None:
         try:
-            await asyncio.sleep(AUDIT_FLUSH_S)
             while True:
+                await asyncio.sleep(AUDIT_FLUSH_S)
                 try:
                     await self._flush_audit()
-                    return
                 except StoreError as e:
                     log.error("%s; %d audit records kept in memory, retrying", e, len(self._audit))
                     if len(self._audit) > AUDIT_MAX_PENDING:
@@ -376,6 +377,11 @@ class PostgresStore(EventTables, SharedTables):
                         del self._audit_events[: max(0, len(self._audit_events) - AUDIT_MAX_PENDING)]
                         log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
                     await asyncio.sleep(1.0)
+                    continue
+                # Records that came while this flush waited on the database saw a flusher running and
+                # started none: this one writes them too before it ends.
+                if not self._audit and not self._audit_events:
+                    return
         finally:
             self._flusher = None
 
@@ -393,6 +399,8 @@ class PostgresStore(EventTables, SharedTables):
                         await self._insert_events(conn, events)
             except BaseException:
                 self._audit[:0], self._audit_events[:0] = records, events  # kept, in order, for the next try
+                if self._flusher is None and not self._closed:  # a reader's flush failed: retry behind it
+                    self._flusher = asyncio.create_task(self._flush_later(), name="store-audit-flush")
                 raise
 
     async def list_commands(
