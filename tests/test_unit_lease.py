@@ -85,3 +85,43 @@ async def test_a_holder_that_cannot_renew_stops_before_its_lease_expires(tmp_pat
     await holder.close()
     assert await store.take_lease(LEASE, "someone-else", 0, 1)  # released on close: free at once
     await store.close()
+
+
+async def test_a_renewal_the_store_does_not_answer_stops_the_work_in_time(tmp_path: Path) -> None:
+    # A hung connection or a saturated pool: the try itself never returns. The work must still stop before
+    # the lease can expire, not whenever the store answers.
+    store = open_sqlite(tmp_path / "store.sqlite3")
+    work = Work()
+    holder = LeaseHolder(store, "a", LEASE_S, [("work", work.run)], spawn)
+    task = asyncio.create_task(holder.run())
+    await async_wait_for(lambda: work.running == 1, 2, "the work runs")
+
+    async def hangs(name: str, who: str, now_ms: int, ttl_ms: int) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    store.take_lease = hangs  # type: ignore[method-assign,assignment]
+    t0 = asyncio.get_running_loop().time()
+    await async_wait_for(lambda: work.running == 0, 2, "the work stopped")
+    assert asyncio.get_running_loop().time() - t0 < LEASE_S * 2 / 3
+    task.cancel()
+    await asyncio.wait([task])
+    await holder.close()
+    await store.close()
+
+
+async def test_two_gateways_with_one_instance_name_never_both_hold_the_lease(tmp_path: Path) -> None:
+    stores = [open_sqlite(tmp_path / "store.sqlite3") for _ in range(2)]
+    work = Work()
+    a, b = (LeaseHolder(s, "gw1", LEASE_S, [("work", work.run)], spawn) for s in stores)
+    tasks = [asyncio.create_task(h.run()) for h in (a, b)]
+    await async_wait_for(lambda: a.held or b.held, 2, "one holds the lease")
+    await asyncio.sleep(LEASE_S)
+    assert (a.held + b.held, work.running) == (1, 1)
+    for t in tasks:
+        t.cancel()
+    await asyncio.wait(tasks)
+    for h in (a, b):
+        await h.close()
+    for s in stores:
+        await s.close()
