@@ -32,7 +32,7 @@ from tests.test_failed_start import assert_one_line_exit_2, run_gateway
 
 __all__ = ["postgres"]  # the session fixture, used here by name
 
-from tests.test_store_contract import FLEET, T0, H, reading, res, room
+from tests.test_store_contract import FLEET, T0, H, reading, rec, res, room
 
 # ---- the PostgreSQL backend's own promises: migrations, refusing what it cannot open, real races -----------
 
@@ -281,6 +281,28 @@ async def test_gateways_syncing_their_state_each_get_all_of_the_others_writes(po
     finally:
         for s in stores:
             await s.close()
+        postgres.drop_all()
+
+
+async def test_a_command_audited_while_a_flush_is_under_way_is_written_soon_after(postgres: Postgres) -> None:
+    # The audit is written behind: a record arriving while the flusher waits on the database must still be
+    # written within the flush period, not when the next command comes (another gateway would not list it).
+    url = await postgres.fresh()
+    here, other = await open_postgres(url, pool_size=2), await open_postgres(url, pool_size=2)
+    try:
+        await here.record_command(rec("c-1"))
+        async with asyncio.timeout(2):  # the flush holds its lock for one round trip: look at every turn
+            while not here._flushing.locked():  # noqa: ASYNC110 - the store has no event to wait on
+                await asyncio.sleep(0)
+        await here.record_command(rec("c-2", issued=T0 + 1))
+
+        async def listed_elsewhere() -> bool:
+            return len(await other.list_commands("ZOE-001", None, None, 10)) == 2
+
+        await async_wait_for(listed_elsewhere, 2, "both records listed by another gateway")
+    finally:
+        await here.close()
+        await other.close()
         postgres.drop_all()
 
 

@@ -18,8 +18,10 @@ stubs), natively async, and built on libpq, so ``store.url`` takes every
 libpq connection string and option (``sslmode``, ``target_session_attrs``,
 ``PG*`` variables) as ``psql`` does. It binds parameters on the server (the
 extended protocol: values are never spliced into SQL) and prepares a
-statement only after five executions on a connection, which
-``prepare_threshold=None`` turns off for a pooler that cannot track them.
+statement only after five executions on a connection, as protocol-level
+named statements, which PgBouncer tracks from 1.21 on
+(``max_prepared_statements``); an older pooler in transaction mode would
+need ``prepare_threshold=None``, which no setting offers yet.
 asyncpg speaks the protocol with its own implementation and prepares every
 statement it runs (its statement cache), the documented cause of its
 trouble behind PgBouncer in transaction mode (``statement_cache_size=0``).
