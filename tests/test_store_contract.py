@@ -728,6 +728,12 @@ async def test_a_writer_reading_back_gets_only_the_others_changes(store: Store) 
     await store.put_states([reading("ZOE-002", "battery", T0 + 1, soc_pct=59)], {})
     readings, _, _ = await store.states_changed_since(cursor, mine)
     assert readings == [reading("ZOE-002", "battery", T0 + 1, soc_pct=59)]
+    # A batch that changes nothing (every reading older than the stored one) has no number of its own, so
+    # the next writer's batch is never taken for it.
+    stale = await store.put_states([reading("ZOE-002", "battery", T0 - 5, soc_pct=1)], {"ZOE-002": T0 - 5})
+    theirs = await store.put_states([reading("ZOE-004", "battery", T0, soc_pct=40)], {})
+    readings, _, _ = await store.states_changed_since(cursor, stale)
+    assert reading("ZOE-004", "battery", T0, soc_pct=40) in readings and theirs != stale
     # Only its own batch: nothing to read, the cursor still moves past it.
     last = await store.put_states([reading("ZOE-003", "doors", T0, locked=True)], {})
     assert await store.states_changed_since(last - 1, last) == ([], {}, last)

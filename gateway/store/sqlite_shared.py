@@ -45,7 +45,10 @@ class SharedTables(SqliteBase):
             return 0
         with errors("store the vehicle state"), self._tx():
             # Writers take turns (BEGIN IMMEDIATE), so one past the largest change number is beyond every
-            # committed one, and the numbers commit in order.
+            # committed one, and the numbers commit in order. A batch that changed nothing leaves no row
+            # with its number, which the next batch then takes: it says 0 (no batch of its own), or its
+            # writer would skip the other's rows as its own.
+            before = self.db.total_changes
             (seq,) = self.db.execute(
                 "SELECT max((SELECT coalesce(max(seq), 0) FROM vehicle_readings), "
                 "(SELECT coalesce(max(seq), 0) FROM vehicles_seen)) + 1"
@@ -62,7 +65,8 @@ class SharedTables(SqliteBase):
                 "WHERE vehicles_seen.last_seen_ms < excluded.last_seen_ms",
                 [(vid, ms, seq) for vid, ms in last_seen.items()],
             )
-        return int(seq)
+            changed = self.db.total_changes > before
+        return int(seq) if changed else 0
 
     async def states_changed_since(self, cursor: int, own: int = 0) -> tuple[list[StoredReading], dict[str, int], int]:
         # One statement, so one snapshot: the readings and the times are read as of the same commit.
