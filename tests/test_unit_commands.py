@@ -100,6 +100,11 @@ def test_command_is_json_serialisable_with_exact_keys() -> None:
 # --- parse_ack ----------------------------------------------------------------------------------------
 
 
+def test_an_ack_reason_loses_its_nul_so_the_audit_can_store_it() -> None:
+    ack = parse_ack({"command_id": "c1", "status": "failed", "reason": "door\u0000_open"})
+    assert ack.reason == "door_open"
+
+
 def test_parse_ack_done() -> None:
     ack = parse_ack({"command_id": "c1", "status": "done", "ts": "2026-11-26T10:00:01Z", "locked": False})
     assert ack == Ack("c1", "done", None, False)

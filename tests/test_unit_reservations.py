@@ -52,6 +52,7 @@ def test_a_valid_request_becomes_a_reservation_stamped_now_and_by_whom() -> None
         ("R-1", req(vehicle="NOPE-1"), "vehicle_id"),
         ("R-1", req(user_id=""), "user_id"),
         ("R-1", req(user_id="u" * 129), "user_id"),
+        ("R-1", req(user_id="u\x00"), "user_id"),
         ("R-1", req(start_h=2, end_h=1), "ends_at"),
         ("R-1", req(start_h=1, end_h=1), "ends_at"),
         ("R-1", req(end_h=1 + MAX_SPAN_MS / H + 0.01), "ends_at"),

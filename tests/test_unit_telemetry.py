@@ -177,6 +177,11 @@ def test_only_present_optional_fields_are_kept() -> None:
     assert r.fields == {"lat": 1.0, "lon": 2.0}
 
 
+def test_a_nul_in_a_string_field_is_dropped_so_every_store_takes_the_state() -> None:
+    r = check("status", {"online": True, "firmware": "2.4\u00001", "ts": EXAMPLE_MS})
+    assert r.fields == {"online": True, "firmware": "2.41"}
+
+
 def test_stored_fields_exclude_firmware() -> None:
     assert "firmware" not in STORED["status"]
     assert STORED["battery"] == {"soc_pct", "range_km", "charging", "plugged", "temp_c"}

@@ -156,7 +156,9 @@ def validate(kind: str, vehicle_id: str, doc: dict[str, Any], now_ms: int, limit
         elif not isinstance(v, str):
             raise PayloadError("bad_type", f"{name} must be a string, got {type(v).__name__}")
         else:
-            v = v[:64]  # the contract sets no limit: keep the message (and its `online`), bound the state
+            # The contract sets no limit: keep the message (and its `online`), bound the state. U+0000 goes:
+            # PostgreSQL refuses it in JSON, and the shared state would stop at that car's batch.
+            v = v[:64].replace("\x00", "")
         fields[name] = v
     ts = parse_ts(doc.get("ts"), now_ms, limits)
     return Reading(kind, vehicle_id, ts, fields)

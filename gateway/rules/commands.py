@@ -146,7 +146,8 @@ def parse_ack(doc: dict[str, Any]) -> Ack:
     locked = doc.get("locked")
     if locked is not None and not isinstance(locked, bool):
         raise PayloadError("bad_type", "ack locked must be true or false")
-    return Ack(cid, str(status), reason[:100] if reason else None, locked)
+    # Without U+0000, which PostgreSQL refuses in text: one such ack would hold up the audit behind it.
+    return Ack(cid, str(status), reason[:100].replace("\x00", "") if reason else None, locked)
 
 
 def fingerprint(action: Action, vehicle_id: str, reservation_id: str | None) -> str:

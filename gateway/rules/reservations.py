@@ -96,6 +96,8 @@ def new_reservation(
         raise InvalidReservation("vehicle_id", f"{req.vehicle_id[:40]!r} is not a vehicle of the fleet")
     if not 0 < len(req.user_id) <= USER_ID_MAX:
         raise InvalidReservation("user_id", f"must be a string of 1 to {USER_ID_MAX} characters")
+    if "\x00" in req.user_id:  # PostgreSQL stores no U+0000 in text: a 503 for what is the caller's error
+        raise InvalidReservation("user_id", "must not contain U+0000")
     check_time(req.starts_ms, "starts_at")
     check_time(req.ends_ms, "ends_at")
     if req.ends_ms <= req.starts_ms:
