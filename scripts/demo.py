@@ -206,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=_instances, default=1, metavar="N",
                    help="gateways sharing the fleet (default 1). With N >= 2: a private PostgreSQL as their store,"
                         " HTTP on --http-port, +1, ..., instances gw1..gwN, one MQTT shared group"
-                        f" ({SHARED_GROUP!r}) that splits the cars' messages; cars and renters use the first."
-                        " For evaluation: once-only work (unlocks, automatic ends, alerts, webhooks) is not"
-                        " shared yet, each gateway does it")  # fmt: skip
+                        f" ({SHARED_GROUP!r}) that splits the cars' messages; cars and renters use the first;"
+                        " the once-only work (start-time unlocks, automatic ends, alert checks, webhooks) runs"
+                        " on whichever holds the lease")  # fmt: skip
     return p
 
 
