@@ -74,13 +74,15 @@ class GatewayProcess:
         except OSError:
             return None
 
-    def call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> tuple[int, Any]:
+    def call(
+        self, method: str, path: str, body: Mapping[str, object] | None = None, headers: Mapping[str, str] = {}
+    ) -> tuple[int, Any]:
         """One JSON call to the gateway's API with the test key: (status, body)."""
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}{path}",
             data=None if body is None else orjson.dumps(body),
             method=method,
-            headers={**AUTH, "Content-Type": "application/json"},
+            headers={**AUTH, "Content-Type": "application/json", **headers},
         )
         try:
             with urllib.request.urlopen(req, timeout=15) as r:
