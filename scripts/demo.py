@@ -30,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -278,7 +279,14 @@ def sim_command(args: argparse.Namespace, fleet_file: Path, pid_file: Path) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.http_port <= 65536 - args.instances:
+        parser.error(f"--http-port: {args.instances} port(s) from it must fit below 65536")
+    if threading.current_thread() is threading.main_thread():
+        # A SIGTERM or a closed terminal stops the run as Ctrl-C does, so what it started is stopped too.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
 
     run_dir = RUN_DIR
     run_dir.mkdir(exist_ok=True)
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except services.ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         for child in reversed(children):
             if child.poll() is None:
@@ -383,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         for svc in reversed(started):
             svc.stop()
         print("\nstopped everything this run started")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_gateway(proc: subprocess.Popen[bytes], port: int, timeout: float = 60.0, log: str = "gateway") -> None:

@@ -512,6 +512,7 @@ def start_postgres(workdir: Path, port: int | None = None, crash_safe: bool = Fa
         os.chown(data_dir, account.pw_uid, account.pw_gid)
     else:
         data_dir = workdir / "data"
+        shutil.rmtree(data_dir, ignore_errors=True)  # left by a run that did not end cleanly: scaffolding
         data_dir.mkdir(mode=0o700)
     pwfile = data_dir.parent / f".{data_dir.name}.pw" if run_as is None else data_dir / "pw"
     pwfile.write_text(POSTGRES_PASSWORD + "\n")
@@ -544,7 +545,7 @@ def start_postgres(workdir: Path, port: int | None = None, crash_safe: bool = Fa
     try:
         _wait_port(port, proc, workdir, "postgres")
         _wait_postgres_ready(bindir, port, proc)
-    except ServiceError:
+    except BaseException:  # a Ctrl-C while it starts too: nobody else knows of it yet
         proc.kill()
         proc.wait()
         shutil.rmtree(data_dir, ignore_errors=True)
