@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -461,6 +462,11 @@ def check_secrets(s: Settings) -> None:
             "commands.master_key: missing, an example value or shorter than 16 characters "
             "(set GATEWAY__COMMANDS__MASTER_KEY, or dev_mode: true for local runs)"
         )
+    if s.store.url is not None:
+        # Not a URL check (libpq's own refusal names it at start): only the example password of .env.example.
+        password = urlsplit(s.store.url.get_secret_value()).password
+        if password is not None and unquote(password) in EXAMPLE_SECRETS:
+            raise ConfigError("store.url: its password is an example value (set POSTGRES_PASSWORD in .env)")
     if not s.api.keys:
         raise ConfigError("api.keys: no API key configured (set GATEWAY__API__KEYS)")
     for k in s.api.keys:

@@ -243,6 +243,14 @@ def test_production_refuses_bad_master_key(master: str | None) -> None:
     assert config_error(None, env).startswith("commands.master_key:")
 
 
+def test_production_refuses_the_example_postgresql_password() -> None:
+    url = "postgresql://gateway:change-me@postgres:5432/fleet"
+    msg = config_error(None, {**PROD, "GATEWAY__STORE__URL": url})
+    assert msg.startswith("store.url:") and "change-me" not in msg
+    real = load_settings(None, {**PROD, "GATEWAY__STORE__URL": url.replace("change-me", "Xk3_9vQ2pLm7")})
+    assert real.store.url is not None
+
+
 def test_production_accepts_16_char_master_key() -> None:
     s = load_settings(None, {**PROD, "GATEWAY__COMMANDS__MASTER_KEY": "x" * 16})  # raises if refused
     assert s.commands.master_key is not None and s.commands.master_key.get_secret_value() == "x" * 16
