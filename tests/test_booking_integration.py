@@ -215,6 +215,7 @@ async def test_reservation_crud_conflicts_and_listing(env: Env) -> None:
     # a cancelled reservation no longer blocks its slot
     assert (await env.put("R-c", body("ZOE-011", start=30, end=119)))[0] == 201
     assert (await env.client.delete("/v1/reservations/R-zzz", headers=AUTH)).status == 404
+
     def both() -> list[dict[str, Any]] | None:
         # Written behind, one point at a time: wait for both, not for the first.
         rows = env.q("SELECT * FROM reservations WHERE cancelled = false")
