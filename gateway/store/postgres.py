@@ -77,20 +77,13 @@ from gateway.store.postgres_events import EventTables
 from gateway.store.postgres_schema import migrate
 from gateway.store.postgres_shared import SharedTables
 from gateway.store.postgres_sql import Conn, _listing, _one_line, redact
-from gateway.store.rows import to_command, to_reservation
+from gateway.store.rows import COMMAND_COLUMNS, RESERVATION_COLUMNS, to_command, to_reservation
 
 __all__ = ["PostgresStore", "open_postgres", "redact"]
 
-_COLUMNS = (
-    "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
-    "su_status, su_at_ms, su_command_id, su_reason, created_by, completed, cancel_reason"
-)
 _TRIP_FIELDS = [f.name for f in fields(Trip)]
 _TRIP_COLUMNS = ", ".join(_TRIP_FIELDS)
 _ENDED_AT = _TRIP_FIELDS.index("ended_ms")
-_COMMAND_COLUMNS = (
-    "command_id, vehicle_id, action, reservation_id, caller, source, issued_ms, result, reason, latency_ms"
-)
 
 
 def _upsert(table: str, columns: str, key: str) -> str:
@@ -101,8 +94,8 @@ def _upsert(table: str, columns: str, key: str) -> str:
     return f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {sets}"
 
 
-_PUT_RESERVATION = _upsert("reservations", _COLUMNS, "id")
-_PUT_COMMAND = _upsert("commands", _COMMAND_COLUMNS, "command_id")
+_PUT_RESERVATION = _upsert("reservations", RESERVATION_COLUMNS, "id")
+_PUT_COMMAND = _upsert("commands", COMMAND_COLUMNS, "command_id")
 AUDIT_FLUSH_S = 0.05  # as SQLite's
 AUDIT_MAX_PENDING = 100_000
 log = logging.getLogger(__name__)
@@ -206,14 +199,16 @@ class PostgresStore(EventTables, SharedTables):
         # first and is what we compare with, or waits for our commit.
         if isinstance(expected, Unchecked):
             return
-        cur = await conn.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = %s FOR UPDATE", (reservation_id,))
+        cur = await conn.execute(
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = %s FOR UPDATE", (reservation_id,)
+        )
         row = await cur.fetchone()
         if (None if row is None else to_reservation(row)) != expected:
             raise StaleRead(f"reservation {reservation_id} changed since it was read")
 
     async def get_reservation(self, reservation_id: str) -> Reservation | None:
         row = await self._one(
-            "read a reservation", f"SELECT {_COLUMNS} FROM reservations WHERE id = %s", (reservation_id,)
+            "read a reservation", f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = %s", (reservation_id,)
         )
         return None if row is None else to_reservation(row)
 
@@ -266,7 +261,7 @@ class PostgresStore(EventTables, SharedTables):
     @staticmethod
     async def _live_of(conn: Conn, vehicle_id: str, now_ms: int) -> list[Reservation]:
         cur = await conn.execute(
-            f"SELECT {_COLUMNS} FROM reservations WHERE vehicle_id = %s AND ends_ms > %s AND NOT cancelled "
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE vehicle_id = %s AND ends_ms > %s AND NOT cancelled "
             "AND NOT completed ORDER BY starts_ms, id",
             (vehicle_id, now_ms),
         )
@@ -287,7 +282,7 @@ class PostgresStore(EventTables, SharedTables):
         self, vehicle_id: str | None, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[Reservation]:
         sql, args = _listing(
-            f"SELECT {_COLUMNS} FROM reservations",
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations",
             [("vehicle_id = %s", vehicle_id), ("ends_ms > %s", from_ms), ("starts_ms < %s", to_ms)],
             "starts_ms, id",
             limit,
@@ -299,7 +294,7 @@ class PostgresStore(EventTables, SharedTables):
     async def due_start_unlocks(self, now_ms: int) -> list[Reservation]:
         rows = await self._rows(
             "read due start unlocks",
-            f"SELECT {_COLUMNS} FROM reservations WHERE unlock_at_start AND su_status IS NULL "
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE unlock_at_start AND su_status IS NULL "
             "AND NOT cancelled AND starts_ms <= %s AND ends_ms > %s ORDER BY starts_ms",
             (now_ms, now_ms),
         )
@@ -316,7 +311,7 @@ class PostgresStore(EventTables, SharedTables):
 
     async def pending_start_unlocks(self) -> list[Reservation]:
         rows = await self._rows(
-            "read pending start unlocks", f"SELECT {_COLUMNS} FROM reservations WHERE su_status = 'pending'"
+            "read pending start unlocks", f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE su_status = 'pending'"
         )
         return [to_reservation(r) for r in rows]
 
@@ -410,7 +405,7 @@ class PostgresStore(EventTables, SharedTables):
     ) -> list[CommandRecord]:
         await self._flush_audit()
         sql, args = _listing(
-            f"SELECT {_COMMAND_COLUMNS} FROM commands",
+            f"SELECT {COMMAND_COLUMNS} FROM commands",
             [("vehicle_id = %s", vehicle_id), ("issued_ms >= %s", from_ms), ("issued_ms < %s", to_ms)],
             "issued_ms DESC, command_id DESC",
             limit,

@@ -16,11 +16,9 @@ from gateway.rules.events import Event, ulid_floor
 from gateway.rules.webhooks import Attempt, Delivery
 from gateway.store.base import AlertStatus, DeliveryEnd
 from gateway.store.postgres_sql import Conn, PostgresBase, _listing
-from gateway.store.rows import to_alert
+from gateway.store.rows import ALERT_COLUMNS, to_alert
 
 __all__ = ["EventTables"]
-
-_ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
 
 
 class EventTables(PostgresBase):
@@ -124,7 +122,7 @@ class EventTables(PostgresBase):
         async with self._tx("open an alert") as conn:
             # No conflict target: the id's key and the open-alert unique index both mean "already there".
             cur = await conn.execute(
-                f"INSERT INTO alerts ({_ALERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                f"INSERT INTO alerts ({ALERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 (a.id, a.type, a.vehicle_id, a.reservation_id or "", a.opened_ms, a.message, orjson.dumps(a.details),
                  None),
             )  # fmt: skip
@@ -147,7 +145,7 @@ class EventTables(PostgresBase):
         self, status: AlertStatus, vehicle_id: str | None, type_: str | None, limit: int
     ) -> list[Alert]:
         sql, args = _listing(
-            f"SELECT {_ALERT_COLUMNS} FROM alerts",
+            f"SELECT {ALERT_COLUMNS} FROM alerts",
             [("vehicle_id = %s", vehicle_id), ("type = %s", type_),
              ("resolved_ms IS NULL", True if status == "open" else None),
              ("resolved_ms IS NOT NULL", True if status == "resolved" else None)],

@@ -12,6 +12,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.errors import StoreError
+from gateway.store.rows import listing
 
 __all__ = ["Conn", "PostgresBase", "redact"]
 
@@ -19,13 +20,7 @@ Conn = AsyncConnection[tuple[Any, ...]]
 
 
 def _listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
-    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
-
-    A condition without a ``%s`` takes no argument: its value only says whether it applies."""
-    used = [(cond, value) for cond, value in filters if value is not None]
-    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
-    args = [value for cond, value in used if "%s" in cond]
-    return f"{select}{where} ORDER BY {order} LIMIT %s", [*args, limit]
+    return listing(select, filters, order, limit, mark="%s")
 
 
 def redact(url: str) -> str:

@@ -1,8 +1,7 @@
 """Rows of both backends' tables read back into the rules' types: one reading, so they cannot drift apart.
 
-Both backends select the same columns in the same order (``_COLUMNS``, ``_COMMAND_COLUMNS``,
-``_ALERT_COLUMNS`` in each); SQLite hands integers where PostgreSQL hands booleans, hence the
-conversions.
+Both backends select the same columns in the same order (the ``*_COLUMNS`` here); SQLite hands
+integers where PostgreSQL hands booleans, hence the conversions.
 """
 
 from __future__ import annotations
@@ -15,6 +14,28 @@ import orjson
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord
 from gateway.rules.reservations import Reservation, StartUnlock
+
+RESERVATION_COLUMNS = (
+    "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
+    "su_status, su_at_ms, su_command_id, su_reason, created_by, completed, cancel_reason"
+)
+COMMAND_COLUMNS = (
+    "command_id, vehicle_id, action, reservation_id, caller, source, issued_ms, result, reason, latency_ms"
+)
+ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
+
+
+def listing(
+    select: str, filters: list[tuple[str, object | None]], order: str, limit: int, mark: str = "?"
+) -> tuple[str, list[object]]:
+    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
+
+    `mark` is the driver's placeholder (``?`` for sqlite3, ``%s`` for psycopg). A condition without one
+    takes no argument: its value only says whether it applies."""
+    used = [(cond, value) for cond, value in filters if value is not None]
+    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
+    args = [value for cond, value in used if mark in cond]
+    return f"{select}{where} ORDER BY {order} LIMIT {mark}", [*args, limit]
 
 
 def to_reservation(r: Sequence[Any]) -> Reservation:

@@ -32,7 +32,7 @@ from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, UNCHECKED, Room, Unchecked
-from gateway.store.rows import to_command, to_reservation
+from gateway.store.rows import COMMAND_COLUMNS, RESERVATION_COLUMNS, to_command, to_reservation
 from gateway.store.sqlite_events import EventTables
 from gateway.store.sqlite_schema import migrate
 from gateway.store.sqlite_shared import SharedTables
@@ -47,15 +47,8 @@ AUDIT_FLUSH_S = 0.05
 AUDIT_MAX_PENDING = 100_000
 
 
-_COLUMNS = (
-    "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
-    "su_status, su_at_ms, su_command_id, su_reason, created_by, completed, cancel_reason"
-)
 _TRIP_COLUMNS = ", ".join(f.name for f in fields(Trip))
 _ENDED_AT = [f.name for f in fields(Trip)].index("ended_ms")
-_COMMAND_COLUMNS = (
-    "command_id, vehicle_id, action, reservation_id, caller, source, issued_ms, result, reason, latency_ms"
-)
 
 
 def _trip(r: Any) -> Trip:
@@ -109,13 +102,17 @@ class SqliteStore(EventTables, SharedTables):
     def _check_unchanged(self, reservation_id: str, expected: Reservation | Unchecked | None) -> None:
         if isinstance(expected, Unchecked):
             return
-        row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+        row = self.db.execute(
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)
+        ).fetchone()
         if (None if row is None else to_reservation(row)) != expected:
             raise StaleRead(f"reservation {reservation_id} changed since it was read")
 
     async def get_reservation(self, reservation_id: str) -> Reservation | None:
         with errors("read a reservation"):
-            row = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)).fetchone()
+            row = self.db.execute(
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = ?", (reservation_id,)
+            ).fetchone()
         return None if row is None else to_reservation(row)
 
     async def put_reservation(
@@ -168,7 +165,7 @@ class SqliteStore(EventTables, SharedTables):
 
     def _live_of(self, vehicle_id: str, now_ms: int) -> list[Reservation]:
         rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM reservations WHERE vehicle_id = ? AND ends_ms > ? AND NOT cancelled "
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE vehicle_id = ? AND ends_ms > ? AND NOT cancelled "
             "AND NOT completed ORDER BY starts_ms, id",
             (vehicle_id, now_ms),
         ).fetchall()
@@ -177,7 +174,7 @@ class SqliteStore(EventTables, SharedTables):
     def _insert_reservation(self, r: Reservation) -> None:
         su = r.start_unlock
         self.db.execute(
-            f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO reservations ({RESERVATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 r.id, r.vehicle_id, r.user_id, r.starts_ms, r.ends_ms, r.kind, int(r.unlock_at_start),
                 int(r.cancelled), r.created_ms, r.updated_ms,
@@ -199,7 +196,7 @@ class SqliteStore(EventTables, SharedTables):
         self, vehicle_id: str | None, from_ms: int | None, to_ms: int | None, limit: int
     ) -> list[Reservation]:
         sql, args = listing(
-            f"SELECT {_COLUMNS} FROM reservations",
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations",
             [("vehicle_id = ?", vehicle_id), ("ends_ms > ?", from_ms), ("starts_ms < ?", to_ms)],
             "starts_ms, id",
             limit,
@@ -212,7 +209,7 @@ class SqliteStore(EventTables, SharedTables):
     async def due_start_unlocks(self, now_ms: int) -> list[Reservation]:
         with errors("read due start unlocks"):
             rows = self.db.execute(
-                f"SELECT {_COLUMNS} FROM reservations WHERE unlock_at_start = 1 AND su_status IS NULL "
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE unlock_at_start = 1 AND su_status IS NULL "
                 "AND NOT cancelled AND starts_ms <= ? AND ends_ms > ? ORDER BY starts_ms",
                 (now_ms, now_ms),
             ).fetchall()
@@ -229,7 +226,9 @@ class SqliteStore(EventTables, SharedTables):
 
     async def pending_start_unlocks(self) -> list[Reservation]:
         with errors("read pending start unlocks"):
-            rows = self.db.execute(f"SELECT {_COLUMNS} FROM reservations WHERE su_status = 'pending'").fetchall()
+            rows = self.db.execute(
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE su_status = 'pending'"
+            ).fetchall()
         return [to_reservation(r) for r in rows]
 
     async def claim_start_unlock(self, reservation_id: str, claim: StartUnlock) -> bool:
@@ -314,7 +313,7 @@ class SqliteStore(EventTables, SharedTables):
         ]
         with errors("record commands"), self._tx():
             self.db.executemany(
-                f"INSERT OR REPLACE INTO commands ({_COMMAND_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
+                f"INSERT OR REPLACE INTO commands ({COMMAND_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows
             )
             self._insert_events(self._audit_events)
         self._audit.clear()
@@ -325,7 +324,7 @@ class SqliteStore(EventTables, SharedTables):
     ) -> list[CommandRecord]:
         self._flush_audit()
         sql, args = listing(
-            f"SELECT {_COMMAND_COLUMNS} FROM commands",
+            f"SELECT {COMMAND_COLUMNS} FROM commands",
             [("vehicle_id = ?", vehicle_id), ("issued_ms >= ?", from_ms), ("issued_ms < ?", to_ms)],
             "issued_ms DESC, command_id DESC",
             limit,

@@ -15,12 +15,10 @@ from gateway.rules.alerts import Alert
 from gateway.rules.events import Event, ulid_floor
 from gateway.rules.webhooks import Attempt, Delivery
 from gateway.store.base import AlertStatus, DeliveryEnd
-from gateway.store.rows import to_alert
+from gateway.store.rows import ALERT_COLUMNS, to_alert
 from gateway.store.sqlite_sql import SqliteBase, errors, listing
 
 __all__ = ["EventTables"]
-
-_ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
 
 
 class EventTables(SqliteBase):
@@ -120,7 +118,7 @@ class EventTables(SqliteBase):
     async def open_alert(self, a: Alert, e: Event) -> bool:
         with errors("open an alert"), self._tx():
             cur = self.db.execute(
-                f"INSERT OR IGNORE INTO alerts ({_ALERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                f"INSERT OR IGNORE INTO alerts ({ALERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
                 (a.id, a.type, a.vehicle_id, a.reservation_id or "", a.opened_ms, a.message, orjson.dumps(a.details),
                  None),
             )  # fmt: skip
@@ -143,7 +141,7 @@ class EventTables(SqliteBase):
         self, status: AlertStatus, vehicle_id: str | None, type_: str | None, limit: int
     ) -> list[Alert]:
         sql, args = listing(
-            f"SELECT {_ALERT_COLUMNS} FROM alerts",
+            f"SELECT {ALERT_COLUMNS} FROM alerts",
             [("vehicle_id = ?", vehicle_id), ("type = ?", type_),
              ("resolved_ms IS NULL", True if status == "open" else None),
              ("resolved_ms IS NOT NULL", True if status == "resolved" else None)],

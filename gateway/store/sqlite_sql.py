@@ -1,4 +1,4 @@
-"""What the SQLite store's parts share: its transaction, its error mapping, its listing builder."""
+"""What the SQLite store's parts share: its transaction, its error mapping (and the listing builder of rows.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from gateway.errors import StoreError
+from gateway.store.rows import listing
 
 __all__ = ["SqliteBase", "errors", "listing"]
-
-
-def listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
-    """`select` with the conditions whose value is given, in `order`, at most `limit` rows.
-
-    A condition without a ``?`` takes no argument: its value only says whether it applies."""
-    used = [(cond, value) for cond, value in filters if value is not None]
-    where = " WHERE " + " AND ".join(cond for cond, _ in used) if used else ""
-    args = [value for cond, value in used if "?" in cond]
-    return f"{select}{where} ORDER BY {order} LIMIT ?", [*args, limit]
 
 
 @contextmanager
