@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from scripts import services
+from scripts.postgresql import PostgresService, start_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 MASTER = "bench-master-key-0123456789"
@@ -71,7 +72,7 @@ def start_gateway(env: dict[str, str], http_port: int, timeout: float = 60) -> s
     raise SystemExit(f"the gateway did not connect to the broker within {timeout:.0f} s")
 
 
-def create_pg_database(pg: services.PostgresService, name: str) -> str:
+def create_pg_database(pg: PostgresService, name: str) -> str:
     """A new, empty database `name` in the bench's PostgreSQL (the gateway migrates it); its URL."""
     with psycopg.connect(pg.url, autocommit=True) as c:  # CREATE DATABASE cannot run in a transaction
         c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -79,12 +80,12 @@ def create_pg_database(pg: services.PostgresService, name: str) -> str:
 
 
 @contextlib.contextmanager
-def postgres_if(wanted: bool, workdir: Path) -> Iterator[services.PostgresService | None]:
+def postgres_if(wanted: bool, workdir: Path) -> Iterator[PostgresService | None]:
     """A private PostgreSQL in `workdir` for the run if `wanted` (else None), stopped afterwards."""
     if not wanted:
         yield None
         return
-    pg = services.start_postgres(workdir)
+    pg = start_postgres(workdir)
     try:
         yield pg
     finally:

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from bench.common import REPO, create_pg_database, postgres_if, start_gateways, stop_all, wait_until
 from scripts import services
+from scripts.postgresql import PostgresService
 
 T0_MS = 1795683600000
 
@@ -109,7 +110,7 @@ class Run:
         influx: services.Service,
         proxy: services.Service,
         work: Path,
-        pg: services.PostgresService | None = None,
+        pg: PostgresService | None = None,
     ):
         self.args = args
         self.broker = broker

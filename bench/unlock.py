@@ -64,6 +64,7 @@ from gateway.mqtt.link import MqttLink
 from gateway.rules.commands import build_command
 from gateway.settings import MqttSettings
 from scripts import services
+from scripts.postgresql import PostgresService
 
 PREFIX = "fleet"
 
@@ -185,7 +186,7 @@ async def measure(
     work: Path,
     broker: services.Service,
     influx: services.Service,
-    pg: services.PostgresService | None = None,
+    pg: PostgresService | None = None,
 ) -> int:
     cars_file, load_file, cars = write_fleets(work, args.cars, 400)
     multi = args.instances > 1 or args.store == "postgresql"

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts import services
+from scripts.postgresql import start_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MASTER_KEY = "demo-master-key-not-for-production"
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.instances):
                 if services.port_open(args.http_port + i):
                     raise services.ServiceError(f"port {args.http_port + i} is taken; choose another --http-port")
-            pg = services.start_postgres(run_dir / "postgres")
+            pg = start_postgres(run_dir / "postgres")
             started.append(pg)
             store_url = pg.url
             print(f"postgres: started on 127.0.0.1:{pg.port} for {args.instances} gateways (removed at the end)")

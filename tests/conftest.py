@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from scripts import services
+from scripts.ejabberd import start_ejabberd
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Broker:
 @pytest.fixture(scope="session")
 def ejabberd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.Service]:
     # Not skipped when missing: scripts/setup.sh installs it, and CI must run these tests.
-    service = services.start_ejabberd(tmp_path_factory.mktemp("ejabberd"))
+    service = start_ejabberd(tmp_path_factory.mktemp("ejabberd"))
     yield service
     service.stop()
 

@@ -17,14 +17,14 @@ import pytest
 from psycopg import sql
 
 from gateway.store.postgres import open_postgres
-from scripts import services
+from scripts.postgresql import PostgresService, start_postgres
 
 TEMPLATE = "gateway_template"
 
 
 @dataclass
 class Postgres:
-    service: services.PostgresService
+    service: PostgresService
     made: list[str] = field(default_factory=list)
     migrated: bool = False
 
@@ -60,7 +60,7 @@ class Postgres:
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     # Not skipped when missing: scripts/setup.sh installs it, and CI must run these tests.
-    service = services.start_postgres(tmp_path_factory.mktemp("postgres"))
+    service = start_postgres(tmp_path_factory.mktemp("postgres"))
     try:
         pg = Postgres(service)
         pg.admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))

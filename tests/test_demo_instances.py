@@ -14,6 +14,7 @@ import pytest
 
 from gateway.settings import load_settings
 from scripts import demo, services
+from scripts.postgresql import postgres_bin_dir
 from tests.helpers import REPO
 
 
@@ -98,7 +99,7 @@ def test_two_instances_really_run_and_share_the_fleet(tmp_path: Path, monkeypatc
     for binary in ("mosquitto", "influxd"):
         if not shutil.which(binary):
             pytest.skip(f"{binary} is not installed (scripts/setup.sh installs it)")
-    if services.postgres_bin_dir() is None:
+    if postgres_bin_dir() is None:
         pytest.skip("PostgreSQL is not installed (scripts/setup.sh installs it)")
     monkeypatch.setattr(demo, "RUN_DIR", tmp_path / "run")
     http = services.free_port()

@@ -27,6 +27,7 @@ from gateway.mqtt import codec
 from gateway.mqtt.link import MqttLink
 from gateway.settings import MqttSettings
 from scripts import services
+from scripts.ejabberd import start_ejabberd
 from tests.conftest import Broker, Stack, Unique
 from tests.helpers import (
     AUTH,
@@ -151,7 +152,7 @@ async def test_a_capped_session_and_a_session_the_broker_lost_are_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Its own ejabberd, at its default cap of 5 minutes per session: restarting it forgets every session.
-    service = services.start_ejabberd(tmp_path / "ejabberd", extra={"session_expiry": 300})
+    service = start_ejabberd(tmp_path / "ejabberd", extra={"session_expiry": 300})
     try:
         broker = Broker("ejabberd", service, "gateway", "pw")
         link = MqttLink(

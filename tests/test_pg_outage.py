@@ -24,6 +24,7 @@ from device_sim import Behaviour, SimConfig, SimFleet
 from gateway.app import init_app
 from gateway.fleet import load_fleet
 from scripts import services
+from scripts.postgresql import start_postgres
 from tests.conftest import Stack, Unique
 from tests.helpers import AUTH, MASTER_KEY, REPO, async_wait_for, gateway_settings, influx_query, mosquitto_pub
 
@@ -41,7 +42,7 @@ def _booking(start_h: float) -> dict[str, Any]:
 async def test_postgresql_down_and_back_under_a_running_gateway(
     stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
 ) -> None:
-    pg = services.start_postgres(tmp_path / "postgres")  # its own: this test stops it
+    pg = start_postgres(tmp_path / "postgres")  # its own: this test stops it
     try:
         with psycopg.connect(pg.url, autocommit=True) as conn:
             conn.execute("CREATE DATABASE fleet")
@@ -89,7 +90,7 @@ async def test_postgresql_killed_during_a_burst_of_unlocks_loses_no_audited_comm
     # The audit is written behind: a command the car carried out just before or while the store died is
     # answered 200 and must still be listed once PostgreSQL is back, from the records kept in memory.
     cars = [f"ZOE-{n:03d}" for n in range(1, 9)]
-    pg = services.start_postgres(tmp_path / "postgres", crash_safe=True)
+    pg = start_postgres(tmp_path / "postgres", crash_safe=True)
     # Half the cars ack 0.4 s late, so commands are surely under way when the store dies: their audit
     # records come after it, and only memory holds them until it is back.
     slow = {car: Behaviour.SLOW_ACK for car in cars[::2]}

@@ -1,4 +1,4 @@
-"""The second MQTT 5 broker, ejabberd's mod_mqtt, as ``scripts.services.start_ejabberd`` runs it.
+"""The second MQTT 5 broker, ejabberd's mod_mqtt, as ``scripts.start_ejabberd`` runs it.
 
 It serves to check the gateway against a broker that is not Mosquitto. These
 tests pin what it does where MQTT 5 brokers differ, so that a test written

@@ -24,6 +24,7 @@ from gateway.store.base import Store
 from gateway.store.postgres import _PUT_RESERVATION, _car_lock, _reservation_row, open_postgres
 from gateway.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
 from scripts import services
+from scripts.postgresql import POSTGRES_PASSWORD
 from tests.conftest import Stack, Unique
 from tests.helpers import AUTH, REPO, async_wait_for, gateway_settings
 from tests.pg import Postgres, postgres
@@ -68,7 +69,7 @@ async def test_postgres_refuses_a_newer_schema(postgres: Postgres) -> None:
         c.execute("INSERT INTO schema_version VALUES (%s, 'from a later gateway')", (len(PG_MIGRATIONS) + 1,))
     with pytest.raises(StartupError, match="newer than this gateway knows") as e:
         await open_postgres(url, pool_size=1)
-    assert str(e.value).startswith("store.url: ") and services.POSTGRES_PASSWORD not in str(e.value)
+    assert str(e.value).startswith("store.url: ") and POSTGRES_PASSWORD not in str(e.value)
     postgres.drop_all()
 
 
@@ -77,10 +78,10 @@ async def test_postgres_unreachable_is_a_startup_error_naming_store_url_without_
     postgres: Postgres, wrong: str
 ) -> None:
     url = postgres.service.url_for("postgres")
-    secret = services.POSTGRES_PASSWORD
+    secret = POSTGRES_PASSWORD
     if wrong == "password":
         secret = "wrong-password-4711"
-        url = url.replace(services.POSTGRES_PASSWORD, secret)
+        url = url.replace(POSTGRES_PASSWORD, secret)
     elif wrong == "port":
         url = url.replace(f":{postgres.service.port}/", f":{services.free_port()}/")
     elif wrong == "database":
@@ -97,7 +98,7 @@ async def test_postgres_unreachable_is_a_startup_error_naming_store_url_without_
 def test_a_gateway_whose_database_is_unreachable_exits_2_with_one_line(
     stack: Stack, unique: Unique, tmp_path: Path, postgres: Postgres
 ) -> None:
-    url = postgres.service.url_for("postgres").replace(services.POSTGRES_PASSWORD, "wrong-password-4711")
+    url = postgres.service.url_for("postgres").replace(POSTGRES_PASSWORD, "wrong-password-4711")
     p = run_gateway(stack, unique, tmp_path, GATEWAY__STORE__URL=url)
     assert_one_line_exit_2(p, "store.url", "password authentication failed")
     assert "wrong-password-4711" not in p.stderr
