@@ -65,7 +65,15 @@ from typing import Any
 
 import orjson
 
-from bench.common import API_KEY, REPO, broker_and_database, gateway_env, start_gateway, wait_until
+from bench.common import (
+    API_KEY,
+    REPO,
+    broker_and_database,
+    gateway_env,
+    service_errors_exit_2,
+    start_gateway,
+    wait_until,
+)
 from device_sim.receiver import Answer, Delivery, Receiver
 from gateway.fleet import Fleet, load_fleet
 from gateway.mqtt.codec import Message
@@ -542,6 +550,7 @@ class Latency:
 # -- the run --
 
 
+@service_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.alerts",

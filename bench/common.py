@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -143,6 +145,25 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
         p.terminate()
     for p in reversed(procs):
         p.wait()
+
+
+class Main(Protocol):
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
+def service_errors_exit_2(main: Main) -> Main:
+    """A benchmark's ``main`` whose services fail to start (one missing, a port taken) ends with one line and
+    status 2, not a traceback."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except services.ServiceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import service_errors_exit_2
+
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = 256
 
@@ -146,6 +148,7 @@ def run_worker(port: int, n: int, connections: int, seconds: float) -> dict[str,
     return result
 
 
+@service_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="fleet sizes (default 1000 10000)")

@@ -45,7 +45,15 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import REPO, create_pg_database, postgres_if, start_gateways, stop_all, wait_until
+from bench.common import (
+    REPO,
+    create_pg_database,
+    postgres_if,
+    service_errors_exit_2,
+    start_gateways,
+    stop_all,
+    wait_until,
+)
 from scripts import services
 from scripts.postgresql import PostgresService
 
@@ -230,6 +238,7 @@ class Run:
             stop_all(procs)
 
 
+@service_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
     p.add_argument("--cars", type=int, default=20, help="publishing cars, one mosquitto_pub each (default 20)")

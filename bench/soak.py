@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import MASTER, REPO, broker_and_database, gateway_env, start_gateway
+from bench.common import MASTER, REPO, broker_and_database, gateway_env, service_errors_exit_2, start_gateway
 from gateway.fleet import load_fleet
 from scripts import services
 
@@ -238,6 +238,7 @@ def run(args: argparse.Namespace, work: Path, broker: services.Service, influx: 
                 p.wait(30)
 
 
+@service_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=3.0, help="length of the load (default 3)")

@@ -55,6 +55,7 @@ from bench.common import (
     broker_and_database,
     create_pg_database,
     postgres_if,
+    service_errors_exit_2,
     start_gateways,
     stop_all,
 )
@@ -298,6 +299,7 @@ async def measure_setup(
     return out
 
 
+@service_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.unlock", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000, help="calls per measurement (default 2000)")

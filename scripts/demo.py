@@ -305,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                 svc = start(run_dir / name, port)
                 started.append(svc)
                 print(f"{name}: started on 127.0.0.1:{port} (logs in {svc.workdir})")
+        for i in range(args.instances):  # else a taken port passes for a gateway that answers
+            if services.port_open(args.http_port + i):
+                raise services.ServiceError(f"port {args.http_port + i} is taken; choose another --http-port")
         store_url: str | None = None
         if args.instances > 1:
-            for i in range(args.instances):
-                if services.port_open(args.http_port + i):
-                    raise services.ServiceError(f"port {args.http_port + i} is taken; choose another --http-port")
             pg = start_postgres(run_dir / "postgres")
             started.append(pg)
             store_url = pg.url

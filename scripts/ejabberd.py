@@ -92,6 +92,9 @@ class EjabberdService(Service):
         ready, deadline = self.workdir / "ejabberd.ready", time.monotonic() + 30.0
         while not ready.exists() and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        if not ready.exists():
+            tail = (self.workdir / "ejabberd.out").read_text(errors="replace")[-2000:]
+            raise ServiceError(f"ejabberd did not finish starting again (see {self.workdir}/ejabberd.log):\n{tail}")
 
 
 def start_ejabberd(
@@ -116,8 +119,7 @@ def start_ejabberd(
     ejabberd itself runs as root without complaint. Starting takes 1-2 s:
     we wait for a file that an ``-eval`` after ``-s ejabberd`` writes, as
     ejabberd binds its port some 0.5 s before it accepts on it.
-    ``Service.restart()`` waits for the port only (connections made in
-    between are served once it accepts); retained messages and ``users``
+    ``restart()`` waits until it accepts again, as the start does; retained messages and ``users``
     survive it (Mnesia on disk), sessions do not. ``stop()`` (SIGTERM) shuts
     the VM down cleanly in about 1 s; nothing keeps running after it (its
     ``erl_child_setup`` helper exits with it, and is reaped by init).

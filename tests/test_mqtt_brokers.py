@@ -164,7 +164,7 @@ async def test_a_capped_session_and_a_session_the_broker_lost_are_counted(
         await async_wait_for(lambda: link.connected, 10, "connected")
         assert link.stats.session_expiry_s == 300  # asked for a week
         assert "broker keeps our session for 300 s only" in caplog.text
-        await asyncio.sleep(0.2)
+        await async_wait_for(lambda: not link.subscribing, 5, "subscribed")
         service.restart()
         await async_wait_for(lambda: link.connects >= 2 and link.connected, 20, "reconnected")
         assert link.stats.sessions_lost == 1

@@ -366,8 +366,7 @@ def test_a_start_time_unlock_is_sent_once(cluster: Cluster) -> None:
     # SHARED_POLL_S (test_a_start_time_unlock_booked_on_another_instance_is_on_time).
     assert late < SHARED_POLL_S + SLACK_S, f"sent {late:.2f} s after the reservation's start"
     # Had another instance sent it too, it would have gone out at the same time as the first.
-    with pytest.raises(AssertionError):
-        wait_for(lambda: cluster.commands.count(car) > 1, 2, "a second unlock")
+    time.sleep(2)  # a window for a second unlock, which must not come
     assert cluster.commands.count(car) == 1
 
 

@@ -43,15 +43,15 @@ class FleetState:
         """Keep `r` unless a newer reading of its kind is known (then False); `received_ms` None: not
         heard from now."""
         st = self.vehicles[r.vehicle_id]
+        old = st.readings.get(r.kind)
+        kept = old is None or r.ts_ms >= old.ts_ms
+        if kept:
+            st.readings[r.kind] = r
         if received_ms is not None:
             st.last_seen_ms = received_ms
+        if kept or received_ms is not None:
             self.dirty.add(r.vehicle_id)
-        old = st.readings.get(r.kind)
-        if old is None or r.ts_ms >= old.ts_ms:
-            st.readings[r.kind] = r
-            self.dirty.add(r.vehicle_id)
-            return True
-        return False
+        return kept
 
     def merge(self, r: Reading, last_seen_ms: int | None) -> None:
         """A reading another gateway had: newest wins, as for our own, and it is not ours to share again."""
