@@ -301,8 +301,14 @@ class StoreSettings(_Section):
     @field_validator("url")
     @classmethod
     def _postgres(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not v.get_secret_value().startswith(("postgresql://", "postgres://")):
+        if v is None:
+            return v
+        if not v.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL (unset: the SQLite file in state.dir)")
+        try:
+            _ = urlsplit(v.get_secret_value()).port  # parses the host and port: "[::1" or "host:x" fail here
+        except ValueError as e:
+            raise ValueError(f"not a valid URL ({e})") from None
         return v
 
 

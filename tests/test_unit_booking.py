@@ -119,6 +119,9 @@ async def test_a_cancelled_reservation_cannot_come_back(w: World) -> None:
         await w.booking.put("R-1", req(), "booking")
     with pytest.raises(UnknownReservation):
         await w.booking.cancel("R-nope")
+    for impossible in ("R-\x00", "x" * 65, ""):  # no such id is ever stored (PostgreSQL refuses U+0000): 404
+        with pytest.raises(UnknownReservation):
+            await w.booking.get(impossible)
 
 
 async def test_a_completed_reservation_cannot_be_reopened(w: World) -> None:

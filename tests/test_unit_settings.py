@@ -251,6 +251,11 @@ def test_production_refuses_the_example_postgresql_password() -> None:
     assert real.store.url is not None
 
 
+def test_a_store_url_that_does_not_parse_is_one_line_naming_it() -> None:
+    msg = config_error(None, {**PROD, "GATEWAY__STORE__URL": "postgresql://u:p@[::1/fleet"})
+    assert msg.startswith("store.url:") and "not a valid URL" in msg, msg
+
+
 def test_production_accepts_16_char_master_key() -> None:
     s = load_settings(None, {**PROD, "GATEWAY__COMMANDS__MASTER_KEY": "x" * 16})  # raises if refused
     assert s.commands.master_key is not None and s.commands.master_key.get_secret_value() == "x" * 16

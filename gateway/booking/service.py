@@ -32,7 +32,7 @@ from gateway.errors import (
     UnknownVehicle,
 )
 from gateway.fleet import Fleet
-from gateway.ids import IDEMPOTENCY_KEY
+from gateway.ids import IDEMPOTENCY_KEY, RESERVATION_ID
 from gateway.ingest.lineproto import line
 from gateway.notify.events import EventLog
 from gateway.rules.commands import Action, CommandRecord, Outcome, Source, fingerprint
@@ -185,6 +185,8 @@ class Booking:
         return Room(candidates, self.preempt_notice_ms, events, self.early_grace_ms)
 
     async def get(self, reservation_id: str) -> Reservation:
+        if not RESERVATION_ID.matches(reservation_id):  # none was ever stored; PostgreSQL refuses some (U+0000)
+            raise UnknownReservation(reservation_id)
         r = await self.store.get_reservation(reservation_id)
         if r is None:
             raise UnknownReservation(reservation_id)

@@ -53,13 +53,12 @@ class FleetState:
             self.dirty.add(r.vehicle_id)
         return kept
 
-    def merge(self, r: Reading, last_seen_ms: int | None) -> None:
-        """A reading another gateway had: newest wins, as for our own, and it is not ours to share again."""
+    def merge(self, r: Reading) -> None:
+        """A reading another gateway had: newest wins, as for our own, and it is not ours to share again.
+        (Its last-seen time comes apart, with the cars whose time alone changed: state_sync.py.)"""
         st = self.vehicles.get(r.vehicle_id)
         if st is None:
             return  # a car another gateway's registry has and ours does not
-        if last_seen_ms is not None and (st.last_seen_ms is None or last_seen_ms > st.last_seen_ms):
-            st.last_seen_ms = last_seen_ms
         old = st.readings.get(r.kind)
         if old is None or r.ts_ms > old.ts_ms:
             st.readings[r.kind] = r

@@ -61,7 +61,7 @@ class StateSync:
             log.warning("state sync: working again")
             self.failing = False
         for row in rows:
-            self.state.merge(Reading(row.kind, row.vehicle_id, row.ts_ms, row.fields), last_seen.get(row.vehicle_id))
+            self.state.merge(Reading(row.kind, row.vehicle_id, row.ts_ms, row.fields))
         for vid, ms in last_seen.items():
             seen_here = self.state.vehicles.get(vid)
             if seen_here is not None and (seen_here.last_seen_ms is None or ms > seen_here.last_seen_ms):

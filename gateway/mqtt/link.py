@@ -174,7 +174,7 @@ class MqttLink:
         self._filters += [(f, 1, True) for f in unshared_filters]
         # auto_ack: acknowledge each message as soon as it is handled, for traffic with nothing to make durable.
         self._auto_ack = auto_ack
-        self._ssl = _ssl_context(settings)  # built now to stop start-up on a bad file; again at every connect
+        _ssl_context(settings)  # built now to stop start-up on a bad file; again at every connect
         self.connected = False
         self.stats = LinkStats()
         # Packet ids only mean something within one connection's window of
@@ -483,7 +483,8 @@ class _Refused(Exception):
 
 
 def _ssl_context(s: MqttSettings) -> ssl.SSLContext | None:
-    """Built once, at start: a certificate that cannot be loaded stops start-up with its setting's name."""
+    """Built at start, where a certificate that cannot be loaded stops start-up with its setting's name, and
+    again at every connect (renewed files are used without a restart)."""
     if not s.tls:
         return None
     try:

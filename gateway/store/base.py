@@ -25,6 +25,8 @@ from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.rules.webhooks import Attempt, Delivery
 
 __all__ = [
+    "AUDIT_FLUSH_S",
+    "AUDIT_MAX_PENDING",
     "AUDIT_RETENTION_MS",
     "IDEMPOTENCY_CLAIM_TTL_MS",
     "IDEMPOTENCY_RETENTION_MS",
@@ -39,10 +41,25 @@ __all__ = [
     "UsageRows",
     "UsageUser",
     "UsageVehicle",
+    "trim_audit",
 ]
 
 # The contract keeps the command audit at least 400 days; a little more covers a leap year's report.
 AUDIT_RETENTION_MS = 410 * 86_400_000
+# The command audit of both backends is written behind: rows gather this long, then go in one transaction.
+AUDIT_FLUSH_S = 0.05
+# While the store refuses them, at most this many wait in memory (retried every second); then the oldest go.
+AUDIT_MAX_PENDING = 100_000
+
+
+def trim_audit(records: list[Any], events: list[Any]) -> int:
+    """Drop the oldest records (and events) beyond AUDIT_MAX_PENDING, in place; how many records went."""
+    dropped = max(0, len(records) - AUDIT_MAX_PENDING)
+    del records[:dropped]
+    del events[: max(0, len(events) - AUDIT_MAX_PENDING)]
+    return dropped
+
+
 # A retry comes within minutes; a day is plenty.
 IDEMPOTENCY_RETENTION_MS = 86_400_000
 # How long a claimed Idempotency-Key stays claimed if its holder neither saves an outcome nor releases it

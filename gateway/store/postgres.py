@@ -56,9 +56,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import astuple, fields
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import astuple
 
 import orjson
 import psycopg
@@ -72,18 +71,31 @@ from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, UNCHECKED, Room, Unchecked
+from gateway.store.base import (
+    AUDIT_FLUSH_S,
+    AUDIT_RETENTION_MS,
+    IDEMPOTENCY_RETENTION_MS,
+    UNCHECKED,
+    Room,
+    Unchecked,
+    trim_audit,
+)
 from gateway.store.postgres_events import EventTables
 from gateway.store.postgres_schema import migrate
 from gateway.store.postgres_shared import SharedTables
 from gateway.store.postgres_sql import Conn, _listing, _one_line, redact
-from gateway.store.rows import COMMAND_COLUMNS, RESERVATION_COLUMNS, to_command, to_reservation
+from gateway.store.rows import (
+    COMMAND_COLUMNS,
+    ENDED_AT,
+    RESERVATION_COLUMNS,
+    TRIP_COLUMNS,
+    TRIP_FIELDS,
+    to_command,
+    to_reservation,
+    to_trip,
+)
 
 __all__ = ["PostgresStore", "open_postgres", "redact"]
-
-_TRIP_FIELDS = [f.name for f in fields(Trip)]
-_TRIP_COLUMNS = ", ".join(_TRIP_FIELDS)
-_ENDED_AT = _TRIP_FIELDS.index("ended_ms")
 
 
 def _upsert(table: str, columns: str, key: str) -> str:
@@ -96,8 +108,6 @@ def _upsert(table: str, columns: str, key: str) -> str:
 
 _PUT_RESERVATION = _upsert("reservations", RESERVATION_COLUMNS, "id")
 _PUT_COMMAND = _upsert("commands", COMMAND_COLUMNS, "command_id")
-AUDIT_FLUSH_S = 0.05  # as SQLite's
-AUDIT_MAX_PENDING = 100_000
 log = logging.getLogger(__name__)
 _PUT_IDEMPOTENCY = _upsert("idempotency", "caller, key, fingerprint, outcome, created_ms", "caller, key")
 
@@ -109,10 +119,6 @@ def _reservation_row(r: Reservation) -> tuple[object, ...]:
         r.created_ms, r.updated_ms, su.status if su else None, su.at_ms if su else None,
         su.command_id if su else None, su.reason if su else None, r.created_by, r.completed, r.cancel_reason,
     )  # fmt: skip
-
-
-def _trip(r: Sequence[Any]) -> Trip:
-    return Trip(*r)
 
 
 def _car_lock(vehicle_id: str) -> int:
@@ -368,10 +374,7 @@ class PostgresStore(EventTables, SharedTables):
                     await self._flush_audit()
                 except StoreError as e:
                     log.error("%s; %d audit records kept in memory, retrying", e, len(self._audit))
-                    if len(self._audit) > AUDIT_MAX_PENDING:
-                        dropped = len(self._audit) - AUDIT_MAX_PENDING
-                        del self._audit[:dropped]
-                        del self._audit_events[: max(0, len(self._audit_events) - AUDIT_MAX_PENDING)]
+                    if dropped := trim_audit(self._audit, self._audit_events):
                         log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
                     await asyncio.sleep(1.0)
                     continue
@@ -423,7 +426,7 @@ class PostgresStore(EventTables, SharedTables):
             # Under its car's lock: a staff plan must not displace a reservation whose trip starts meanwhile.
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_car_lock(t.vehicle_id),))
             cur = await conn.execute(
-                f"INSERT INTO trips ({_TRIP_COLUMNS}) VALUES ({', '.join(['%s'] * len(_TRIP_FIELDS))}) "
+                f"INSERT INTO trips ({TRIP_COLUMNS}) VALUES ({', '.join(['%s'] * len(TRIP_FIELDS))}) "
                 "ON CONFLICT (reservation_id) DO NOTHING",
                 astuple(t),
             )
@@ -435,22 +438,22 @@ class PostgresStore(EventTables, SharedTables):
 
     async def get_trip(self, reservation_id: str) -> Trip | None:
         row = await self._one(
-            "read a trip", f"SELECT {_TRIP_COLUMNS} FROM trips WHERE reservation_id = %s", (reservation_id,)
+            "read a trip", f"SELECT {TRIP_COLUMNS} FROM trips WHERE reservation_id = %s", (reservation_id,)
         )
-        return None if row is None else _trip(row)
+        return None if row is None else to_trip(row)
 
     async def running_trips(self, booked_end_before_ms: int) -> list[Trip]:
         rows = await self._rows(
             "read running trips",
-            f"SELECT {_TRIP_COLUMNS} FROM trips WHERE ended_ms IS NULL AND booked_end_ms < %s ORDER BY booked_end_ms",
+            f"SELECT {TRIP_COLUMNS} FROM trips WHERE ended_ms IS NULL AND booked_end_ms < %s ORDER BY booked_end_ms",
             (booked_end_before_ms,),
         )
-        return [_trip(r) for r in rows]
+        return [to_trip(r) for r in rows]
 
     async def end_trip(self, t: Trip, month: str, event: Event | None = None) -> bool:
         # What ending sets: ended_ms and every field after it, and the month the statement counts it in.
-        names = [*_TRIP_FIELDS[_ENDED_AT:], "month"]
-        values = (*astuple(t)[_ENDED_AT:], month)
+        names = [*TRIP_FIELDS[ENDED_AT:], "month"]
+        values = (*astuple(t)[ENDED_AT:], month)
         async with self._tx("end a trip") as conn:
             cur = await conn.execute(
                 f"UPDATE trips SET {', '.join(f'{n} = %s' for n in names)} "
@@ -481,13 +484,13 @@ class PostgresStore(EventTables, SharedTables):
         self, from_ms: int | None, to_ms: int | None, vehicle_id: str | None, user_id: str | None, limit: int
     ) -> list[Trip]:
         sql, args = _listing(
-            f"SELECT {_TRIP_COLUMNS} FROM trips",
+            f"SELECT {TRIP_COLUMNS} FROM trips",
             [("started_ms >= %s", from_ms), ("started_ms < %s", to_ms), ("vehicle_id = %s", vehicle_id),
              ("user_id = %s", user_id)],
             "started_ms, reservation_id",
             limit,
         )  # fmt: skip
-        return [_trip(r) for r in await self._rows("list trips", sql, args)]
+        return [to_trip(r) for r in await self._rows("list trips", sql, args)]
 
     async def usage(self, month: str) -> UsageRows:
         async with self._conn("read the usage of a month") as conn:

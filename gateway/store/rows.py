@@ -7,6 +7,7 @@ integers where PostgreSQL hands booleans, hence the conversions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from typing import Any
 
 import orjson
@@ -14,6 +15,7 @@ import orjson
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord
 from gateway.rules.reservations import Reservation, StartUnlock
+from gateway.rules.trips import Trip
 
 RESERVATION_COLUMNS = (
     "id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, created_ms, updated_ms, "
@@ -23,6 +25,9 @@ COMMAND_COLUMNS = (
     "command_id, vehicle_id, action, reservation_id, caller, source, issued_ms, result, reason, latency_ms"
 )
 ALERT_COLUMNS = "id, type, vehicle_id, reservation_id, opened_ms, message, details, resolved_ms"
+TRIP_FIELDS = [f.name for f in fields(Trip)]
+TRIP_COLUMNS = ", ".join(TRIP_FIELDS)
+ENDED_AT = TRIP_FIELDS.index("ended_ms")  # the fields from here on are what ending a trip sets
 
 
 def listing(
@@ -65,3 +70,9 @@ def to_command(r: Sequence[Any]) -> CommandRecord:
 def to_alert(r: Sequence[Any]) -> Alert:
     at: AlertType = r[1]
     return Alert(r[0], at, r[2], r[3] or None, int(r[4]), r[5], orjson.loads(r[6]), r[7])
+
+
+def to_trip(r: Sequence[Any]) -> Trip:
+    t = Trip(*r)
+    at = None if t.end_at_station is None else bool(t.end_at_station)
+    return replace(t, forced=bool(t.forced), end_at_station=at)

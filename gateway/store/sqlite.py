@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from dataclasses import astuple, fields, replace
+from dataclasses import astuple
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -31,30 +30,33 @@ from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
 from gateway.rules.reservations import Reservation, StartUnlock, conflict
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
-from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, UNCHECKED, Room, Unchecked
-from gateway.store.rows import COMMAND_COLUMNS, RESERVATION_COLUMNS, to_command, to_reservation
+from gateway.store.base import (
+    AUDIT_FLUSH_S,
+    AUDIT_RETENTION_MS,
+    IDEMPOTENCY_RETENTION_MS,
+    UNCHECKED,
+    Room,
+    Unchecked,
+    trim_audit,
+)
+from gateway.store.rows import (
+    COMMAND_COLUMNS,
+    ENDED_AT,
+    RESERVATION_COLUMNS,
+    TRIP_COLUMNS,
+    TRIP_FIELDS,
+    to_command,
+    to_reservation,
+    to_trip,
+)
 from gateway.store.sqlite_events import EventTables
 from gateway.store.sqlite_schema import migrate
 from gateway.store.sqlite_shared import SharedTables
 from gateway.store.sqlite_sql import errors, listing
 
-__all__ = ["AUDIT_FLUSH_S", "SqliteStore", "open_sqlite"]
+__all__ = ["SqliteStore", "open_sqlite"]
 
 log = logging.getLogger(__name__)
-
-# The command audit is written behind the answer, at most this late (see record_command).
-AUDIT_FLUSH_S = 0.05
-AUDIT_MAX_PENDING = 100_000
-
-
-_TRIP_COLUMNS = ", ".join(f.name for f in fields(Trip))
-_ENDED_AT = [f.name for f in fields(Trip)].index("ended_ms")
-
-
-def _trip(r: Any) -> Trip:
-    t = Trip(*r)
-    at = None if t.end_at_station is None else bool(t.end_at_station)
-    return replace(t, forced=bool(t.forced), end_at_station=at)
 
 
 def open_sqlite(path: Path) -> SqliteStore:
@@ -286,10 +288,7 @@ class SqliteStore(EventTables, SharedTables):
             self._flush_audit()
         except StoreError as e:
             log.error("%s; %d audit records kept in memory, retrying", e, len(self._audit))
-            if len(self._audit) > AUDIT_MAX_PENDING:
-                dropped = len(self._audit) - AUDIT_MAX_PENDING
-                del self._audit[:dropped]
-                del self._audit_events[: max(0, len(self._audit_events) - AUDIT_MAX_PENDING)]
+            if dropped := trim_audit(self._audit, self._audit_events):
                 log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
             self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_audit_soon)
 
@@ -342,7 +341,7 @@ class SqliteStore(EventTables, SharedTables):
                 return False
         with errors("start a trip"), self._tx():
             cur = self.db.execute(
-                f"INSERT OR IGNORE INTO trips ({_TRIP_COLUMNS}) VALUES ({','.join('?' * len(fields(Trip)))})",
+                f"INSERT OR IGNORE INTO trips ({TRIP_COLUMNS}) VALUES ({','.join('?' * len(TRIP_FIELDS))})",
                 astuple(t),
             )
             if cur.rowcount != 1:
@@ -354,23 +353,22 @@ class SqliteStore(EventTables, SharedTables):
     async def get_trip(self, reservation_id: str) -> Trip | None:
         with errors("read a trip"):
             row = self.db.execute(
-                f"SELECT {_TRIP_COLUMNS} FROM trips WHERE reservation_id = ?", (reservation_id,)
+                f"SELECT {TRIP_COLUMNS} FROM trips WHERE reservation_id = ?", (reservation_id,)
             ).fetchone()
-        return None if row is None else _trip(row)
+        return None if row is None else to_trip(row)
 
     async def running_trips(self, booked_end_before_ms: int) -> list[Trip]:
         with errors("read running trips"):
             rows = self.db.execute(
-                f"SELECT {_TRIP_COLUMNS} FROM trips WHERE ended_ms IS NULL AND booked_end_ms < ? "
-                "ORDER BY booked_end_ms",
+                f"SELECT {TRIP_COLUMNS} FROM trips WHERE ended_ms IS NULL AND booked_end_ms < ? ORDER BY booked_end_ms",
                 (booked_end_before_ms,),
             ).fetchall()
-        return [_trip(r) for r in rows]
+        return [to_trip(r) for r in rows]
 
     async def end_trip(self, t: Trip, month: str, event: Event | None = None) -> bool:
         # What ending sets: ended_ms and every field after it, and the month the statement counts it in.
-        names = [*[f.name for f in fields(Trip)][_ENDED_AT:], "month"]
-        values = (*astuple(t)[_ENDED_AT:], month)
+        names = [*TRIP_FIELDS[ENDED_AT:], "month"]
+        values = (*astuple(t)[ENDED_AT:], month)
         with errors("end a trip"), self._tx():
             cur = self.db.execute(
                 f"UPDATE trips SET {', '.join(f'{n} = ?' for n in names)} "
@@ -400,14 +398,14 @@ class SqliteStore(EventTables, SharedTables):
         self, from_ms: int | None, to_ms: int | None, vehicle_id: str | None, user_id: str | None, limit: int
     ) -> list[Trip]:
         sql, args = listing(
-            f"SELECT {_TRIP_COLUMNS} FROM trips",
+            f"SELECT {TRIP_COLUMNS} FROM trips",
             [("started_ms >= ?", from_ms), ("started_ms < ?", to_ms), ("vehicle_id = ?", vehicle_id),
              ("user_id = ?", user_id)],
             "started_ms, reservation_id",
             limit,
         )  # fmt: skip
         with errors("list trips"):
-            return [_trip(r) for r in self.db.execute(sql, args).fetchall()]
+            return [to_trip(r) for r in self.db.execute(sql, args).fetchall()]
 
     async def usage(self, month: str) -> UsageRows:
         with errors("read the usage of a month"):
