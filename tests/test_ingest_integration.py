@@ -76,7 +76,8 @@ async def gw(
         create_database(stack.influx.port, unique.database)
     client = await aiohttp_client(init_app(settings, FLEET))
     g = Gw(client, stack, unique)
-    await async_wait_for(lambda: g.rt.link.connected, what="gateway connected to the broker")
+    # Both links: /healthz says "connected" only once the command link is up too.
+    await async_wait_for(lambda: g.rt.link.connected and g.rt.command_link.connected, what="both links connected")
     yield g
 
 
