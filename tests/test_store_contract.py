@@ -29,11 +29,12 @@ from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
 from gateway.rules.webhooks import Attempt
+from gateway.store import base as store_base
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room, Store, StoredReading
 from gateway.store.postgres import open_postgres
 from gateway.store.sqlite import open_sqlite
 from gateway.store.sqlite_schema import MIGRATIONS
-from tests.helpers import REPO
+from tests.helpers import REPO, async_wait_for
 from tests.pg import Postgres, postgres
 
 __all__ = ["postgres"]  # the session fixture, used here by name
@@ -170,9 +171,10 @@ async def test_a_cancelled_or_ended_reservation_is_never_due(store: Store) -> No
 async def test_idempotent_outcomes_are_kept_per_caller(store: Store) -> None:
     o = Outcome("c-1", "ZOE-001", "unlock", "rejected", "expired", 12.5, None, T0)
     await store.save_idempotent_outcome("alice", "k", "fp-1", o, T0)
-    assert await store.idempotent_outcome("alice", "k") == ("fp-1", o)
-    assert await store.idempotent_outcome("bob", "k") is None
-    assert await store.idempotent_outcome("alice", "other") is None
+    # A saved outcome is what a later claim of the key gets back, whatever the claimant.
+    assert await store.claim_idempotency_key("alice", "k", "fp-2", "h", T0) == ("fp-1", o)
+    assert await store.claim_idempotency_key("bob", "k", "fp-1", "h", T0) == "claimed"
+    assert await store.claim_idempotency_key("alice", "other", "fp-1", "h", T0) == "claimed"
 
 
 async def test_the_audit_lists_newest_first_within_a_window(store: Store) -> None:
@@ -201,8 +203,8 @@ async def test_prune_keeps_the_audit_400_days_and_keys_a_day(store: Store) -> No
     await store.save_idempotent_outcome("a", "new", "fp", o, now - 1000)
     assert await store.prune(now) == 2
     assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["kept"]
-    assert await store.idempotent_outcome("a", "old") is None
-    assert await store.idempotent_outcome("a", "new") is not None
+    assert await store.claim_idempotency_key("a", "old", "fp", "h", now) == "claimed"
+    assert await store.claim_idempotency_key("a", "new", "fp", "h", now) == ("fp", o)
 
 
 # ---- the SQLite backend's own promises: migrations and refusing a bad file --------------------------
@@ -241,10 +243,10 @@ def test_a_version_1_file_is_migrated_with_its_data(tmp_path: Path) -> None:
         assert r is not None and (r.kind, r.unlock_at_start, r.created_by) == ("staff", True, None)
         assert r.start_unlock == StartUnlock("done", 5, "c-0", None)
         # Old answers were kept under the key's hash, which no key name can match: forgotten, not misread.
-        assert await store.idempotent_outcome("0123456789ab", "k") is None
+        assert await store.claim_idempotency_key("0123456789ab", "k", "fp", "h", T0) == "claimed"
         o = Outcome("c-1", "ZOE-001", "lock", "done", None, 3.0)
         await store.save_idempotent_outcome("booking", "k", "fp", o, T0)
-        assert await store.idempotent_outcome("booking", "k") == ("fp", o)
+        assert await store.claim_idempotency_key("booking", "k", "fp", "h", T0) == ("fp", o)
         await store.record_command(rec("c-1"))
         assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["c-1"]
         await store.close()
@@ -266,6 +268,29 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     sqlite3.connect(path).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(StartupError, match="newer than this gateway"):
         open_sqlite(path)
+
+
+async def test_an_audit_the_file_refuses_waits_in_memory_up_to_its_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(store_base, "AUDIT_MAX_PENDING", 3)  # the real cap is 100,000 records
+    path = tmp_path / "gateway.sqlite3"
+    store = open_sqlite(path)
+    store.db.execute("PRAGMA busy_timeout = 50")  # each refused flush fails fast instead of waiting 5 s
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holding the file: every write is refused
+    try:
+        for i in range(5):
+            await store.record_command(rec(f"c-{i}", issued=T0 + i), event(i))
+        await async_wait_for(lambda: "2 oldest records dropped" in caplog.text, 5, "the oldest two dropped")
+        assert "5 audit records kept in memory, retrying" in caplog.text
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # Once the file takes writes again, the newest three are written, each with its event.
+    assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["c-4", "c-3", "c-2"]
+    assert [e.doc()["data"] for e in await store.list_events(None, None, 10)] == [{"n": 2}, {"n": 3}, {"n": 4}]
+    await store.close()
 
 
 # ---- trips -----------------------------------------------------------------------------------------

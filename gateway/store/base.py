@@ -173,10 +173,6 @@ class Store(Protocol):
 
     # -- idempotency --
 
-    async def idempotent_outcome(self, caller: str, key: str) -> tuple[str, Outcome] | None:
-        """The request fingerprint and the outcome saved under (caller, key), if any."""
-        ...
-
     async def save_idempotent_outcome(
         self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
     ) -> None:

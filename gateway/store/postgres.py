@@ -339,14 +339,6 @@ class PostgresStore(EventTables, SharedTables):
 
     # -- idempotency --
 
-    async def idempotent_outcome(self, caller: str, key: str) -> tuple[str, Outcome] | None:
-        row = await self._one(
-            "read an idempotency key",
-            "SELECT fingerprint, outcome FROM idempotency WHERE caller = %s AND key = %s",
-            (caller, key),
-        )
-        return None if row is None else (str(row[0]), Outcome.from_doc(orjson.loads(row[1])))
-
     async def save_idempotent_outcome(
         self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
     ) -> None:

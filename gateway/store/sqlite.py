@@ -251,13 +251,6 @@ class SqliteStore(EventTables, SharedTables):
 
     # -- idempotency --
 
-    async def idempotent_outcome(self, caller: str, key: str) -> tuple[str, Outcome] | None:
-        with errors("read an idempotency key"):
-            row = self.db.execute(
-                "SELECT fingerprint, outcome FROM idempotency WHERE caller = ? AND key = ?", (caller, key)
-            ).fetchone()
-        return None if row is None else (str(row[0]), Outcome.from_doc(orjson.loads(row[1])))
-
     async def save_idempotent_outcome(
         self, caller: str, key: str, fingerprint: str, outcome: Outcome, now_ms: int
     ) -> None:
