@@ -15,8 +15,9 @@ Start-up order, each step a context below:
 9. the booking service and the start-time unlocks;
 10. the lease (``gateway/lease.py``): whoever holds it runs the once-only work the
     steps above listed (webhook delivery, the scheduled alert checks, start-time
-    unlocks, automatic ends), so several gateways on one store never do it twice;
-11. housekeeping: the self-report, saving the state, pruning the store.
+    unlocks, automatic ends) and pruning the store, so several gateways on one
+    store never do it twice;
+11. housekeeping: the self-report, saving the state.
 
 Shutdown runs the other way: stop the schedulers, stop taking messages,
 seal and acknowledge what is open, save the state, close the store, drain
@@ -351,10 +352,27 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
     await starts.close()
 
 
+async def prune_store(store: Store, event_retention_ms: int) -> None:
+    """Every hour, drop what is past its retention: idempotency keys, audit records, events."""
+    while True:
+        try:
+            now = now_ms()
+            gone = await store.prune(now, now - event_retention_ms)
+        except StoreError as e:
+            log.error("pruning the store: %s", e)
+        else:
+            if gone:
+                log.info("pruned %d idempotency keys, audit records and events past their retention", gone)
+        await asyncio.sleep(PRUNE_INTERVAL_S)
+
+
 async def lease_ctx(app: web.Application) -> AsyncIterator[None]:
-    s, sup = app[SETTINGS], app[SUPERVISOR]
+    s, sup, store = app[SETTINGS], app[SUPERVISOR], app[STORE]
+    # Pruning is once-only work too: harmless twice, but every gateway deleting the same rows is wasted load.
+    retention_ms = int(s.events.retention_days * 86_400_000)
+    app[ONCE_JOBS].append(("prune-store", lambda: prune_store(store, retention_ms)))
     app[LEASE] = holder = LeaseHolder(
-        app[STORE], s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn, unique=s.store.url is not None
+        store, s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn, unique=s.store.url is not None
     )
     task = sup.spawn(holder.run(), "lease")
     yield
@@ -363,12 +381,11 @@ async def lease_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
-    s, sup, journal, state, store = app[SETTINGS], app[SUPERVISOR], app[JOURNAL], app[STATE], app[STORE]
+    s, sup, journal, state = app[SETTINGS], app[SUPERVISOR], app[JOURNAL], app[STATE]
     state_file = s.state.dir / STATE_FILE
     link, command_link, dispatcher, ingest, writer, alerts, deliverer = (
         app[LINK], app[COMMAND_LINK], app[DISPATCHER], app[INGEST], app[WRITER], app[ALERTS], app[DELIVERER],
     )  # fmt: skip
-    event_retention_ms = int(s.events.retention_days * 86_400_000)
 
     def snapshot() -> Snapshot:
         return Snapshot(
@@ -388,6 +405,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             webhook_backlog=deliverer.backlog,
             webhooks_disabled=dict(deliverer.disabled),
             reservations_displaced=dict(app[BOOKING].displaced),
+            lease_held=app[LEASE].held,
         )
 
     app[MONITOR].watch(snapshot)
@@ -403,19 +421,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             if s.alerts.enabled:
                 alerts.save()
 
-    async def prune() -> None:
-        while True:
-            try:
-                now = now_ms()
-                gone = await store.prune(now, now - event_retention_ms)
-            except StoreError as e:
-                log.error("pruning the store: %s", e)
-            else:
-                if gone:
-                    log.info("pruned %d idempotency keys, audit records and events past their retention", gone)
-            await asyncio.sleep(PRUNE_INTERVAL_S)
-
-    tasks = [sup.spawn(report(), "self-report"), sup.spawn(prune(), "prune-store")]
+    tasks = [sup.spawn(report(), "self-report")]
     yield
     for task in tasks:
         await sup.cancel(task)

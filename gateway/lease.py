@@ -2,9 +2,10 @@
 
 Start-time unlocks, automatic ends, the scheduled alert checks and webhook
 delivery must not run in two gateways sharing one store: a car would get
-two unlocks, a receiver two deliveries. Every instance tries to take one
-lease in the store; the holder runs those jobs and renews the lease, the
-others keep trying. A holder that dies stops renewing, and another takes
+two unlocks, a receiver two deliveries. Pruning the store is here too,
+since every instance deleting the same rows is wasted load. Every instance
+tries to take one lease in the store; the holder runs those jobs and renews
+the lease, the others keep trying. A holder that dies stops renewing, and another takes
 over within ``ha.lease_s``: the lease is written for two thirds of it and
 tried every sixth, so the worst case is 5/6 of ``lease_s``. A holder that
 cannot renew (the store is unreachable, or slow to answer: each try is cut

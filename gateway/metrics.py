@@ -55,6 +55,7 @@ class Snapshot:
     webhooks_disabled: dict[str, str] = field(default_factory=dict)  # url -> why
     reservations_displaced: dict[str, int] = field(default_factory=dict)  # reassigned, cancelled
     links: dict[str, LinkStats] = field(default_factory=dict)  # the MQTT connections: telemetry, commands
+    lease_held: bool = True  # this instance runs the once-only work (always, on SQLite)
 
 
 def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
@@ -82,6 +83,8 @@ def health(s: Snapshot) -> tuple[bool, dict[str, Any]]:
         "vehicles_reporting": s.vehicles_reporting,
         "alerts_open": sum(s.alerts_open.values()),
         "webhooks": {"backlog": s.webhook_backlog, "disabled": sorted(s.webhooks_disabled)},
+        # Which instance runs start-time unlocks, automatic ends, alert checks and webhooks; not a degradation.
+        "lease": "held" if s.lease_held else "standby",
     }
     if degraded:
         body["degraded"] = degraded
@@ -188,6 +191,12 @@ def families(s: Snapshot) -> Iterable[Metric]:
         displaced.add_metric([action], n)
     yield displaced
     yield gauge("gateway_webhook_backlog", "Webhook deliveries not yet made (the outbox).", s.webhook_backlog)
+    yield gauge(
+        "gateway_lease_held",
+        "1 if this instance holds the lease: it runs the start-time unlocks, automatic ends, alert checks "
+        "and webhook delivery. Exactly one instance of a shared store shows 1.",
+        int(s.lease_held),
+    )
     yield counter(
         "gateway_acks_unmatched_total",
         "Car acks for no waiting command: late (after the timeout) or another instance's.",

@@ -139,6 +139,7 @@ class Parts:
         key = {
             "link": gw.LINK,
             "command_link": gw.COMMAND_LINK,
+            "lease": gw.LEASE,
             "dispatcher": gw.DISPATCHER,
             "ingest": gw.INGEST,
             "journal": gw.JOURNAL,

@@ -18,9 +18,10 @@ from aiohttp.test_utils import TestClient
 from device_sim import Behaviour, SimConfig, SimFleet
 from gateway.app import init_app
 from gateway.fleet import load_fleet
+from gateway.rules.commands import CommandRecord
 from gateway.rules.reservations import ReservationRequest, new_reservation
 from gateway.store.sqlite import open_sqlite
-from gateway.times import rfc3339_ms
+from gateway.times import now_ms, rfc3339_ms
 from tests.conftest import Stack, Unique
 from tests.helpers import API_KEY, AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
 
@@ -291,6 +292,31 @@ async def test_unlock_at_start_and_restart_survival(
             lambda: env2.q("SELECT * FROM commands WHERE vehicle_id = 'KANGOO-003'"), what="command row"
         )
         assert len(rows) == 1
+
+
+async def test_the_lease_holder_prunes_the_audit_past_its_retention_at_start(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    # Pruning is once-only work under the lease: on SQLite the one gateway takes it at once and prunes then.
+    now = now_ms()
+    store = open_sqlite(tmp_path / "gateway.sqlite3")
+    for cid, age_days in (("c-old", 411), ("c-kept", 399)):
+        issued = now - age_days * 86_400_000
+        await store.record_command(
+            CommandRecord(cid, "ZOE-009", "unlock", None, "booking", "api", issued, "done", None, 9.0)
+        )
+    await store.close()
+    settings = gateway_settings(
+        stack.broker.port, f"http://127.0.0.1:{stack.influx.port}", unique.prefix, unique.database, tmp_path
+    )
+    client = await aiohttp_client(init_app(settings, FLEET))
+
+    async def pruned() -> bool:
+        r = await client.get("/v1/vehicles/ZOE-009/commands", headers=AUTH)
+        return [c["command_id"] for c in (await r.json())["commands"]] == ["c-kept"]
+
+    await async_wait_for(pruned, 10, "the record past 410 days pruned, the other kept")
+    assert Parts(client.app).lease.held
 
 
 async def test_an_idempotency_key_in_flight_is_not_shared_with_another_request(env: Env) -> None:

@@ -167,6 +167,10 @@ class Cluster:
 
     def holder(self) -> str:
         found: list[str] = wait_for(lambda: len(h := self.holders()) == 1 and h, 10, "exactly one lease holder")
+        # What the operators see agrees with the log: /healthz's "lease" and the gateway_lease_held gauge.
+        running = {n: g for n, g in self.gateways.items() if g.proc is not None and g.proc.poll() is None}
+        seen = {n: ((g.health() or {}).get("lease"), g.metrics()["gateway_lease_held"]) for n, g in running.items()}
+        assert seen == {n: ("held", 1) if n == found[0] else ("standby", 0) for n in running}, seen
         return found[0]
 
 

@@ -87,7 +87,14 @@ async def test_health_ok(tmp_path: Path) -> None:
         "vehicles_reporting": 7,
         "alerts_open": 0,
         "webhooks": {"backlog": 0, "disabled": []},
+        "lease": "held",
     }
+
+
+async def test_health_of_a_standby_instance_is_ok(tmp_path: Path) -> None:
+    # Another gateway holds the lease: nothing is wrong with this one.
+    ok, body = health(snap(make_journal(tmp_path), lease_held=False))
+    assert ok and body["status"] == "ok" and body["lease"] == "standby"
 
 
 async def test_health_broker_down(tmp_path: Path) -> None:
@@ -153,6 +160,7 @@ async def test_prometheus_empty_is_valid_and_complete(tmp_path: Path) -> None:
         "gateway_broker_connects_total",
         "gateway_vehicles_reporting",
         "gateway_vehicles_online",
+        "gateway_lease_held",
     ):
         assert name in s, name
         family = name.removesuffix("_count")
@@ -225,6 +233,7 @@ async def test_prometheus_values(tmp_path: Path) -> None:
                 vehicles_reporting=20,
                 vehicles_online=18,
                 commands={"done": 4, "timeout": 1},
+                lease_held=False,
             )
         )
     )
@@ -245,6 +254,7 @@ async def test_prometheus_values(tmp_path: Path) -> None:
     assert s["gateway_broker_connects_total"] == 3
     assert s["gateway_vehicles_reporting"] == 20
     assert s["gateway_vehicles_online"] == 18
+    assert s["gateway_lease_held"] == 0
     assert s['gateway_commands_total{result="done"}'] == 4
     assert s['gateway_commands_total{result="timeout"}'] == 1
 
