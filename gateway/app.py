@@ -95,7 +95,6 @@ SELF_REPORT_INTERVAL_S = 10.0
 PRUNE_INTERVAL_S = 3600.0
 STATE_FILE = "vehicles.json"
 ALERT_VIEWS_FILE = "alert-views.json"
-STORE_FILE = "gateway.sqlite3"
 DRAIN_DEADLINE_S = 10.0
 ALERTS_DRAIN_S = 2.0
 # With other gateways on the store, events and reservations they write wake nobody here: look this often.
@@ -196,10 +195,10 @@ async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     store: Store
-    if s.store.url is not None:
-        store = await open_postgres(s.store.url.get_secret_value(), s.store.pool_size)
+    if (url := s.store.postgres_url) is not None:
+        store = await open_postgres(url, s.store.pool_size)
     else:
-        store = open_sqlite(s.state.dir / STORE_FILE)
+        store = open_sqlite(s.store.sqlite_file(s.state.dir))
     app[STORE] = store
     yield
     await store.close()
@@ -211,7 +210,7 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = state = FleetState(app[FLEET])
     state.load(path)
     sync = None
-    if s.store.url is not None:  # other gateways may share the store: share the cars' state through it
+    if s.store.postgres_url is not None:  # other gateways may share the store: share the cars' state through it
         sync = sup.spawn(StateSync(state, app[STORE], s.ha.state_sync_s).run(), "state-sync")
     yield
     if sync is not None:
@@ -229,7 +228,7 @@ async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EVENTS] = events = EventLog({e.url: e.types for e in endpoints})
     app[DELIVERER] = deliverer = Deliverer(
         store, endpoints, w.first_retry_s, w.max_age_s, w.timeout_s, w.per_endpoint, on_gone=events.disable,
-        poll_s=SHARED_POLL_S if s.store.url else None,
+        poll_s=SHARED_POLL_S if s.store.postgres_url else None,
     )  # fmt: skip
     events.listen(deliverer.on_event)
     thresholds = Thresholds(
@@ -328,7 +327,7 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
         preempt_notice_s=s.booking.preempt_notice_s,
     )  # fmt: skip
     starts = StartUnlocks(
-        app[STORE], booking, idle_s=SHARED_POLL_S if s.store.url else IDLE_S,
+        app[STORE], booking, idle_s=SHARED_POLL_S if s.store.postgres_url else IDLE_S,
         stale_after_s=s.commands.ack_timeout_s + STALE_MARGIN_S,
     )  # fmt: skip
     booking.on_change = starts.wake
@@ -372,7 +371,7 @@ async def lease_ctx(app: web.Application) -> AsyncIterator[None]:
     retention_ms = int(s.events.retention_days * 86_400_000)
     app[ONCE_JOBS].append(("prune-store", lambda: prune_store(store, retention_ms)))
     app[LEASE] = holder = LeaseHolder(
-        store, s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn, unique=s.store.url is not None
+        store, s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn, unique=s.store.postgres_url is not None
     )
     task = sup.spawn(holder.run(), "lease")
     yield

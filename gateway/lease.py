@@ -12,7 +12,7 @@ cannot renew (the store is unreachable, or slow to answer: each try is cut
 off at the time the jobs must stop) stops its jobs a renewal period before
 its lease can have expired. The expiry is written and compared on the
 gateways' own clocks, so they must agree within that period (a sixth of
-``lease_s``, 2.5 s by default): keep them synchronised (NTP).
+``lease_s``, 1.7 s by default): keep them synchronised (NTP).
 
 On a shared store each process holds the lease under a name of its own (its
 ``instance`` and a random suffix), so two gateways left with the same

@@ -286,30 +286,53 @@ class HaSettings(_Section):
     # Several gateways on one store (PostgreSQL): the once-only work (start-time unlocks, automatic
     # ends, scheduled alert checks, webhook delivery) is done by the holder of a lease in the store,
     # and another instance takes it over within this long after the holder dies.
-    lease_s: float = Field(15.0, ge=1.0, le=3600.0)
+    lease_s: float = Field(10.0, ge=1.0, le=3600.0)
     # How often each instance shares the cars' latest state through the store, and reads the others'.
     state_sync_s: float = Field(0.5, gt=0, le=60.0)
 
 
+SQLITE_URL = "sqlite:///"
+SQLITE_FILE = "gateway.sqlite3"  # in state.dir, when store.url is unset
+
+
 class StoreSettings(_Section):
-    # Unset: the embedded SQLite file in state.dir. Set (postgresql://user:password@host:5432/db, any
-    # libpq URL): PostgreSQL, which several gateways of one fleet can share.
+    # Unset: the embedded SQLite file in state.dir. sqlite:///<path>: that SQLite file instead (a path
+    # relative to the working directory; sqlite:////abs/path for an absolute one, as in SQLAlchemy).
+    # postgresql://user:password@host:5432/db (any libpq URL): PostgreSQL, which several gateways of one
+    # fleet can share.
     url: SecretStr | None = None
     # Connections each gateway keeps to PostgreSQL (one per store call under way).
     pool_size: int = Field(10, ge=1, le=1000)
 
     @field_validator("url")
     @classmethod
-    def _postgres(cls, v: SecretStr | None) -> SecretStr | None:
+    def _known_scheme(cls, v: SecretStr | None) -> SecretStr | None:
         if v is None:
             return v
-        if not v.get_secret_value().startswith(("postgresql://", "postgres://")):
-            raise ValueError("must be a postgresql:// URL (unset: the SQLite file in state.dir)")
+        url = v.get_secret_value()
+        if url.startswith(SQLITE_URL):
+            if not url.removeprefix(SQLITE_URL) or url == SQLITE_URL + ":memory:":
+                raise ValueError("sqlite:/// needs the path of a file (sqlite:///state/gateway.sqlite3)")
+            return v
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///<path> or a postgresql:// URL (unset: the SQLite file in state.dir)")
         try:
-            _ = urlsplit(v.get_secret_value()).port  # parses the host and port: "[::1" or "host:x" fail here
+            _ = urlsplit(url).port  # parses the host and port: "[::1" or "host:x" fail here
         except ValueError as e:
             raise ValueError(f"not a valid URL ({e})") from None
         return v
+
+    @property
+    def postgres_url(self) -> str | None:
+        """The PostgreSQL URL, if the store is one: a store several gateways can share."""
+        url = self.url.get_secret_value() if self.url is not None else None
+        return None if url is None or url.startswith(SQLITE_URL) else url
+
+    def sqlite_file(self, state_dir: Path) -> Path:
+        """The SQLite file, when the store is not PostgreSQL: named by the URL, else in `state_dir`."""
+        if self.url is not None:
+            return Path(self.url.get_secret_value().removeprefix(SQLITE_URL))
+        return state_dir / SQLITE_FILE
 
 
 class StateSettings(_Section):
@@ -468,9 +491,9 @@ def check_secrets(s: Settings) -> None:
             "commands.master_key: missing, an example value or shorter than 16 characters "
             "(set GATEWAY__COMMANDS__MASTER_KEY, or dev_mode: true for local runs)"
         )
-    if s.store.url is not None:
+    if (url := s.store.postgres_url) is not None:
         # Not a URL check (libpq's own refusal names it at start): only the example password of .env.example.
-        password = urlsplit(s.store.url.get_secret_value()).password
+        password = urlsplit(url).password
         if password is not None and unquote(password) in EXAMPLE_SECRETS:
             raise ConfigError("store.url: its password is an example value (set POSTGRES_PASSWORD in .env)")
     if not s.api.keys:

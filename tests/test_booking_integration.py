@@ -319,6 +319,31 @@ async def test_the_lease_holder_prunes_the_audit_past_its_retention_at_start(
     assert Parts(client.app).lease.held
 
 
+async def test_a_sqlite_store_url_keeps_the_reservations_in_that_file(
+    stack: Stack, unique: Unique, tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    file = tmp_path / "elsewhere" / "fleet.db"
+    settings = gateway_settings(
+        stack.broker.port,
+        f"http://127.0.0.1:{stack.influx.port}",
+        unique.prefix,
+        unique.database,
+        tmp_path / "state",
+        store__url=f"sqlite:///{file}",
+    )
+    client = await aiohttp_client(init_app(settings, FLEET))
+    r = await client.put("/v1/reservations/R-file", json=body("ZOE-011", start=30, end=90), headers=AUTH)
+    assert r.status == 201, await r.text()
+    await client.close()
+    assert not (tmp_path / "state" / "gateway.sqlite3").exists()
+    store = open_sqlite(file)
+    try:
+        kept = await store.get_reservation("R-file")
+        assert kept is not None and kept.vehicle_id == "ZOE-011"
+    finally:
+        await store.close()
+
+
 async def test_an_idempotency_key_in_flight_is_not_shared_with_another_request(env: Env) -> None:
     # ZOE-003 never answers, so the first call is still waiting when the second arrives.
     key = {"Idempotency-Key": "k-busy"}

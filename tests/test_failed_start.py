@@ -100,6 +100,14 @@ def test_a_state_directory_that_cannot_be_written(stack: Stack, unique: Unique, 
     assert_one_line_exit_2(run_gateway(stack, unique, blocker / "state"), "state.dir:", "not-a-dir")
 
 
+def test_a_sqlite_store_url_whose_directory_cannot_be_made(stack: Stack, unique: Unique, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    url = f"sqlite:///{blocker}/fleet.db"  # an absolute path: sqlite:////tmp/...
+    line = assert_one_line_exit_2(run_gateway(stack, unique, tmp_path / "state", GATEWAY__STORE__URL=url), "store:")
+    assert "cannot create the directory" in line and "not-a-dir" in line, line
+
+
 def test_the_http_port_in_use(stack: Stack, unique: Unique, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

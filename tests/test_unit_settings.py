@@ -51,6 +51,18 @@ def test_defaults_without_file() -> None:
     assert s.api.keys == () and s.commands.master_key is None
 
 
+def test_defaults_are_the_contracts() -> None:
+    # Each default the contract names in parentheses: an operator who sets nothing gets what it promises.
+    s = Settings()
+    assert (s.trips.max_state_age_s, s.trips.auto_end_after_s, s.booking.preempt_notice_s) == (120, 1800, 86400)
+    assert s.events.retention_days == 30
+    a = s.alerts
+    assert (a.silent_after_s, a.battery_horizon_s, a.min_soc_at_start_pct, a.return_grace_s) == (900, 7200, 30, 900)
+    assert (a.unattended_after_s, a.charging_fault_after_s) == (600, 1800)
+    assert (s.webhooks.first_retry_s, s.webhooks.max_age_s) == (5, 86400)
+    assert s.ha.lease_s == 10
+
+
 def test_defaults_are_production_mode() -> None:
     assert Settings().dev_mode is False
 
@@ -254,6 +266,34 @@ def test_production_refuses_the_example_postgresql_password() -> None:
 def test_a_store_url_that_does_not_parse_is_one_line_naming_it() -> None:
     msg = config_error(None, {**PROD, "GATEWAY__STORE__URL": "postgresql://u:p@[::1/fleet"})
     assert msg.startswith("store.url:") and "not a valid URL" in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("url", "file"),
+    [
+        (None, Path("state/gateway.sqlite3")),
+        ("sqlite:///state/gateway.sqlite3", Path("state/gateway.sqlite3")),
+        ("sqlite:///data/fleet.db", Path("data/fleet.db")),
+        ("sqlite:////var/lib/fleet/gateway.sqlite3", Path("/var/lib/fleet/gateway.sqlite3")),
+    ],
+)
+def test_store_url_names_the_sqlite_file_or_defaults_to_state_dir(url: str | None, file: Path) -> None:
+    env = {**DEV, "GATEWAY__STORE__URL": url} if url else DEV
+    s = load_settings(None, env)
+    assert s.store.postgres_url is None and s.store.sqlite_file(s.state.dir) == file
+
+
+def test_store_url_postgresql_is_the_shared_store() -> None:
+    url = "postgresql://gateway:pw@db.example:5432/fleet?sslmode=require"
+    assert load_settings(None, {**DEV, "GATEWAY__STORE__URL": url}).store.postgres_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///", "sqlite:///:memory:", "sqlite://relative.db", "mysql://h/db", "fleet.db"]
+)
+def test_a_store_url_of_no_known_kind_is_one_line_naming_it(url: str) -> None:
+    msg = config_error(None, {**DEV, "GATEWAY__STORE__URL": url})
+    assert msg.startswith("store.url:") and "\n" not in msg and "sqlite:///" in msg, msg
 
 
 def test_production_accepts_16_char_master_key() -> None:

@@ -64,7 +64,7 @@ def open_sqlite(path: Path) -> SqliteStore:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StartupError(f"state.dir: cannot create {path.parent}: {e.strerror or e}") from e
+        raise StartupError(f"store: cannot create the directory {path.parent}: {e.strerror or e}") from e
     try:
         db = sqlite3.connect(path, isolation_level=None)
     except sqlite3.Error as e:
