@@ -287,8 +287,9 @@ class HaSettings(_Section):
     # ends, scheduled alert checks, webhook delivery) is done by the holder of a lease in the store,
     # and another instance takes it over within this long after the holder dies.
     lease_s: float = Field(10.0, ge=1.0, le=3600.0)
-    # How often each instance shares the cars' latest state through the store, and reads the others'.
-    state_sync_s: float = Field(0.5, gt=0, le=60.0)
+    # How often each instance shares the cars' latest state through the store, and reads the others'. A
+    # reading reaches the others within about two periods: the contract promises at most 1 s behind.
+    state_sync_s: float = Field(0.4, gt=0, le=60.0)
 
 
 SQLITE_URL = "sqlite:///"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from gateway.fleet import Fleet, load_fleet
 from gateway.ingest.state import FleetState
+from gateway.ingest.state_sync import StateSync
 from gateway.ingest.telemetry import Reading
+from gateway.store.base import Store
 from gateway.times import iso_ms
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,3 +161,32 @@ def test_a_missing_or_damaged_state_file_starts_empty(fleet: Fleet, tmp_path: Pa
     (tmp_path / "worse.json").write_text("{not json")
     s.load(tmp_path / "worse.json")
     assert s.reporting_count() == 0
+
+
+class SlowStore:
+    """Only what StateSync calls, each call taking `call_s`: a store slow under load."""
+
+    def __init__(self, call_s: float) -> None:
+        self.call_s = call_s
+        self.turns = 0
+
+    async def put_states(self, readings: Any, seen: Any) -> int:
+        await asyncio.sleep(self.call_s)
+        return 0
+
+    async def states_changed_since(self, cursor: int, own: int = 0) -> tuple[list[Any], dict[str, int], int]:
+        self.turns += 1
+        await asyncio.sleep(self.call_s)
+        return [], {}, cursor
+
+
+async def test_state_sync_keeps_its_beat_when_turns_are_slow(state: FleetState) -> None:
+    # Each turn takes 60 % of the period. Sleeping a whole period after each turn would make it 1.6 periods
+    # apart (6 turns in 10 periods), and a reading's way to the other gateways longer than two periods.
+    state.update(battery(T0, 50.0), T0)
+    store = SlowStore(call_s=0.03)
+    task = asyncio.create_task(StateSync(state, cast(Store, store), every_s=0.1).run())
+    await asyncio.sleep(1.0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert store.turns >= 8, store.turns  # 10 on the beat; 6 with a sleep after each turn
