@@ -126,6 +126,11 @@ def make_journal(directory: Path, **kw: Any) -> Any:
     return Journal(directory, **opts)
 
 
+def both_links_up(rt: Any) -> bool:
+    """Both of a gateway's MQTT links connected: telemetry, and commands (which connects on its own)."""
+    return bool(rt.link.connected and rt.command_link.connected)
+
+
 class Parts:
     """A running gateway app's parts, read through its typed keys (for assertions and fault injection)."""
 

@@ -29,7 +29,7 @@ from gateway.app import init_app
 from gateway.fleet import Fleet
 from scripts import services
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, Parts, async_wait_for, gateway_settings, influx_query, mosquitto_pub
+from tests.helpers import AUTH, Parts, async_wait_for, both_links_up, gateway_settings, influx_query, mosquitto_pub
 from tests.test_booking_integration import FLEET, body, sim_config
 
 pytestmark = pytest.mark.integration
@@ -118,7 +118,7 @@ async def start(
                                 tmp_path / "state", **opts)  # fmt: skip
     client = await aiohttp_client(init_app(settings, fleet))
     env = Env(client, receiver, port, stack, unique)
-    await async_wait_for(lambda: env.rt.link.connected, what="gateway connected")
+    await async_wait_for(lambda: both_links_up(env.rt), what="gateway connected")
     return env
 
 
@@ -321,7 +321,7 @@ async def test_silence_and_no_storm_after_a_broker_restart(
         await asyncio.sleep(SILENT_S * 1.5)
         assert len(env.receiver.accepted("alert.opened")) == 1
         broker.restart()
-        await async_wait_for(lambda: env.rt.link.connected, what="the gateway back on the broker")
+        await async_wait_for(lambda: both_links_up(env.rt), what="the gateway back on the broker")
         back = time.monotonic()
         # Every car's will arrives at once, as when the broker restarts under a fleet.
         for vid in QUIET_FLEET.vehicles:

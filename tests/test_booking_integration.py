@@ -23,7 +23,17 @@ from gateway.rules.reservations import ReservationRequest, new_reservation
 from gateway.store.sqlite import open_sqlite
 from gateway.times import now_ms, rfc3339_ms
 from tests.conftest import Stack, Unique
-from tests.helpers import API_KEY, AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
+from tests.helpers import (
+    API_KEY,
+    AUTH,
+    MASTER_KEY,
+    REPO,
+    Parts,
+    async_wait_for,
+    both_links_up,
+    gateway_settings,
+    influx_query,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +92,7 @@ async def start_env(
     )
     client = await aiohttp_client(init_app(settings, FLEET))
     env = Env(client, sim, stack, unique)
-    await async_wait_for(lambda: env.rt.link.connected, what="gateway connected")
+    await async_wait_for(lambda: both_links_up(env.rt), what="gateway connected")
     return env
 
 

@@ -29,7 +29,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.http.routes import setup_routes
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query, mosquitto_pub
+from tests.helpers import (
+    AUTH,
+    MASTER_KEY,
+    REPO,
+    Parts,
+    async_wait_for,
+    both_links_up,
+    gateway_settings,
+    influx_query,
+    mosquitto_pub,
+)
 
 DASHBOARDS = REPO / "dashboards"
 JSON_DIR = DASHBOARDS / "json"
@@ -320,7 +330,7 @@ async def _populate(stack: Stack, unique: Unique, state_dir: Path) -> bool:
 
     async with TestClient(TestServer(init_app(settings, fleet))) as client:
         rt = Parts(client.app)
-        await async_wait_for(lambda: rt.link.connected, what="the gateway connected to the broker")
+        await async_wait_for(lambda: both_links_up(rt), what="the gateway connected to the broker")
         first_report = self_report_line(rt.monitor.snapshot(), "test", now_ms() - 20_000)
 
         cfg = SimConfig(

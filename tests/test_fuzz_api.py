@@ -47,7 +47,7 @@ from device_sim import SimConfig, SimFleet
 from gateway.app import init_app
 from gateway.fleet import load_fleet
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings
+from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, both_links_up, gateway_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,7 +81,7 @@ async def api(stack: Stack, unique: Unique, tmp_path: Path, aiohttp_server: Call
         await sim.wait_ready(timeout=15)
         server = await aiohttp_server(init_app(settings_, FLEET), host="127.0.0.1")
         rt = Parts(server.app)
-        await async_wait_for(lambda: rt.link.connected, what="gateway connected to the broker")
+        await async_wait_for(lambda: both_links_up(rt), what="gateway connected to the broker")
         yield Api(f"http://127.0.0.1:{server.port}", server.port, rt)
 
 

@@ -37,7 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.app import init_app
 from tests.conftest import Stack, Unique
-from tests.helpers import Parts, async_wait_for, gateway_settings, influx_query
+from tests.helpers import Parts, async_wait_for, both_links_up, gateway_settings, influx_query
 from tests.payload_strategies import CAP, FLEET, N_MESSAGES, Expect, draw_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -94,7 +94,7 @@ async def test_fuzzed_messages_never_stop_ingest_and_are_all_accounted(
     settings_ = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
     client = await aiohttp_client(init_app(settings_, FLEET))
     rt = Parts(client.app)
-    await async_wait_for(lambda: rt.link.connected, what="gateway connected to the broker")
+    await async_wait_for(lambda: both_links_up(rt), what="gateway connected to the broker")
 
     now_ms = int(time.time() * 1000)
     # Messages whose outcome the contract fixes go first and are counted exactly; the open ones follow.

@@ -19,7 +19,16 @@ from aiohttp.test_utils import TestClient
 from gateway.app import init_app
 from gateway.fleet import load_fleet
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, REPO, Parts, async_wait_for, gateway_settings, influx_query, mosquitto_pub
+from tests.helpers import (
+    AUTH,
+    REPO,
+    Parts,
+    async_wait_for,
+    both_links_up,
+    gateway_settings,
+    influx_query,
+    mosquitto_pub,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +86,7 @@ async def gw(
     client = await aiohttp_client(init_app(settings, FLEET))
     g = Gw(client, stack, unique)
     # Both links: /healthz says "connected" only once the command link is up too.
-    await async_wait_for(lambda: g.rt.link.connected and g.rt.command_link.connected, what="both links connected")
+    await async_wait_for(lambda: both_links_up(g.rt), what="both links connected")
     yield g
 
 
@@ -205,7 +214,7 @@ async def test_latest_state_survives_a_restart(
     url = f"http://127.0.0.1:{stack.influx.port}"
     settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
     first = await aiohttp_client(init_app(settings, FLEET))
-    await async_wait_for(lambda: Parts(first.app).link.connected, what="connected")
+    await async_wait_for(lambda: both_links_up(Parts(first.app)), what="connected")
     await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-009/location", '{"lat": 48.74, "lon": -0.02}')
     await async_wait_for(lambda: Parts(first.app).state.reporting_count() == 1, what="location received")
     await first.close()  # shutdown saves the state
@@ -233,7 +242,7 @@ async def test_two_gateways_split_a_fleet_with_a_shared_subscription(
         )
         clients.append(await aiohttp_client(init_app(settings, FLEET)))
     runtimes = [Parts(c.app) for c in clients]
-    await async_wait_for(lambda: all(rt.link.connected for rt in runtimes), what="both connected")
+    await async_wait_for(lambda: all(both_links_up(rt) for rt in runtimes), what="both connected")
     payloads = [orjson.dumps({"soc_pct": 50, "ts": T0 + i}).decode() for i in range(2000)]
     for car in ("ZOE-001", "ZOE-002", "ZOE-003", "ZOE-004"):
         await mosquitto_pub(stack.broker.port, f"{unique.prefix}/{car}/battery", *payloads[:500])
@@ -268,7 +277,7 @@ async def test_a_background_task_that_dies_is_logged_and_shown_in_healthz(
     settings = gateway_settings(stack.broker.port, url, unique.prefix, unique.database, tmp_path)
     client = await aiohttp_client(init_app(settings, FLEET, sink=BrokenSink()))
     rt = Parts(client.app)
-    await async_wait_for(lambda: rt.link.connected, what="connected")
+    await async_wait_for(lambda: both_links_up(rt), what="connected")
     await mosquitto_pub(stack.broker.port, f"{unique.prefix}/ZOE-001/battery", '{"soc_pct": 50}')
     await async_wait_for(lambda: "influx-writer" in rt.supervisor.dead, what="the writer's death noticed")
     r = await client.get("/healthz")

@@ -39,7 +39,7 @@ from gateway.fleet import load_fleet
 from gateway.provision import mqtt_password
 from gateway.signing import sign, vehicle_key
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, gateway_settings, influx_query
+from tests.helpers import AUTH, MASTER_KEY, REPO, Parts, async_wait_for, both_links_up, gateway_settings, influx_query
 from tests.secure_broker import SecureBroker, provision_passwd_file, start_secure_broker
 
 pytestmark = pytest.mark.integration
@@ -391,7 +391,7 @@ async def test_the_gateway_and_the_cars_work_through_the_secured_broker(
     )
     client = await aiohttp_client(init_app(settings, FLEET))
     rt = Parts(client.app)
-    await async_wait_for(lambda: rt.link.connected, 10, "the gateway logged in to the broker")
+    await async_wait_for(lambda: both_links_up(rt), 10, "the gateway logged in to the broker")
     # Telemetry: the cars' retained statuses and their reports reach InfluxDB.
     await async_wait_for(
         lambda: influx_query(stack.influx.port, unique.database, f"SELECT * FROM status WHERE vehicle_id = '{A}'"),
