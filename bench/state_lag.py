@@ -114,9 +114,14 @@ async def measure(args: argparse.Namespace, work: Path, broker: services.Service
                 f"telemetry msg/s; {args.samples} samples over {len(cars)} cars",
                 flush=True,
             )
+            previous: dict[str, float] = {}
             for i in range(args.warmup + args.samples):
                 car = cars[i % len(cars)]
-                soc = round(5 + 90 * rng.random(), 1)
+                soc = previous.get(car)
+                while soc == previous.get(car):  # the car's value before would show at once
+                    soc = round(5 + 90 * rng.random(), 1)
+                assert soc is not None
+                previous[car] = soc
                 doc = {"ts": int(time.time() * 1000), "soc_pct": soc, "range_km": 42.0}
                 t0 = time.perf_counter()
                 link.publish(f"{PREFIX}/{car}/battery", orjson.dumps(doc), 1, 10)

@@ -43,6 +43,7 @@ from gateway.booking.rentals import Rentals, readings_from
 from gateway.booking.service import Booking
 from gateway.booking.start_unlocks import IDLE_S, STALE_MARGIN_S, StartUnlocks
 from gateway.errors import StartupError, StoreError
+from gateway.filelock import hold
 from gateway.fleet import Fleet
 from gateway.http.keys import BOOKING, FEED, FLEET, LIMITER, MONITOR, RENTALS, STATE
 from gateway.http.middleware import auth_middleware, errors_middleware
@@ -93,6 +94,7 @@ __all__ = [
 
 SELF_REPORT_INTERVAL_S = 10.0
 PRUNE_INTERVAL_S = 3600.0
+LOCK_FILE = "gateway.lock"  # in state.dir: one gateway per state directory (gateway/filelock.py)
 STATE_FILE = "vehicles.json"
 ALERT_VIEWS_FILE = "alert-views.json"
 DRAIN_DEADLINE_S = 10.0
@@ -149,6 +151,11 @@ async def journal_ctx(app: web.Application) -> AsyncIterator[None]:
     j = s.journal
     directory = s.state.dir / "journal"
     try:
+        s.state.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"state.dir: cannot create {s.state.dir}: {e.strerror or e}") from e
+    lock = hold(s.state.dir / LOCK_FILE, "state.dir", s.state.dir)
+    try:
         app[JOURNAL] = Journal(
             directory,
             batch_size=j.batch_size,
@@ -159,8 +166,10 @@ async def journal_ctx(app: web.Application) -> AsyncIterator[None]:
             window=s.mqtt.receive_maximum,
         )
     except OSError as e:
+        lock.close()
         raise StartupError(f"state.dir: cannot use {directory}: {e.strerror or e}") from e
     yield
+    lock.close()  # the last step of shutdown (this context is the first opened): another gateway may start
 
 
 def sink_ctx(sink: Sink | None) -> Any:
@@ -198,7 +207,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     if (url := s.store.postgres_url) is not None:
         store = await open_postgres(url, s.store.pool_size)
     else:
-        store = open_sqlite(s.store.sqlite_file(s.state.dir))
+        names = "store.url" if s.store.url is not None else "store"
+        store = open_sqlite(s.store.sqlite_file(s.state.dir), names, exclusive=True)
     app[STORE] = store
     yield
     await store.close()

@@ -284,8 +284,8 @@ class WebhooksSettings(_Section):
 
 class HaSettings(_Section):
     # Several gateways on one store (PostgreSQL): the once-only work (start-time unlocks, automatic
-    # ends, scheduled alert checks, webhook delivery) is done by the holder of a lease in the store,
-    # and another instance takes it over within this long after the holder dies.
+    # ends, scheduled alert checks, webhook delivery, pruning) is done by the holder of a lease in the
+    # store, and another instance takes it over within this long after the holder dies.
     lease_s: float = Field(10.0, ge=1.0, le=3600.0)
     # How often each instance shares the cars' latest state through the store, and reads the others'. A
     # reading reaches the others within about two periods: the contract promises at most 1 s behind.
@@ -297,10 +297,10 @@ SQLITE_FILE = "gateway.sqlite3"  # in state.dir, when store.url is unset
 
 
 class StoreSettings(_Section):
-    # Unset: the embedded SQLite file in state.dir. sqlite:///<path>: that SQLite file instead (a path
-    # relative to the working directory; sqlite:////abs/path for an absolute one, as in SQLAlchemy).
-    # postgresql://user:password@host:5432/db (any libpq URL): PostgreSQL, which several gateways of one
-    # fleet can share.
+    # Unset: the embedded SQLite file gateway.sqlite3 in state.dir. sqlite:///<path>: that SQLite file
+    # instead, a relative path within state.dir (sqlite:///gateway.sqlite3 is the default), sqlite:////abs
+    # an absolute one. postgresql://user:password@host:5432/db (any libpq URL): PostgreSQL, which several
+    # gateways of one fleet can share.
     url: SecretStr | None = None
     # Connections each gateway keeps to PostgreSQL (one per store call under way).
     pool_size: int = Field(10, ge=1, le=1000)
@@ -312,8 +312,14 @@ class StoreSettings(_Section):
             return v
         url = v.get_secret_value()
         if url.startswith(SQLITE_URL):
-            if not url.removeprefix(SQLITE_URL) or url == SQLITE_URL + ":memory:":
-                raise ValueError("sqlite:/// needs the path of a file (sqlite:///state/gateway.sqlite3)")
+            path = url.removeprefix(SQLITE_URL)
+            # No options or in-memory databases: the store must survive a restart, and a "?" kept as part
+            # of the file's name would surprise whoever wrote it as an option.
+            if not path or "?" in path or "#" in path or ":memory:" in path or path.startswith("file:"):
+                raise ValueError(
+                    "sqlite:/// takes the path of a file and nothing else (sqlite:///gateway.sqlite3 in "
+                    "state.dir, sqlite:////var/lib/fleet/gateway.sqlite3)"
+                )
             return v
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///<path> or a postgresql:// URL (unset: the SQLite file in state.dir)")
@@ -330,10 +336,14 @@ class StoreSettings(_Section):
         return None if url is None or url.startswith(SQLITE_URL) else url
 
     def sqlite_file(self, state_dir: Path) -> Path:
-        """The SQLite file, when the store is not PostgreSQL: named by the URL, else in `state_dir`."""
-        if self.url is not None:
-            return Path(self.url.get_secret_value().removeprefix(SQLITE_URL))
-        return state_dir / SQLITE_FILE
+        """The SQLite file, when the store is not PostgreSQL: named by the URL (within `state_dir` unless
+        absolute), else gateway.sqlite3 in `state_dir`."""
+        if self.url is None:
+            return state_dir / SQLITE_FILE
+        url = self.url.get_secret_value()
+        if not url.startswith(SQLITE_URL):
+            raise ValueError("store.url names a PostgreSQL database, not a SQLite file")
+        return state_dir / url.removeprefix(SQLITE_URL)  # an absolute path replaces state_dir
 
 
 class StateSettings(_Section):

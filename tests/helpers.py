@@ -126,7 +126,7 @@ def make_journal(directory: Path, **kw: Any) -> Any:
     return Journal(directory, **opts)
 
 
-def both_links_up(rt: Any) -> bool:
+def both_links_up(rt: Parts) -> bool:
     """Both of a gateway's MQTT links connected: telemetry, and commands (which connects on its own)."""
     return bool(rt.link.connected and rt.command_link.connected)
 

@@ -21,6 +21,7 @@ import pytest
 from scripts.services import free_port
 from tests.conftest import Stack, Unique
 from tests.helpers import API_KEY, MASTER_KEY, REPO
+from tests.processes import GatewayProcess
 
 pytestmark = pytest.mark.integration
 
@@ -104,8 +105,31 @@ def test_a_sqlite_store_url_whose_directory_cannot_be_made(stack: Stack, unique:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     url = f"sqlite:///{blocker}/fleet.db"  # an absolute path: sqlite:////tmp/...
-    line = assert_one_line_exit_2(run_gateway(stack, unique, tmp_path / "state", GATEWAY__STORE__URL=url), "store:")
+    line = assert_one_line_exit_2(run_gateway(stack, unique, tmp_path / "state", GATEWAY__STORE__URL=url), "store.url:")
     assert "cannot create the directory" in line and "not-a-dir" in line, line
+
+
+@pytest.mark.parametrize("shared", ["state.dir", "store.url"])
+def test_a_second_gateway_on_a_running_ones_state_or_sqlite_file(
+    stack: Stack, unique: Unique, tmp_path: Path, shared: str
+) -> None:
+    # Two gateways on one journal would replay and delete each other's batches; on one SQLite file both
+    # would hold the lease. The second is refused, and the first goes on.
+    first = GatewayProcess(tmp_path, stack.broker.port, stack.influx.port, unique.prefix, unique.database)
+    first.start()
+    try:
+        if shared == "state.dir":
+            p = run_gateway(stack, unique, tmp_path / "state")
+        else:
+            url = f"sqlite:///{tmp_path / 'state' / 'gateway.sqlite3'}"
+            p = run_gateway(stack, unique, tmp_path / "other-state", GATEWAY__STORE__URL=url)
+        line = assert_one_line_exit_2(p, f"{shared}:", "in use by another gateway")
+        assert first.health() is not None, line
+    finally:
+        first.terminate()
+    # Stopped, it lets the next one in.
+    first.start()
+    first.terminate()
 
 
 def test_the_http_port_in_use(stack: Stack, unique: Unique, tmp_path: Path) -> None:

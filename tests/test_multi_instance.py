@@ -169,8 +169,17 @@ class Cluster:
         found: list[str] = wait_for(lambda: len(h := self.holders()) == 1 and h, 10, "exactly one lease holder")
         # What the operators see agrees with the log: /healthz's "lease" and the gateway_lease_held gauge.
         running = {n: g for n, g in self.gateways.items() if g.proc is not None and g.proc.poll() is None}
-        seen = {n: ((g.health() or {}).get("lease"), g.metrics()["gateway_lease_held"]) for n, g in running.items()}
-        assert seen == {n: ("held", 1) if n == found[0] else ("standby", 0) for n in running}, seen
+        expected = {n: ("held", 1.0) if n == found[0] else ("standby", 0.0) for n in running}
+
+        def seen() -> dict[str, tuple[object, float]]:
+            try:
+                return {
+                    n: ((g.health() or {}).get("lease"), g.metrics()["gateway_lease_held"]) for n, g in running.items()
+                }
+            except OSError:  # a busy instance that did not answer within its 2 s: ask again
+                return {}
+
+        wait_for(lambda: seen() == expected, 5, f"/healthz and /metrics agreeing with the log: {expected}")
         return found[0]
 
 
@@ -299,13 +308,13 @@ def test_telemetry_is_split_and_every_instance_shows_every_cars_newest_state(clu
     assert 300 <= sum(got.values()) < 330, got  # the cars may report once or twice meanwhile; not 3 x 300
 
     # A reading one instance hears becomes the newest state on all three. How soon (the contract: at most
-    # 1 s behind) is measured by bench/state_lag.py, not timed here.
+    # 1 s behind) is measured by bench/state_lag.py; the 4 s here only catch a sync that stopped or slowed.
     for i, car in enumerate(("ZOE-007", "KANGOO-002", "ZOE-015")):
         soc = 11.5 + i
         doc = json.dumps({"ts": int(time.time() * 1000), "soc_pct": soc, "range_km": 42.0})
         asyncio.run(mosquitto_pub(cluster.stack.broker.port, f"{cluster.prefix}/{car}/battery", doc))
         for g in gws:
-            wait_for(partial(shows_soc, g, car, soc), 10, f"{car} at {soc} % on every instance")
+            wait_for(partial(shows_soc, g, car, soc), 4, f"{car} at {soc} % on every instance")
 
 
 def _event_of(gw: GatewayProcess, command_id: str) -> str | None:

@@ -29,7 +29,6 @@ from gateway.rules.reservations import Kind, Reservation, StartUnlock
 from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows
 from gateway.rules.webhooks import Attempt
-from gateway.store import base as store_base
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room, Store, StoredReading
 from gateway.store.postgres import open_postgres
 from gateway.store.sqlite import open_sqlite
@@ -271,11 +270,10 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 async def test_an_audit_the_file_refuses_waits_in_memory_up_to_its_cap(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(store_base, "AUDIT_MAX_PENDING", 3)  # the real cap is 100,000 records
     path = tmp_path / "gateway.sqlite3"
-    store = open_sqlite(path)
+    store = open_sqlite(path, audit_max_pending=3)  # the real cap is AUDIT_MAX_PENDING, 100,000 records
     store.db.execute("PRAGMA busy_timeout = 50")  # each refused flush fails fast instead of waiting 5 s
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # another process holding the file: every write is refused

@@ -272,8 +272,8 @@ def test_a_store_url_that_does_not_parse_is_one_line_naming_it() -> None:
     ("url", "file"),
     [
         (None, Path("state/gateway.sqlite3")),
-        ("sqlite:///state/gateway.sqlite3", Path("state/gateway.sqlite3")),
-        ("sqlite:///data/fleet.db", Path("data/fleet.db")),
+        ("sqlite:///gateway.sqlite3", Path("state/gateway.sqlite3")),  # relative: within state.dir
+        ("sqlite:///db/fleet.db", Path("state/db/fleet.db")),
         ("sqlite:////var/lib/fleet/gateway.sqlite3", Path("/var/lib/fleet/gateway.sqlite3")),
     ],
 )
@@ -285,11 +285,23 @@ def test_store_url_names_the_sqlite_file_or_defaults_to_state_dir(url: str | Non
 
 def test_store_url_postgresql_is_the_shared_store() -> None:
     url = "postgresql://gateway:pw@db.example:5432/fleet?sslmode=require"
-    assert load_settings(None, {**DEV, "GATEWAY__STORE__URL": url}).store.postgres_url == url
+    s = load_settings(None, {**DEV, "GATEWAY__STORE__URL": url})
+    assert s.store.postgres_url == url
+    with pytest.raises(ValueError, match="not a SQLite file"):
+        s.store.sqlite_file(s.state.dir)
 
 
 @pytest.mark.parametrize(
-    "url", ["sqlite:///", "sqlite:///:memory:", "sqlite://relative.db", "mysql://h/db", "fleet.db"]
+    "url",
+    [
+        "sqlite:///",
+        "sqlite:///:memory:",
+        "sqlite:///file::memory:?cache=shared",
+        "sqlite:///x.db?timeout=5",
+        "sqlite://relative.db",
+        "mysql://h/db",
+        "fleet.db",
+    ],
 )
 def test_a_store_url_of_no_known_kind_is_one_line_naming_it(url: str) -> None:
     msg = config_error(None, {**DEV, "GATEWAY__STORE__URL": url})

@@ -164,29 +164,38 @@ def test_a_missing_or_damaged_state_file_starts_empty(fleet: Fleet, tmp_path: Pa
 
 
 class SlowStore:
-    """Only what StateSync calls, each call taking `call_s`: a store slow under load."""
+    """Only what StateSync calls; reading the others' changes takes `read_s` (a store slow under load)."""
 
-    def __init__(self, call_s: float) -> None:
-        self.call_s = call_s
+    def __init__(self, read_s: float) -> None:
+        self.read_s = read_s
         self.turns = 0
 
     async def put_states(self, readings: Any, seen: Any) -> int:
-        await asyncio.sleep(self.call_s)
         return 0
 
     async def states_changed_since(self, cursor: int, own: int = 0) -> tuple[list[Any], dict[str, int], int]:
         self.turns += 1
-        await asyncio.sleep(self.call_s)
+        await asyncio.sleep(self.read_s)
         return [], {}, cursor
 
 
 async def test_state_sync_keeps_its_beat_when_turns_are_slow(state: FleetState) -> None:
-    # Each turn takes 60 % of the period. Sleeping a whole period after each turn would make it 1.6 periods
-    # apart (6 turns in 10 periods), and a reading's way to the other gateways longer than two periods.
-    state.update(battery(T0, 50.0), T0)
-    store = SlowStore(call_s=0.03)
+    # Every turn takes 60 % of the period. Sleeping a whole period after each turn would put turns 1.6
+    # periods apart (7 in 10 periods), and a reading's way to the other gateways beyond two periods.
+    store = SlowStore(read_s=0.06)
     task = asyncio.create_task(StateSync(state, cast(Store, store), every_s=0.1).run())
     await asyncio.sleep(1.0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    assert store.turns >= 8, store.turns  # 10 on the beat; 6 with a sleep after each turn
+    assert store.turns >= 8, store.turns  # 10 on the beat (turns at 0, 0.1, ... 0.9 s), at most 7 without
+
+
+async def test_state_sync_overrunning_its_period_still_leaves_a_gap(state: FleetState) -> None:
+    # Each turn takes 1.5 periods: back to back, a slow store would get the next turn at once, from
+    # every gateway. Half a period between turns then.
+    store = SlowStore(read_s=0.15)
+    task = asyncio.create_task(StateSync(state, cast(Store, store), every_s=0.1).run())
+    await asyncio.sleep(1.0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert store.turns <= 6, store.turns  # turns at 0, 0.2, ... 0.8 s: 5; back to back, 7 (0, 0.15, ... 0.9 s)

@@ -35,15 +35,17 @@ class StateSync:
         self.failing = False
 
     async def run(self) -> None:
-        # On a fixed beat, not a sleep after each turn: a reading waits at most a period to be written and a
-        # period to be read, however long the turns take, which is what keeps the lag under the contract's 1 s.
+        # On a fixed beat, not a sleep after each turn: while turns are shorter than a period, a reading waits
+        # at most a period to be written and a period to be read, which keeps the lag under the contract's 1 s.
         loop = asyncio.get_running_loop()
         beat = loop.time()
         while True:
             await self.sync_once()
             beat += self.every_s
-            if beat < loop.time():  # a turn took longer than a period: go on from now, no burst to catch up
-                beat = loop.time()
+            if beat < loop.time():
+                # The store is slow: leave it half a period before the next turn rather than none (every
+                # gateway would be at it back to back), and keep the beat from there, with no burst to catch up.
+                beat = loop.time() + self.every_s / 2
             await asyncio.sleep(beat - loop.time())
 
     async def sync_once(self) -> None:

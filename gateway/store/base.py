@@ -52,11 +52,11 @@ AUDIT_FLUSH_S = 0.05
 AUDIT_MAX_PENDING = 100_000
 
 
-def trim_audit(records: list[Any], events: list[Any]) -> int:
-    """Drop the oldest records (and events) beyond AUDIT_MAX_PENDING, in place; how many records went."""
-    dropped = max(0, len(records) - AUDIT_MAX_PENDING)
+def trim_audit(records: list[Any], events: list[Any], cap: int = AUDIT_MAX_PENDING) -> int:
+    """Drop the oldest records (and events) beyond `cap`, in place; how many records went."""
+    dropped = max(0, len(records) - cap)
     del records[:dropped]
-    del events[: max(0, len(events) - AUDIT_MAX_PENDING)]
+    del events[: max(0, len(events) - cap)]
     return dropped
 
 

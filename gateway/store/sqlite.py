@@ -20,10 +20,12 @@ import logging
 import sqlite3
 from dataclasses import astuple
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
 from gateway.errors import StaleRead, StartupError, StoreError
+from gateway.filelock import hold
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event, ulid_floor
 from gateway.rules.priority import PREEMPTED_BY_STAFF, Plan, Refusal, make_room
@@ -32,6 +34,7 @@ from gateway.rules.trips import Trip
 from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.store.base import (
     AUDIT_FLUSH_S,
+    AUDIT_MAX_PENDING,
     AUDIT_RETENTION_MS,
     IDEMPOTENCY_RETENTION_MS,
     UNCHECKED,
@@ -59,34 +62,51 @@ __all__ = ["SqliteStore", "open_sqlite"]
 log = logging.getLogger(__name__)
 
 
-def open_sqlite(path: Path) -> SqliteStore:
-    """Open (creating and migrating as needed) the store at `path`; StartupError naming the problem if not."""
+def open_sqlite(
+    path: Path, names: str = "store", exclusive: bool = False, audit_max_pending: int = AUDIT_MAX_PENDING
+) -> SqliteStore:
+    """Open (creating and migrating as needed) the store at `path`; StartupError starting with `names` (the
+    setting that chose the file) if not. `exclusive`: refuse a file another process holds so, for as long
+    as this store is open: a gateway's, since two gateways on one file would both do the once-only work."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StartupError(f"store: cannot create the directory {path.parent}: {e.strerror or e}") from e
+        raise StartupError(f"{names}: cannot create the directory {path.parent}: {e.strerror or e}") from e
+    lock = hold(path.with_name(path.name + ".lock"), names, path) if exclusive else None
     try:
         db = sqlite3.connect(path, isolation_level=None)
     except sqlite3.Error as e:
-        raise StartupError(f"store: cannot open {path}: {e}") from e
+        _release(lock)
+        raise StartupError(f"{names}: cannot open {path}: {e}") from e
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         migrate(db)
     except sqlite3.Error as e:
         db.close()
-        raise StartupError(f"store: {path} is not a usable SQLite database ({e})") from e
+        _release(lock)
+        raise StartupError(f"{names}: {path} is not a usable SQLite database ({e})") from e
     except StartupError:
         db.close()
+        _release(lock)
         raise
-    return SqliteStore(db)
+    return SqliteStore(db, lock, audit_max_pending)
+
+
+def _release(lock: BinaryIO | None) -> None:
+    if lock is not None:
+        lock.close()  # closing the file ends the lock
 
 
 class SqliteStore(EventTables, SharedTables):
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, lock: BinaryIO | None = None, audit_max_pending: int = AUDIT_MAX_PENDING
+    ) -> None:
         self.db = db
+        self._lock = lock
         self._audit: list[CommandRecord] = []
         self._audit_events: list[Event] = []
+        self._audit_max_pending = audit_max_pending
         self._flush_handle: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
@@ -98,6 +118,7 @@ class SqliteStore(EventTables, SharedTables):
         except StoreError as e:
             log.error("%s; %d audit records lost at shutdown", e, len(self._audit))
         self.db.close()
+        _release(self._lock)
 
     # -- reservations --
 
@@ -281,7 +302,7 @@ class SqliteStore(EventTables, SharedTables):
             self._flush_audit()
         except StoreError as e:
             log.error("%s; %d audit records kept in memory, retrying", e, len(self._audit))
-            if dropped := trim_audit(self._audit, self._audit_events):
+            if dropped := trim_audit(self._audit, self._audit_events, self._audit_max_pending):
                 log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
             self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_audit_soon)
 
