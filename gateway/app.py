@@ -154,22 +154,21 @@ async def journal_ctx(app: web.Application) -> AsyncIterator[None]:
         s.state.dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StartupError(f"state.dir: cannot create {s.state.dir}: {e.strerror or e}") from e
-    lock = hold(s.state.dir / LOCK_FILE, "state.dir", s.state.dir)
-    try:
-        app[JOURNAL] = Journal(
-            directory,
-            batch_size=j.batch_size,
-            flush_interval_s=j.flush_interval_s,
-            max_bytes=j.max_bytes,
-            memory_bytes=j.memory_bytes,
-            fsync=j.fsync,
-            window=s.mqtt.receive_maximum,
-        )
-    except OSError as e:
-        lock.close()
-        raise StartupError(f"state.dir: cannot use {directory}: {e.strerror or e}") from e
-    yield
-    lock.close()  # the last step of shutdown (this context is the first opened): another gateway may start
+    # Released as the last step of shutdown (this context is the first opened): another gateway may start.
+    with hold(s.state.dir / LOCK_FILE, "state.dir", s.state.dir):
+        try:
+            app[JOURNAL] = Journal(
+                directory,
+                batch_size=j.batch_size,
+                flush_interval_s=j.flush_interval_s,
+                max_bytes=j.max_bytes,
+                memory_bytes=j.memory_bytes,
+                fsync=j.fsync,
+                window=s.mqtt.receive_maximum,
+            )
+        except OSError as e:
+            raise StartupError(f"state.dir: cannot use {directory}: {e.strerror or e}") from e
+        yield
 
 
 def sink_ctx(sink: Sink | None) -> Any:
@@ -208,7 +207,9 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await open_postgres(url, s.store.pool_size)
     else:
         names = "store.url" if s.store.url is not None else "store"
-        store = open_sqlite(s.store.sqlite_file(s.state.dir), names, exclusive=True)
+        path = s.store.sqlite_file(s.state.dir)
+        store = open_sqlite(path, names, exclusive=True)
+        log.info("store: SQLite file %s", path.resolve())
     app[STORE] = store
     yield
     await store.close()

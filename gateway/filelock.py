@@ -31,4 +31,7 @@ def hold(lock_path: Path, names: str, guarded: Path) -> BinaryIO:
             f"{names}: {guarded} is in use by another gateway (each gateway needs its own state.dir and "
             "SQLite file; several gateways share a PostgreSQL store)"
         ) from None
+    except OSError as e:  # e.g. a network file system without locks
+        lock.close()
+        raise StartupError(f"{names}: cannot lock {lock_path}: {e.strerror or e}") from e
     return lock

@@ -313,13 +313,16 @@ class StoreSettings(_Section):
         url = v.get_secret_value()
         if url.startswith(SQLITE_URL):
             path = url.removeprefix(SQLITE_URL)
-            # No options or in-memory databases: the store must survive a restart, and a "?" kept as part
-            # of the file's name would surprise whoever wrote it as an option.
-            if not path or "?" in path or "#" in path or ":memory:" in path or path.startswith("file:"):
+            # A file and nothing else: a "?" kept as part of the file's name would surprise whoever wrote it
+            # as an option, and an in-memory database would not survive a restart.
+            last = Path(path).name
+            if not last or last == ".." or path.endswith("/") or "?" in path or "#" in path:
                 raise ValueError(
-                    "sqlite:/// takes the path of a file and nothing else (sqlite:///gateway.sqlite3 in "
+                    "sqlite:/// takes the path of a file, with no options (sqlite:///gateway.sqlite3 in "
                     "state.dir, sqlite:////var/lib/fleet/gateway.sqlite3)"
                 )
+            if ":memory:" in path or path.startswith("file:"):
+                raise ValueError("sqlite:/// takes a file, not an in-memory database: the store outlives the process")
             return v
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///<path> or a postgresql:// URL (unset: the SQLite file in state.dir)")

@@ -295,6 +295,9 @@ def test_store_url_postgresql_is_the_shared_store() -> None:
     "url",
     [
         "sqlite:///",
+        "sqlite:////",
+        "sqlite:///.",
+        "sqlite:///db/",
         "sqlite:///:memory:",
         "sqlite:///file::memory:?cache=shared",
         "sqlite:///x.db?timeout=5",

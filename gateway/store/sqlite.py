@@ -72,7 +72,8 @@ def open_sqlite(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StartupError(f"{names}: cannot create the directory {path.parent}: {e.strerror or e}") from e
-    lock = hold(path.with_name(path.name + ".lock"), names, path) if exclusive else None
+    # Beside the real file: a symbolic link and its target are one database.
+    lock = hold(path.resolve().with_name(path.resolve().name + ".lock"), names, path) if exclusive else None
     try:
         db = sqlite3.connect(path, isolation_level=None)
     except sqlite3.Error as e:
@@ -86,10 +87,10 @@ def open_sqlite(
         db.close()
         _release(lock)
         raise StartupError(f"{names}: {path} is not a usable SQLite database ({e})") from e
-    except StartupError:
+    except StartupError as e:
         db.close()
         _release(lock)
-        raise
+        raise StartupError(f"{names}: {path}: {e}") from None
     return SqliteStore(db, lock, audit_max_pending)
 
 
@@ -117,8 +118,11 @@ class SqliteStore(EventTables, SharedTables):
             self._flush_audit()
         except StoreError as e:
             log.error("%s; %d audit records lost at shutdown", e, len(self._audit))
-        self.db.close()
-        _release(self._lock)
+        finally:
+            try:
+                self.db.close()
+            finally:
+                _release(self._lock)
 
     # -- reservations --
 

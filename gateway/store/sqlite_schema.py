@@ -221,7 +221,7 @@ MIGRATIONS: list[tuple[str, list[Migration]]] = [
 def migrate(db: sqlite3.Connection) -> None:
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
     if version > len(MIGRATIONS):
-        raise StartupError(f"store: the database is at schema version {version}, newer than this gateway knows")
+        raise StartupError(f"the database is at schema version {version}, newer than this gateway knows")
     for i, (_, steps) in enumerate(MIGRATIONS[version:], start=version + 1):
         db.execute("BEGIN IMMEDIATE")
         try:
