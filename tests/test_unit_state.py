@@ -179,23 +179,24 @@ class SlowStore:
         return [], {}, cursor
 
 
-async def test_state_sync_keeps_its_beat_when_turns_are_slow(state: FleetState) -> None:
-    # Every turn takes 60 % of the period. Sleeping a whole period after each turn would put turns 1.6
-    # periods apart (7 in 10 periods), and a reading's way to the other gateways beyond two periods.
-    store = SlowStore(read_s=0.06)
-    task = asyncio.create_task(StateSync(state, cast(Store, store), every_s=0.1).run())
+async def turns_in_a_second(state: FleetState, read_s: float, every_s: float = 0.1) -> int:
+    store = SlowStore(read_s)
+    task = asyncio.create_task(StateSync(state, cast(Store, store), every_s).run())
     await asyncio.sleep(1.0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    assert store.turns >= 8, store.turns  # 10 on the beat (turns at 0, 0.1, ... 0.9 s), at most 7 without
+    return store.turns
+
+
+async def test_state_sync_keeps_its_beat_when_turns_are_slow(state: FleetState) -> None:
+    # Every turn takes 60 % of the period. Sleeping a whole period after each turn would put turns 1.6
+    # periods apart (7 in 10 periods), and a reading's way to the other gateways beyond two periods.
+    turns = await turns_in_a_second(state, read_s=0.06)
+    assert turns >= 8, turns  # 10 on the beat (turns at 0, 0.1, ... 0.9 s), at most 7 without
 
 
 async def test_state_sync_overrunning_its_period_still_leaves_a_gap(state: FleetState) -> None:
     # Each turn takes 1.5 periods: back to back, a slow store would get the next turn at once, from
     # every gateway. Half a period between turns then.
-    store = SlowStore(read_s=0.15)
-    task = asyncio.create_task(StateSync(state, cast(Store, store), every_s=0.1).run())
-    await asyncio.sleep(1.0)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    assert store.turns <= 6, store.turns  # turns at 0, 0.2, ... 0.8 s: 5; back to back, 7 (0, 0.15, ... 0.9 s)
+    turns = await turns_in_a_second(state, read_s=0.15)
+    assert turns <= 6, turns  # turns at 0, 0.2, ... 0.8 s: 5; back to back, 7 (0, 0.15, ... 0.9 s)
