@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,11 @@ class Parts:
         if key is None:
             raise AttributeError(name)
         return self.app[key]
+
+
+def assert_unedited(migrations: Sequence[tuple[str, Sequence[object]]], released: Mapping[int, str]) -> None:
+    """Each released version's steps (SQL, or a function's name) hash as they did when it shipped."""
+    for version, digest in released.items():
+        _, steps = migrations[version - 1]
+        text = "\n".join(s if isinstance(s, str) else getattr(s, "__name__", repr(s)) for s in steps)
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, f"schema version {version} was edited"

@@ -4,22 +4,20 @@ The ``store`` fixture yields each backend in turn: SQLite, and PostgreSQL
 (a private server for the run, a fresh database per test: ``tests/pg.py``).
 A test here says only what the protocol in ``gateway/store/base.py``
 promises, never how a backend keeps it. SQLite's own promises (migrations,
-a corrupt file) follow in a section below; PostgreSQL's, with its real
-races between two stores, are in ``tests/test_store_postgres.py``.
+a corrupt file) are in ``tests/test_store_sqlite.py``; PostgreSQL's, with
+its real races between two stores, in ``tests/test_store_postgres.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gateway.errors import StaleRead, StartupError, StoreError
+from gateway.errors import StaleRead, StoreError
 from gateway.fleet import load_fleet
 from gateway.rules.alerts import Alert, AlertType
 from gateway.rules.commands import CommandRecord, Outcome
@@ -32,8 +30,7 @@ from gateway.rules.webhooks import Attempt
 from gateway.store.base import AUDIT_RETENTION_MS, IDEMPOTENCY_RETENTION_MS, Room, Store, StoredReading
 from gateway.store.postgres import open_postgres
 from gateway.store.sqlite import open_sqlite
-from gateway.store.sqlite_schema import MIGRATIONS
-from tests.helpers import REPO, async_wait_for
+from tests.helpers import REPO
 from tests.pg import Postgres, postgres
 
 __all__ = ["postgres"]  # the session fixture, used here by name
@@ -204,91 +201,6 @@ async def test_prune_keeps_the_audit_400_days_and_keys_a_day(store: Store) -> No
     assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["kept"]
     assert await store.claim_idempotency_key("a", "old", "fp", "h", now) == "claimed"
     assert await store.claim_idempotency_key("a", "new", "fp", "h", now) == ("fp", o)
-
-
-# ---- the SQLite backend's own promises: migrations and refusing a bad file --------------------------
-
-
-# The schema of version 1 as it shipped, frozen here: an edit to MIGRATIONS[0] must not go unnoticed.
-V1_SCHEMA = """
-CREATE TABLE reservations (id TEXT PRIMARY KEY, vehicle_id TEXT NOT NULL, user_id TEXT NOT NULL,
-    starts_ms INTEGER NOT NULL, ends_ms INTEGER NOT NULL, kind TEXT NOT NULL, unlock_at_start INTEGER NOT NULL,
-    cancelled INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
-    su_status TEXT, su_at_ms INTEGER, su_command_id TEXT, su_reason TEXT);
-CREATE INDEX reservations_vehicle ON reservations (vehicle_id, ends_ms);
-CREATE INDEX reservations_due ON reservations (unlock_at_start, su_status, starts_ms);
-CREATE TABLE idempotency (key TEXT NOT NULL, caller TEXT NOT NULL, fingerprint TEXT NOT NULL,
-    status INTEGER NOT NULL, body BLOB NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (caller, key));
-PRAGMA user_version = 1;
-"""
-
-
-def test_a_version_1_file_is_migrated_with_its_data(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite3"
-    db = sqlite3.connect(path, isolation_level=None)
-    db.executescript(V1_SCHEMA)
-    db.execute(
-        "INSERT INTO reservations (id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, created_ms, "
-        "updated_ms, su_status, su_at_ms, su_command_id) VALUES ('R-old', 'ZOE-001', 'U-1', ?, ?, 'staff', 1, 1, 1, "
-        "'done', 5, 'c-0')",
-        (T0, T0 + H),
-    )
-    db.execute("INSERT INTO idempotency VALUES ('k', '0123456789ab', 'fp', 200, ?, 1)", (b'{"command_id": "c-7"}',))
-    db.close()
-
-    async def check() -> None:
-        store = open_sqlite(path)
-        r = await store.get_reservation("R-old")
-        assert r is not None and (r.kind, r.unlock_at_start, r.created_by) == ("staff", True, None)
-        assert r.start_unlock == StartUnlock("done", 5, "c-0", None)
-        # Old answers were kept under the key's hash, which no key name can match: forgotten, not misread.
-        assert await store.claim_idempotency_key("0123456789ab", "k", "fp", "h", T0) == "claimed"
-        o = Outcome("c-1", "ZOE-001", "lock", "done", None, 3.0)
-        await store.save_idempotent_outcome("booking", "k", "fp", o, T0)
-        assert await store.claim_idempotency_key("booking", "k", "fp", "h", T0) == ("fp", o)
-        await store.record_command(rec("c-1"))
-        assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["c-1"]
-        await store.close()
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-
-    asyncio.run(check())
-
-
-def test_a_corrupt_file_is_a_startup_error_naming_it(tmp_path: Path) -> None:
-    path = tmp_path / "gateway.sqlite3"
-    path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StartupError, match=r"gateway\.sqlite3") as e:
-        open_sqlite(path)
-    assert "not a usable SQLite database" in str(e.value)
-
-
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "gateway.sqlite3"
-    sqlite3.connect(path).execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
-    with pytest.raises(StartupError, match="newer than this gateway"):
-        open_sqlite(path)
-
-
-async def test_an_audit_the_file_refuses_waits_in_memory_up_to_its_cap(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = tmp_path / "gateway.sqlite3"
-    store = open_sqlite(path, audit_max_pending=3)  # the real cap is AUDIT_MAX_PENDING, 100,000 records
-    store.db.execute("PRAGMA busy_timeout = 50")  # each refused flush fails fast instead of waiting 5 s
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")  # another process holding the file: every write is refused
-    try:
-        for i in range(5):
-            await store.record_command(rec(f"c-{i}", issued=T0 + i), event(i))
-        await async_wait_for(lambda: "2 oldest records dropped" in caplog.text, 5, "the oldest two dropped")
-        assert "5 audit records kept in memory, retrying" in caplog.text
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-    # Once the file takes writes again, the newest three are written, each with its event.
-    assert [c.command_id for c in await store.list_commands("ZOE-001", None, None, 10)] == ["c-4", "c-3", "c-2"]
-    assert [e.doc()["data"] for e in await store.list_events(None, None, 10)] == [{"n": 2}, {"n": 3}, {"n": 4}]
-    await store.close()
 
 
 # ---- trips -----------------------------------------------------------------------------------------
@@ -569,29 +481,6 @@ async def test_a_plan_that_fails_half_way_changes_nothing(store: Store) -> None:
     assert got is not None and got.vehicle_id == "ZOE-001" and await store.get_reservation("S-1") is None
 
 
-def test_the_v5_migration_gives_old_cancellations_their_reason(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite3"
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("BEGIN")
-    for _, steps in MIGRATIONS[:4]:
-        for step in steps:
-            if isinstance(step, str):
-                db.execute(step)
-            else:
-                step(db)
-    db.execute("PRAGMA user_version = 4")
-    db.execute("COMMIT")
-    db.execute(
-        "INSERT INTO reservations (id, vehicle_id, user_id, starts_ms, ends_ms, kind, unlock_at_start, cancelled, "
-        "created_ms, updated_ms) VALUES ('R-old', 'ZOE-001', 'U-1', 1, 2, 'public', 0, 1, 0, 0)"
-    )
-    db.close()
-    store = open_sqlite(path)
-    got = asyncio.run(store.get_reservation("R-old"))
-    assert got is not None and got.cancelled and got.cancel_reason == "cancelled"
-    asyncio.run(store.close())
-
-
 async def test_deliveries_too_old_are_given_up_in_one_go(store: Store) -> None:
     for n in range(5):
         await store.add_event(event(n, targets=(A, B), ts=T0))
@@ -599,26 +488,6 @@ async def test_deliveries_too_old_are_given_up_in_one_go(store: Store) -> None:
     assert await store.expire_deliveries(A, T0 + H, T0 + 2 * H) == 5
     assert [d.event_id for d in await store.due_deliveries(A, T0 + 3 * H, 10)] == [event(0, ts=T0 + H).id]
     assert len(await store.due_deliveries(B, T0 + 3 * H, 10)) == 5  # another endpoint's are its own
-
-
-# Each released schema version, as it shipped: a version is never edited, a change is a new one.
-RELEASED = {
-    1: "8477f18777579388", 2: "54bed9e0b62c3c5a", 3: "2446e9a303d05f29",  # 0.1.0, 0.2.0, 0.3.0
-    4: "f05822166f519b29", 5: "2c35d84013547380",  # 0.4.0, 0.5.0
-    6: "9bd7fa05e982ced8",  # 0.7.0
-}  # fmt: skip
-
-
-def assert_unedited(migrations: Sequence[tuple[str, Sequence[object]]], released: dict[int, str]) -> None:
-    """Each released version's steps (SQL, or a function's name) hash as they did when it shipped."""
-    for version, digest in released.items():
-        _, steps = migrations[version - 1]
-        text = "\n".join(s if isinstance(s, str) else getattr(s, "__name__", repr(s)) for s in steps)
-        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, f"schema version {version} was edited"
-
-
-def test_released_schema_versions_are_never_edited() -> None:
-    assert_unedited(MIGRATIONS, RELEASED)
 
 
 # -- a write based on a read: checked against what is stored when it commits --

@@ -26,13 +26,13 @@ from gateway.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
 from scripts import services
 from scripts.postgresql import POSTGRES_PASSWORD
 from tests.conftest import Stack, Unique
-from tests.helpers import AUTH, REPO, async_wait_for, gateway_settings
+from tests.helpers import AUTH, REPO, assert_unedited, async_wait_for, gateway_settings
 from tests.pg import Postgres, postgres
 from tests.test_failed_start import assert_one_line_exit_2, run_gateway
 
 __all__ = ["postgres"]  # the session fixture, used here by name
 
-from tests.test_store_contract import FLEET, T0, H, assert_unedited, reading, rec, res, room
+from tests.test_store_contract import FLEET, T0, H, reading, rec, res, room
 
 # ---- the PostgreSQL backend's own promises: migrations, refusing what it cannot open, real races -----------
 
