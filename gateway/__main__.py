@@ -14,7 +14,8 @@ from aiohttp import web
 
 from gateway.errors import ConfigError, StartupError
 from gateway.fleet import Fleet, load_fleet
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings
+from gateway.settings_source import load_settings
 
 log = logging.getLogger("gateway")
 

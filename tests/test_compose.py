@@ -23,7 +23,8 @@ import yaml
 from pydantic import BaseModel
 
 from gateway.errors import ConfigError
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings
+from gateway.settings_source import load_settings
 from tests.helpers import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import load_settings
+from gateway.settings_source import load_settings
 from scripts import demo, services
 from tests.helpers import REPO
 

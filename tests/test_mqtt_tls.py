@@ -24,7 +24,8 @@ import pytest
 from gateway.errors import ConfigError, StartupError
 from gateway.mqtt import codec
 from gateway.mqtt.link import MqttLink, _ssl_context
-from gateway.settings import MqttSettings, Settings, load_settings
+from gateway.settings import MqttSettings, Settings
+from gateway.settings_source import load_settings
 from scripts import services
 from tests.helpers import REPO, async_wait_for, mosquitto_pub
 

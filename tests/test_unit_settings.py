@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.settings import MqttSettings, Settings, env_overrides, load_settings
+from gateway.settings import MqttSettings, Settings
+from gateway.settings_source import env_overrides, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY_YAML = REPO / "config" / "gateway.yaml"

@@ -25,7 +25,7 @@ from gateway.rules.webhooks import (
     signature,
     too_old,
 )
-from gateway.settings import load_settings
+from gateway.settings_source import load_settings
 
 # The test vector published by Standard Webhooks (standard-webhooks/standard-webhooks, spec and libraries).
 STD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
