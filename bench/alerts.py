@@ -70,7 +70,7 @@ from bench.common import (
     REPO,
     broker_and_database,
     gateway_env,
-    service_errors_exit_2,
+    percentile,
     start_gateway,
     wait_until,
 )
@@ -80,6 +80,7 @@ from gateway.mqtt.codec import Message
 from gateway.mqtt.link import MqttLink
 from gateway.settings import MqttSettings
 from scripts import services
+from scripts.services import service_errors_exit_2
 
 KINDS = ("battery", "location", "doors")
 # One field each measurement always has: count(field) is its number of rows.
@@ -370,10 +371,6 @@ def load_publisher(
     c.disconnect()
 
 
-def quantile(xs: Sequence[float], q: int) -> float:
-    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
-
-
 @dataclass
 class LatencyResult:
     gateway_ms: list[float]
@@ -631,14 +628,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.only != "ingest":
         if len(lat.gateway_ms) >= 2:
-            g50, g99 = quantile(lat.gateway_ms, 50), quantile(lat.gateway_ms, 99)
-            b50, b99 = quantile(lat.broker_ms, 50), quantile(lat.broker_ms, 99)
+            g50, g99 = percentile(lat.gateway_ms, 50), percentile(lat.gateway_ms, 99)
+            b50, b99 = percentile(lat.broker_ms, 50), percentile(lat.broker_ms, 99)
             print(f"  latency over {len(lat.gateway_ms)} samples, background load achieved {lat.load_rate:,.0f} msg/s:")
             print(f"    gateway, publish -> webhook   p50 {g50:7.1f} ms  p99 {g99:7.1f} ms  (target p99 < 1000 ms)")
             print(f"    broker, publish -> subscriber p50 {b50:7.1f} ms  p99 {b99:7.1f} ms")
             print(f"    gateway / broker              p50 {g50 / b50:7.1f}x    p99 {g99 / b99:7.1f}x")
             if len(lat.resolve_ms) >= 2:
-                r50, r99 = quantile(lat.resolve_ms, 50), quantile(lat.resolve_ms, 99)
+                r50, r99 = percentile(lat.resolve_ms, 50), percentile(lat.resolve_ms, 99)
                 print(f"    (back home -> alert.resolved  p50 {r50:7.1f} ms  p99 {r99:7.1f} ms)")
         print(
             f"    samples missing {lat.missing}, alerts not resolved in time {lat.unresolved}, "

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -25,6 +24,11 @@ from scripts.postgresql import PostgresService, start_postgres
 REPO = Path(__file__).resolve().parent.parent
 MASTER = "bench-master-key-0123456789"
 API_KEY = "bench-api-key-0123456789"
+
+
+def percentile(xs: Sequence[float], q: int) -> float:
+    """The q-th percentile (1 to 99) of `xs`, the extremes included: how every benchmark here reports."""
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, poll: float = 0.2) -> bool:
@@ -59,7 +63,7 @@ def start_gateway(env: dict[str, str], http_port: int, timeout: float = 60) -> s
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the gateway exited with {proc.returncode} before it was up")
+            raise services.ServiceError(f"the gateway exited with {proc.returncode} before it was up")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1) as r:
                 if json.load(r)["broker"] == "connected":
@@ -71,7 +75,7 @@ def start_gateway(env: dict[str, str], http_port: int, timeout: float = 60) -> s
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"the gateway did not connect to the broker within {timeout:.0f} s")
+    raise services.ServiceError(f"the gateway did not connect to the broker within {timeout:.0f} s")
 
 
 def create_pg_database(pg: PostgresService, name: str) -> str:
@@ -145,25 +149,6 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
         p.terminate()
     for p in reversed(procs):
         p.wait()
-
-
-class Main(Protocol):
-    def __call__(self, argv: list[str] | None = None) -> int: ...
-
-
-def service_errors_exit_2(main: Main) -> Main:
-    """A benchmark's ``main`` whose services fail to start (one missing, a port taken) ends with one line and
-    status 2, not a traceback."""
-
-    @functools.wraps(main)
-    def wrapped(argv: list[str] | None = None) -> int:
-        try:
-            return main(argv)
-        except services.ServiceError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapped
 
 
 @contextlib.contextmanager

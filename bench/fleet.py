@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import service_errors_exit_2
+from scripts import services
+from scripts.services import service_errors_exit_2
 
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = 256
@@ -160,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         port, n, k, secs = int(a.worker[0]), int(a.worker[1]), int(a.worker[2]), float(a.worker[3])
         print(json.dumps(asyncio.run(worker(port, n, k, secs))))
         return 0
-
-    sys.path.insert(0, str(REPO))
-    from scripts import services
 
     services.raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:

@@ -49,13 +49,13 @@ from bench.common import (
     REPO,
     create_pg_database,
     postgres_if,
-    service_errors_exit_2,
     start_gateways,
     stop_all,
     wait_until,
 )
 from scripts import services
 from scripts.postgresql import PostgresService
+from scripts.services import service_errors_exit_2
 
 T0_MS = 1795683600000
 

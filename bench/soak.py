@@ -35,9 +35,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import MASTER, REPO, broker_and_database, gateway_env, service_errors_exit_2, start_gateway
+from bench.common import MASTER, REPO, broker_and_database, gateway_env, start_gateway
 from gateway.fleet import load_fleet
 from scripts import services
+from scripts.services import service_errors_exit_2
 
 PREFIX = "fleet"
 DB = "soak"

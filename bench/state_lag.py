@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ from bench.common import (
     API_KEY,
     broker_and_database,
     create_pg_database,
+    percentile,
     postgres_if,
-    service_errors_exit_2,
     start_gateways,
     stop_all,
 )
@@ -50,14 +49,14 @@ from gateway.mqtt.link import MqttLink
 from gateway.settings import HaSettings, MqttSettings
 from scripts import services
 from scripts.postgresql import PostgresService
+from scripts.services import service_errors_exit_2
 
 PROMISE_S = 1.0  # CONTRACT.md, "Several gateways, one fleet"
 SAMPLE_TIMEOUT_S = 10.0
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=100, method="inclusive")
-    return {"p50": q[49], "p95": q[94], "p99": q[98], "max": max(values)}
+    return {f"p{q}": percentile(values, q) for q in (50, 95, 99)} | {"max": max(values)}
 
 
 def line(name: str, values_s: list[float]) -> str:
@@ -181,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--instances: at least 2 (the lag is between instances)")
     if args.samples < 2 or args.sample_cars < 1:
         p.error("--samples: at least 2; --sample-cars: at least 1")
+    if not 0 < args.sync_s <= 60 or args.poll_ms <= 0 or args.rate < 0:
+        p.error("--sync-s: above 0 and at most 60 (ha.state_sync_s); --poll-ms above 0; --rate at least 0")
     with (
         broker_and_database("state-lag") as (work, broker, influx),
         postgres_if(True, work / "postgres") as pg,

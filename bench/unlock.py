@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import statistics
 import subprocess
 import sys
 import time
@@ -54,8 +53,8 @@ from bench.common import (
     REPO,
     broker_and_database,
     create_pg_database,
+    percentile,
     postgres_if,
-    service_errors_exit_2,
     start_gateways,
     stop_all,
 )
@@ -66,6 +65,7 @@ from gateway.rules.commands import build_command
 from gateway.settings import MqttSettings
 from scripts import services
 from scripts.postgresql import PostgresService
+from scripts.services import service_errors_exit_2
 
 PREFIX = "fleet"
 
@@ -77,16 +77,16 @@ class Result:
     errors: int
 
     def line(self, name: str) -> str:
-        q = statistics.quantiles(self.latencies_ms, n=100, method="inclusive")
+        p50, p95, p99 = (percentile(self.latencies_ms, q) for q in (50, 95, 99))
         rate = len(self.latencies_ms) / self.seconds
         return (
-            f"{name:9s} p50 {q[49]:6.2f} ms  p95 {q[94]:6.2f} ms  p99 {q[98]:6.2f} ms  {rate:7.0f} req/s"
+            f"{name:9s} p50 {p50:6.2f} ms  p95 {p95:6.2f} ms  p99 {p99:6.2f} ms  {rate:7.0f} req/s"
             f"  errors {self.errors}"
         )
 
     @property
     def p99(self) -> float:
-        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[98]
+        return percentile(self.latencies_ms, 99)
 
 
 async def run_workers(concurrency: int, total: int, one: Any) -> Result:

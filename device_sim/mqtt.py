@@ -33,7 +33,6 @@ from typing import Any
 from device_sim.mqtt_codec import (
     CONNACK,
     DISCONNECT,
-    FIXED_HEADER_MAX,
     MAX_PACKET_SIZE,
     PINGREQ,
     PINGRESP,
@@ -48,7 +47,6 @@ from device_sim.mqtt_codec import (
     MqttSubscribeError,
     PacketDecoder,
     Will,
-    decode_packets,
     encode_connect,
     encode_publish,
     encode_subscribe,
@@ -57,7 +55,6 @@ from device_sim.mqtt_codec import (
 
 # The codec is re-exported: the simulator and the tests know this module as the MQTT one.
 __all__ = [
-    "FIXED_HEADER_MAX",
     "MAX_PACKET_SIZE",
     "SILENT_TICKS",
     "MqttClient",
@@ -67,7 +64,6 @@ __all__ = [
     "MqttSubscribeError",
     "PacketDecoder",
     "Will",
-    "decode_packets",
     "encode_connect",
     "encode_publish",
     "encode_subscribe",

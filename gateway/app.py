@@ -41,7 +41,7 @@ from aiohttp import web
 from gateway.booking.dispatcher import CommandDispatcher
 from gateway.booking.rentals import Rentals, readings_from
 from gateway.booking.service import Booking
-from gateway.booking.start_unlocks import IDLE_S, STALE_MARGIN_S, StartUnlocks
+from gateway.booking.start_unlocks import IDLE_S, StartUnlocks
 from gateway.errors import StartupError, StoreError
 from gateway.filelock import hold
 from gateway.fleet import Fleet
@@ -221,7 +221,7 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = state = FleetState(app[FLEET])
     state.load(path)
     sync = None
-    if s.store.postgres_url is not None:  # other gateways may share the store: share the cars' state through it
+    if s.store.shared:  # other gateways may share the store: share the cars' state through it
         sync = sup.spawn(StateSync(state, app[STORE], s.ha.state_sync_s).run(), "state-sync")
     yield
     if sync is not None:
@@ -239,7 +239,7 @@ async def notify_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EVENTS] = events = EventLog({e.url: e.types for e in endpoints})
     app[DELIVERER] = deliverer = Deliverer(
         store, endpoints, w.first_retry_s, w.max_age_s, w.timeout_s, w.per_endpoint, on_gone=events.disable,
-        poll_s=SHARED_POLL_S if s.store.postgres_url else None,
+        poll_s=SHARED_POLL_S if s.store.shared else None,
     )  # fmt: skip
     events.listen(deliverer.on_event)
     thresholds = Thresholds(
@@ -338,9 +338,8 @@ async def booking_ctx(app: web.Application) -> AsyncIterator[None]:
         preempt_notice_s=s.booking.preempt_notice_s,
     )  # fmt: skip
     starts = StartUnlocks(
-        app[STORE], booking, idle_s=SHARED_POLL_S if s.store.postgres_url else IDLE_S,
-        stale_after_s=s.commands.ack_timeout_s + STALE_MARGIN_S,
-    )  # fmt: skip
+        app[STORE], booking, s.commands.ack_timeout_s, idle_s=SHARED_POLL_S if s.store.shared else IDLE_S
+    )
     booking.on_change = starts.wake
     b, t = s.billing, s.trips
     rentals = Rentals(
@@ -381,9 +380,7 @@ async def lease_ctx(app: web.Application) -> AsyncIterator[None]:
     # Pruning is once-only work too: harmless twice, but every gateway deleting the same rows is wasted load.
     retention_ms = int(s.events.retention_days * 86_400_000)
     app[ONCE_JOBS].append(("prune-store", lambda: prune_store(store, retention_ms)))
-    app[LEASE] = holder = LeaseHolder(
-        store, s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn, unique=s.store.postgres_url is not None
-    )
+    app[LEASE] = holder = LeaseHolder(store, s.instance, s.ha.lease_s, app[ONCE_JOBS], sup.spawn, unique=s.store.shared)
     task = sup.spawn(holder.run(), "lease")
     yield
     await sup.cancel(task)

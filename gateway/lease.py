@@ -80,7 +80,7 @@ class LeaseHolder:
                 async with asyncio.timeout(wait_s):
                     got = await self.store.take_lease(LEASE, self.holder, now, self.ttl_ms)
             except (StoreError, TimeoutError) as e:
-                log.error("lease: cannot renew (%s)", e or f"no answer from the store within {wait_s:.1f} s")
+                log.error("lease: cannot renew (%s)", str(e) or f"no answer from the store within {wait_s:.1f} s")
                 got = self.held and self.clock() < stop_ms
             else:
                 if got:

@@ -309,8 +309,8 @@ class StoreSettings(_Section):
             path = url.removeprefix(SQLITE_URL)
             # A file and nothing else: a "?" kept as part of the file's name would surprise whoever wrote it
             # as an option, and an in-memory database would not survive a restart.
-            last = Path(path).name
-            if not last or last == ".." or path.endswith("/") or "?" in path or "#" in path:
+            # A relative path stays within state.dir: no ".." out of it.
+            if not Path(path).name or ".." in Path(path).parts or path.endswith("/") or "?" in path or "#" in path:
                 raise ValueError(
                     "sqlite:/// takes the path of a file, with no options (sqlite:///gateway.sqlite3 in "
                     "state.dir, sqlite:////var/lib/fleet/gateway.sqlite3)"
@@ -325,6 +325,11 @@ class StoreSettings(_Section):
         except ValueError as e:
             raise ValueError(f"not a valid URL ({e})") from None
         return v
+
+    @property
+    def shared(self) -> bool:
+        """Several gateways may share this store (PostgreSQL): the lease, the state sync and polling matter."""
+        return self.postgres_url is not None
 
     @property
     def postgres_url(self) -> str | None:

@@ -193,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vehicles", type=int, default=29, help="simulated cars (default: the 29 of the reference fleet)")
     p.add_argument("--speed", type=float, default=60.0, help="simulated time runs this many times faster (default 60)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
-    p.add_argument("--http-port", type=int, default=8080,
+    p.add_argument("--http-port", type=_port, default=8080,
                    help="the (first) gateway's HTTP port (default 8080); --instances N: N ports from it")  # fmt: skip
-    p.add_argument("--mqtt-port", type=int, default=1883)
-    p.add_argument("--influx-port", type=int, default=8086)
+    p.add_argument("--mqtt-port", type=_port, default=1883)
+    p.add_argument("--influx-port", type=_port, default=8086)
     p.add_argument("--webhook", action="append", default=[], type=_url, metavar="URL",
                    help="an operator's endpoint that receives every event (repeatable)")  # fmt: skip
     p.add_argument("--webhook-secret", type=_secret, default=DEMO_WEBHOOK_SECRET, metavar="WHSEC",
@@ -279,6 +279,17 @@ def sim_command(args: argparse.Namespace, fleet_file: Path, pid_file: Path) -> l
     return argv
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: a port is from 1 to 65535")
+    return port
+
+
+@services.service_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -295,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     children: list[subprocess.Popen[bytes]] = []
     fleet_file = REPO / "config" / "fleet.yaml"
     try:
+        for i in range(args.instances):  # checked first: else a taken port passes for a gateway that answers
+            if services.port_open(args.http_port + i):
+                raise services.ServiceError(f"port {args.http_port + i} is taken; choose another --http-port")
         for name, port, start in (
             ("mosquitto", args.mqtt_port, services.start_mosquitto),
             ("influxd", args.influx_port, services.start_influxd),
@@ -305,9 +319,6 @@ def main(argv: list[str] | None = None) -> int:
                 svc = start(run_dir / name, port)
                 started.append(svc)
                 print(f"{name}: started on 127.0.0.1:{port} (logs in {svc.workdir})")
-        for i in range(args.instances):  # else a taken port passes for a gateway that answers
-            if services.port_open(args.http_port + i):
-                raise services.ServiceError(f"port {args.http_port + i} is taken; choose another --http-port")
         store_url: str | None = None
         if args.instances > 1:
             pg = start_postgres(run_dir / "postgres")
@@ -378,9 +389,6 @@ def main(argv: list[str] | None = None) -> int:
         return _watch(args, children, names)
     except KeyboardInterrupt:
         return 0
-    except services.ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         for child in reversed(children):
             if child.poll() is None:

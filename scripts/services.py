@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import getpass
 import os
 import signal
@@ -29,6 +30,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 INFLUXD = "/usr/bin/influxd"
@@ -37,6 +39,25 @@ NGINX = "/usr/sbin/nginx"
 
 class ServiceError(RuntimeError):
     """A service binary is missing or did not come up."""
+
+
+class Main(Protocol):
+    def __call__(self, argv: list[str] | None = None) -> int: ...
+
+
+def service_errors_exit_2(main: Main) -> Main:
+    """A command's ``main`` whose services fail to start (one missing, a port taken) ends with one line and
+    status 2, not a traceback: the scripts' and the benchmarks' mains."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except ServiceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
 
 
 @dataclass
@@ -310,6 +331,7 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+@service_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.services", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["up", "down"], help="start the local broker and database, or stop them")
@@ -317,11 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--influx-port", type=int, default=8086)
     args = p.parse_args(argv)
-    try:
-        return _up(args) if args.action == "up" else _down(args)
-    except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return _up(args) if args.action == "up" else _down(args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from device_sim.commands import SeenCommands, ack_payload, load_key_file, parse_command, parse_time, verify_command
-from device_sim.mqtt import Will, decode_packets, encode_connect, encode_publish
+from device_sim.mqtt import Will, encode_connect, encode_publish
+from device_sim.mqtt_codec import decode_packets
 from device_sim.physics import rfc3339_ms
 from gateway.signing import sign, vehicle_key
 

@@ -33,10 +33,10 @@ from device_sim.mqtt import (
     MqttError,
     MqttProtocolError,
     MqttSubscribeError,
-    decode_packets,
     encode_connect,
     encode_publish,
 )
+from device_sim.mqtt_codec import decode_packets
 from scripts import services
 from tests.helpers import REPO, async_wait_for
 from tests.secure_broker import make_certs

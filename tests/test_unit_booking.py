@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.booking.service import Booking
-from gateway.booking.start_unlocks import STALE_AFTER_S, StartUnlocks
+from gateway.booking.start_unlocks import STALE_MARGIN_S, StartUnlocks
 from gateway.errors import (
     BrokerUnavailable,
     IdempotencyKeyReused,
@@ -37,6 +37,7 @@ from tests.helpers import REPO, async_wait_for
 FLEET = load_fleet(REPO / "config" / "fleet.yaml")
 H = 3_600_000
 T0 = 1_795_680_000_000
+ACK_TIMEOUT_S = 10.0  # commands.ack_timeout_s, as the app passes it to StartUnlocks
 
 
 @dataclass
@@ -247,7 +248,7 @@ async def test_a_due_start_unlock_is_sent_once_as_its_creator(w: World) -> None:
         r = await w.store.get_reservation("R-s")
         return r is not None and r.start_unlock is not None and r.start_unlock.status == "done"
 
-    await run_until(StartUnlocks(w.store, w.booking, w.clock), recorded)
+    await run_until(StartUnlocks(w.store, w.booking, ACK_TIMEOUT_S, w.clock), recorded)
     assert w.sender.sent == [("ZOE-001", "unlock", "R-s", "front-desk")]
     (audit,) = await w.store.list_commands("ZOE-001", None, None, 10)
     assert audit.source == "start_unlock" and audit.caller == "front-desk"
@@ -260,17 +261,19 @@ async def test_broker_down_releases_the_claim_and_a_crash_claim_is_sent_again(w:
     async def audited() -> bool:
         return bool(await w.store.list_commands("ZOE-001", None, None, 10))
 
-    await run_until(StartUnlocks(w.store, w.booking, w.clock), audited)
+    await run_until(StartUnlocks(w.store, w.booking, ACK_TIMEOUT_S, w.clock), audited)
     r = await w.store.get_reservation("R-s")
     assert r is not None and r.start_unlock is None  # released, so it is tried again
     # A claim left by a crash (sent, outcome never recorded) is sent again once nobody can be waiting for it.
-    assert await w.store.claim_start_unlock("R-s", StartUnlock("pending", w.clock() - int(STALE_AFTER_S * 1000) - 1))
+    assert await w.store.claim_start_unlock(
+        "R-s", StartUnlock("pending", w.clock() - int((ACK_TIMEOUT_S + STALE_MARGIN_S) * 1000) - 1)
+    )
     w.sender.down = False
 
     async def sent() -> bool:
         return bool(w.sender.sent)
 
-    await run_until(StartUnlocks(w.store, w.booking, w.clock), sent)
+    await run_until(StartUnlocks(w.store, w.booking, ACK_TIMEOUT_S, w.clock), sent)
     assert w.sender.sent == [("ZOE-001", "unlock", "R-s", "booking")]
 
 
@@ -279,12 +282,12 @@ async def test_a_young_claim_may_have_a_sender_still_waiting_and_is_not_sent_aga
     # a second command for one start. Once the claim is older than any wait, it is sent again.
     await w.booking.put("R-s", req(unlock=True), "booking")
     assert await w.store.claim_start_unlock("R-s", StartUnlock("pending", w.clock() - 1000))
-    starts = StartUnlocks(w.store, w.booking, w.clock, idle_s=0.05, stale_after_s=1.5)
+    starts = StartUnlocks(w.store, w.booking, 1.0, w.clock, idle_s=0.05)  # abandoned after 1 + 5 s
     task = asyncio.create_task(starts.run())
     try:
         await asyncio.sleep(0.3)  # several passes of the scheduler
         assert w.sender.sent == []
-        w.clock.now += 600
+        w.clock.now += 5_100  # the claim is now 6.1 s old
         await async_wait_for(lambda: w.sender.sent, timeout=3, what="the abandoned claim sent again")
         assert w.sender.sent == [("ZOE-001", "unlock", "R-s", "booking")]
     finally:
@@ -335,6 +338,6 @@ async def test_while_the_broker_is_down_a_start_unlock_is_audited_once(w: World)
     async def retried() -> bool:
         return w.sender.attempts >= 3
 
-    await run_until(StartUnlocks(w.store, w.booking, w.clock), retried, timeout=5)
+    await run_until(StartUnlocks(w.store, w.booking, ACK_TIMEOUT_S, w.clock), retried, timeout=5)
     audits = await w.store.list_commands("ZOE-001", None, None, 10)
     assert [a.result for a in audits] == ["broker_unavailable"]

@@ -299,6 +299,7 @@ def test_store_url_postgresql_is_the_shared_store() -> None:
         "sqlite:////",
         "sqlite:///.",
         "sqlite:///db/",
+        "sqlite:///../elsewhere.db",
         "sqlite:///:memory:",
         "sqlite:///file::memory:?cache=shared",
         "sqlite:///x.db?timeout=5",

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from device_sim.cli import build_parser, tls_from_args
 from device_sim.mqtt import (
-    FIXED_HEADER_MAX,
     MAX_PACKET_SIZE,
     SILENT_TICKS,
     MqttClient,
@@ -23,11 +22,11 @@ from device_sim.mqtt import (
     MqttProtocolError,
     MqttSubscribeError,
     PacketDecoder,
-    decode_packets,
     encode_publish,
     parse_publish,
     tls_context,
 )
+from device_sim.mqtt_codec import FIXED_HEADER_MAX, decode_packets
 from gateway.errors import ConfigError
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.booking.service import Booking
-from gateway.errors import EndChecksFailed, NoTrip, ReservationNotActive, StoreError, UnknownVehicle
+from gateway.errors import EndChecksFailed, InvalidQuery, NoTrip, ReservationNotActive, StoreError, UnknownVehicle
 from gateway.fleet import Fleet
 from gateway.ingest.lineproto import line
 from gateway.ingest.state import FleetState
@@ -24,7 +24,7 @@ from gateway.notify.events import EventLog
 from gateway.rules.billing import Tariff, hours_in_month, month_bounds, month_of
 from gateway.rules.commands import Outcome
 from gateway.rules.events import trip_doc
-from gateway.rules.reservations import Reservation
+from gateway.rules.reservations import Reservation, user_id_problem
 from gateway.rules.trips import (
     Check,
     EndedBy,
@@ -133,6 +133,8 @@ class Rentals:
     ) -> list[Trip]:
         if vehicle_id is not None and vehicle_id not in self.fleet.vehicles:
             raise UnknownVehicle(vehicle_id)
+        if user_id is not None and (why := user_id_problem(user_id)) is not None:
+            raise InvalidQuery("user_id", why)
         return await self.store.list_trips(from_ms, to_ms, vehicle_id, user_id, limit)
 
     async def end(self, reservation_id: str, force: bool, caller: str) -> Trip | Outcome:

@@ -32,25 +32,24 @@ RETRY_S = 1.0
 IDLE_S = 5.0
 # A claim is abandoned this long after its sender's ack timeout: time for the sender's store write.
 STALE_MARGIN_S = 5.0
-STALE_AFTER_S = 10.0 + STALE_MARGIN_S  # with the default ack timeout
 # The caller of a start unlock whose reservation predates named keys: not a possible key name.
 UNKNOWN_CALLER = "(before the audit)"
 
 
 class StartUnlocks:
     def __init__(
-        self, store: Store, booking: Booking, clock: Callable[[], int] = now_ms, idle_s: float = IDLE_S,
-        stale_after_s: float = STALE_AFTER_S,
+        self, store: Store, booking: Booking, ack_timeout_s: float, clock: Callable[[], int] = now_ms,
+        idle_s: float = IDLE_S,
     ) -> None:  # fmt: skip
         self.store = store
         self.booking = booking
         self.clock = clock
         # A pending claim older than this has no sender left waiting for its ack (see the module docstring).
-        self.stale_after_ms = int(stale_after_s * 1000)
+        self.stale_after_ms = int((ack_timeout_s + STALE_MARGIN_S) * 1000)
         # A reservation booked through another gateway on the store wakes nobody here: the longest wait.
         self.idle_s = idle_s
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by reservation id: the unlocks under way here
         # Reservations whose unlock found the broker down: audited once per outage, not every retry.
         self._unsent: set[str] = set()
 
@@ -80,11 +79,7 @@ class StartUnlocks:
         now = self.clock()
         for r in await self.store.pending_start_unlocks():
             su = r.start_unlock
-            if (
-                su is None
-                or now - su.at_ms < self.stale_after_ms
-                or any(t.get_name() == _task_name(r) for t in self._tasks)
-            ):
+            if su is None or now - su.at_ms < self.stale_after_ms or r.id in self._tasks:
                 continue
             log.warning("start unlock of %s was claimed %d s ago and never finished (a gateway stopped or "
                         "died meanwhile); sending it again", r.id, (now - su.at_ms) // 1000)  # fmt: skip
@@ -93,9 +88,9 @@ class StartUnlocks:
     async def _start_due(self) -> None:
         for r in await self.store.due_start_unlocks(self.clock()):
             if await self.store.claim_start_unlock(r.id, StartUnlock("pending", self.clock())):
-                task = asyncio.create_task(self._unlock(r), name=_task_name(r))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task = asyncio.create_task(self._unlock(r), name=f"start-unlock-{r.id}")
+                self._tasks[r.id] = task
+                task.add_done_callback(self._done)
 
     async def _unlock(self, r: Reservation) -> None:
         caller = r.created_by or UNKNOWN_CALLER
@@ -119,12 +114,14 @@ class StartUnlocks:
             return
         log.info("start unlock of reservation %s on %s: %s", r.id, r.vehicle_id, su.status)
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        rid = task.get_name().removeprefix("start-unlock-")
+        if self._tasks.get(rid) is task:
+            del self._tasks[rid]
+
     async def close(self) -> None:
         """Cancel start unlocks still waiting for a car; their claims are sent again once abandoned."""
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _task_name(r: Reservation) -> str:
-    return f"start-unlock-{r.id}"
+        await asyncio.gather(*tasks, return_exceptions=True)

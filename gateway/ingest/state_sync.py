@@ -58,7 +58,7 @@ class StateSync:
             if st.last_seen_ms is not None:
                 seen[vid] = st.last_seen_ms
         try:
-            own = await self.store.put_states(readings, seen) if readings or seen else 0
+            own = await self.store.put_states(readings, seen)
             # Not our own batch back: reading it cost as much as writing it, for nothing to merge.
             rows, last_seen, self.cursor = await self.store.states_changed_since(self.cursor, own)
         except StoreError as e:

@@ -87,6 +87,15 @@ def check_id(reservation_id: str) -> None:
         raise InvalidReservation("reservation_id", RESERVATION_ID.describe)
 
 
+def user_id_problem(user_id: str) -> str | None:
+    """Why `user_id` can be no stored reservation's user, or None: for a new reservation and a query alike."""
+    if not 0 < len(user_id) <= USER_ID_MAX:
+        return f"must be a string of 1 to {USER_ID_MAX} characters"
+    if "\x00" in user_id:  # PostgreSQL stores no U+0000 in text: a 503 for what is the caller's error
+        return "must not contain U+0000"
+    return None
+
+
 def new_reservation(
     reservation_id: str, req: ReservationRequest, vehicles: Container[str], now_ms: int, caller: str | None = None
 ) -> Reservation:
@@ -94,10 +103,8 @@ def new_reservation(
     check_id(reservation_id)
     if req.vehicle_id not in vehicles:
         raise InvalidReservation("vehicle_id", f"{req.vehicle_id[:40]!r} is not a vehicle of the fleet")
-    if not 0 < len(req.user_id) <= USER_ID_MAX:
-        raise InvalidReservation("user_id", f"must be a string of 1 to {USER_ID_MAX} characters")
-    if "\x00" in req.user_id:  # PostgreSQL stores no U+0000 in text: a 503 for what is the caller's error
-        raise InvalidReservation("user_id", "must not contain U+0000")
+    if (why := user_id_problem(req.user_id)) is not None:
+        raise InvalidReservation("user_id", why)
     check_time(req.starts_ms, "starts_at")
     check_time(req.ends_ms, "ends_at")
     if req.ends_ms <= req.starts_ms:

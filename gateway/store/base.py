@@ -11,10 +11,12 @@ after a crash. A backend turns its driver's errors into
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from gateway.errors import StoreError
 from gateway.rules.alerts import Alert
 from gateway.rules.commands import CommandRecord, Outcome
 from gateway.rules.events import Event
@@ -28,6 +30,7 @@ __all__ = [
     "AUDIT_FLUSH_S",
     "AUDIT_MAX_PENDING",
     "AUDIT_RETENTION_MS",
+    "AUDIT_RETRY_S",
     "IDEMPOTENCY_CLAIM_TTL_MS",
     "IDEMPOTENCY_RETENTION_MS",
     "UNCHECKED",
@@ -41,23 +44,30 @@ __all__ = [
     "UsageRows",
     "UsageUser",
     "UsageVehicle",
-    "trim_audit",
+    "audit_refused",
 ]
+
+log = logging.getLogger(__name__)
 
 # The contract keeps the command audit at least 400 days; a little more covers a leap year's report.
 AUDIT_RETENTION_MS = 410 * 86_400_000
 # The command audit of both backends is written behind: rows gather this long, then go in one transaction.
 AUDIT_FLUSH_S = 0.05
-# While the store refuses them, at most this many wait in memory (retried every second); then the oldest go.
+# While the store refuses them, at most this many wait in memory (retried every AUDIT_RETRY_S); then the
+# oldest go.
 AUDIT_MAX_PENDING = 100_000
+AUDIT_RETRY_S = 1.0
 
 
-def trim_audit(records: list[Any], events: list[Any], cap: int = AUDIT_MAX_PENDING) -> int:
-    """Drop the oldest records (and events) beyond `cap`, in place; how many records went."""
+def audit_refused(error: StoreError, records: list[Any], events: list[Any], cap: int = AUDIT_MAX_PENDING) -> None:
+    """A flush of the audit failed: say so, and drop the oldest records (and events) beyond `cap`, in place;
+    the rest wait for the next try."""
+    log.error("%s; %d audit records kept in memory, retrying", error, len(records))
     dropped = max(0, len(records) - cap)
     del records[:dropped]
     del events[: max(0, len(events) - cap)]
-    return dropped
+    if dropped:
+        log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
 
 
 # A retry comes within minutes; a day is plenty.
@@ -224,7 +234,7 @@ class Store(Protocol):
 
     async def record_command(self, rec: CommandRecord, event: Event | None = None) -> None:
         """Add to the audit, with its ``command.completed`` event. A backend may write both behind
-        (SQLite: within 50 ms, batched, the two in one transaction), but :meth:`list_commands`,
+        (both do: within AUDIT_FLUSH_S, batched, the two in one transaction), but :meth:`list_commands`,
         :meth:`list_events`, :meth:`due_deliveries` and :meth:`close` always see every record added
         before them."""
         ...

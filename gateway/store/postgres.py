@@ -74,11 +74,12 @@ from gateway.rules.usage import UsageRows, UsageUser, UsageVehicle
 from gateway.store.base import (
     AUDIT_FLUSH_S,
     AUDIT_RETENTION_MS,
+    AUDIT_RETRY_S,
     IDEMPOTENCY_RETENTION_MS,
     UNCHECKED,
     Room,
     Unchecked,
-    trim_audit,
+    audit_refused,
 )
 from gateway.store.postgres_events import EventTables
 from gateway.store.postgres_schema import migrate
@@ -365,10 +366,8 @@ class PostgresStore(EventTables, SharedTables):
                 try:
                     await self._flush_audit()
                 except StoreError as e:
-                    log.error("%s; %d audit records kept in memory, retrying", e, len(self._audit))
-                    if dropped := trim_audit(self._audit, self._audit_events):
-                        log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
-                    await asyncio.sleep(1.0)
+                    audit_refused(e, self._audit, self._audit_events)
+                    await asyncio.sleep(AUDIT_RETRY_S)
                     continue
                 # Records that came while this flush waited on the database saw a flusher running and
                 # started none: this one writes them too before it ends.

@@ -36,11 +36,12 @@ from gateway.store.base import (
     AUDIT_FLUSH_S,
     AUDIT_MAX_PENDING,
     AUDIT_RETENTION_MS,
+    AUDIT_RETRY_S,
     IDEMPOTENCY_RETENTION_MS,
     UNCHECKED,
     Room,
     Unchecked,
-    trim_audit,
+    audit_refused,
 )
 from gateway.store.rows import (
     COMMAND_COLUMNS,
@@ -254,7 +255,8 @@ class SqliteStore(EventTables, SharedTables):
     async def pending_start_unlocks(self) -> list[Reservation]:
         with errors("read pending start unlocks"):
             rows = self.db.execute(
-                f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE su_status = 'pending'"
+                # unlock_at_start too (every claimed one has it): the reservations_due index, not a scan
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE unlock_at_start = 1 AND su_status = 'pending'"
             ).fetchall()
         return [to_reservation(r) for r in rows]
 
@@ -305,10 +307,8 @@ class SqliteStore(EventTables, SharedTables):
         try:
             self._flush_audit()
         except StoreError as e:
-            log.error("%s; %d audit records kept in memory, retrying", e, len(self._audit))
-            if dropped := trim_audit(self._audit, self._audit_events, self._audit_max_pending):
-                log.error("the store has refused the audit for too long: %d oldest records dropped", dropped)
-            self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._flush_audit_soon)
+            audit_refused(e, self._audit, self._audit_events, self._audit_max_pending)
+            self._flush_handle = asyncio.get_running_loop().call_later(AUDIT_RETRY_S, self._flush_audit_soon)
 
     def _flush_audit(self) -> None:
         if not self._audit:
