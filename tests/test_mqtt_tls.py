@@ -140,7 +140,7 @@ async def _receives(settings: MqttSettings, broker: Broker, topic: str) -> bool:
             await async_wait_for(lambda: link.connected, 3, "connected")
         if not link.connected:
             return False
-        await async_wait_for(lambda: not link.subscribing, 5, "SUBACK")
+        await async_wait_for(lambda: link.stats.subacks >= 1, 5, "SUBACK")
         await mosquitto_pub(broker.plain, topic, "{}")
         await async_wait_for(lambda: got, 5, "the message")
         return True

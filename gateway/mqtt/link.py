@@ -65,6 +65,7 @@ class LinkStats:
     publish_refused: int = 0  # PUBACKs with a failure reason
     protocol_errors: int = 0  # packets from the broker we refused
     connects_refused: Counter[str] = field(default_factory=Counter)  # refused CONNACKs, by reason label
+    subacks: int = 0  # SUBACKs received: the broker has answered our subscriptions this many times
 
 
 class _Protocol(asyncio.Protocol):
@@ -197,11 +198,6 @@ class MqttLink:
         return self.stats.connects
 
     @property
-    def subscribing(self) -> bool:
-        """A SUBSCRIBE of this connection still waits for its SUBACK."""
-        return bool(self._subscribe_ids)
-
-    @property
     def subscribed(self) -> bool:
         """False while the broker refuses one of our subscriptions: connected, but some traffic never comes."""
         return not self.stats.refused
@@ -215,6 +211,7 @@ class MqttLink:
             self.ack([token])
 
     def _on_suback(self, packet_id: int, codes: bytes) -> None:
+        self.stats.subacks += 1
         filters = self._subscribe_ids.pop(packet_id, [])
         for topic, code in zip(filters, codes, strict=False):
             if code >= 0x80:
