@@ -91,12 +91,16 @@ class GatewayProcess:
             return e.code, orjson.loads(e.read())
 
     def metrics(self) -> dict[str, float]:
+        """`/metrics` as {family: sum over its series} and {'family{labels}': that series' value}."""
         out: dict[str, float] = {}
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as r:
             for line in r.read().decode().splitlines():
                 if line and not line.startswith("#"):
-                    name, _, value = line.rpartition(" ")
-                    out[name.split("{")[0]] = out.get(name.split("{")[0], 0) + float(value)
+                    series, _, value = line.rpartition(" ")
+                    family = series.split("{")[0]
+                    out[family] = out.get(family, 0) + float(value)
+                    if series != family:
+                        out[series] = float(value)
         return out
 
     def kill(self) -> None:

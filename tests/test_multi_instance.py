@@ -17,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Coroutine, Iterator
@@ -215,11 +213,7 @@ def reservation(car: str, start_s: float, unlock_at_start: bool = False) -> dict
 
 def metric(g: GatewayProcess, name: str, labels: str) -> float:
     """One labelled sample of `/metrics`: ``metric(g, "gateway_commands_total", 'result="done"')``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{g.http_port}/metrics", timeout=2) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(f"{name}{{{labels}}} "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return g.metrics().get(f"{name}{{{labels}}}", 0.0)
 
 
 def publish_battery(pub: TrackingPublisher, prefix: str, start_ms: int, count: int) -> None:
