@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.services import Service, ServiceError, _spawn, _wait_port, free_port, raise_fd_limit
+from scripts.services import Service, ServiceError, _spawn, _started, free_port, raise_fd_limit
 
 __all__ = ["EjabberdService", "ejabberd_lib_dir", "start_ejabberd"]
 
@@ -88,13 +88,13 @@ class EjabberdService(Service):
 
     def wait_ready(self) -> None:
         # It binds its port before it accepts: the start command writes the file once it does.
-        _wait_port(self.port, self.proc, self.workdir, self.name)
+        super().wait_ready()
         ready, deadline = self.workdir / "ejabberd.ready", time.monotonic() + 30.0
         while not ready.exists() and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if not ready.exists():
             tail = (self.workdir / "ejabberd.out").read_text(errors="replace")[-2000:]
-            raise ServiceError(f"ejabberd did not finish starting again (see {self.workdir}/ejabberd.log):\n{tail}")
+            raise ServiceError(f"ejabberd did not finish starting (see {self.workdir}/ejabberd.log):\n{tail}")
 
 
 def start_ejabberd(
@@ -194,14 +194,4 @@ def start_ejabberd(
         f" {{error,exists}} -> ok = ejabberd_auth:set_password(U,{host},P) end || {{U,P}} <- [{pairs}]],"
         f" ok = file:write_file({_erl_binary(str(ready))}, <<>>).",
     ]  # fmt: skip
-    proc = _spawn(argv, workdir, "ejabberd")
-    _wait_port(port, proc, workdir, "ejabberd")
-    deadline = time.monotonic() + 30.0
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            tail = (workdir / "ejabberd.out").read_text(errors="replace")[-2000:]
-            raise ServiceError(f"ejabberd did not finish starting (see {workdir}/ejabberd.log):\n{tail}")
-        time.sleep(0.02)
-    return EjabberdService("ejabberd", port, workdir, proc, argv)
+    return _started(EjabberdService("ejabberd", port, workdir, _spawn(argv, workdir, "ejabberd"), argv))

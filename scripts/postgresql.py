@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.services import Service, ServiceError, _wait_port, free_port
+from scripts.services import Service, ServiceError, _started, free_port
 
 __all__ = ["POSTGRES_PASSWORD", "POSTGRES_USER", "PostgresService", "postgres_bin_dir", "start_postgres"]
 
@@ -47,7 +47,11 @@ class PostgresService(Service):
         # Not self.stop(): that deletes the data directory, which a restart is meant to find again.
         Service.stop(self, signal.SIGINT)
         self.proc = _spawn_as(self.argv, self.workdir, self.name, self.run_as)
-        _wait_port(self.port, self.proc, self.workdir, self.name)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        # The port opens before the server takes logins: pg_isready says when it does.
+        super().wait_ready()
         _wait_postgres_ready(Path(self.argv[0]).parent, self.port, self.proc)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> None:
@@ -123,17 +127,14 @@ def start_postgres(workdir: Path, port: int | None = None, crash_safe: bool = Fa
         "-c", f"synchronous_commit={'on' if crash_safe else 'off'}",
         "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "log_min_messages=warning",
     ]  # fmt: skip
+    url = f"postgresql://{POSTGRES_USER}:{POSTGRES_PASSWORD}@127.0.0.1:{port}/postgres"
     proc = _spawn_as(argv, workdir, "postgres", run_as)
+    svc = PostgresService("postgres", port, workdir, proc, argv, url=url, data_dir=data_dir, run_as=run_as)
     try:
-        _wait_port(port, proc, workdir, "postgres")
-        _wait_postgres_ready(bindir, port, proc)
-    except BaseException:  # a Ctrl-C while it starts too: nobody else knows of it yet
-        proc.kill()
-        proc.wait()
+        return _started(svc)
+    except BaseException:
         shutil.rmtree(data_dir, ignore_errors=True)
         raise
-    url = f"postgresql://{POSTGRES_USER}:{POSTGRES_PASSWORD}@127.0.0.1:{port}/postgres"
-    return PostgresService("postgres", port, workdir, proc, argv, url=url, data_dir=data_dir, run_as=run_as)
 
 
 def _wait_postgres_ready(bindir: Path, port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -30,7 +30,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 INFLUXD = "/usr/bin/influxd"
@@ -96,11 +96,25 @@ class Service:
         _wait_port(self.port, self.proc, self.workdir, self.name)
 
 
+S = TypeVar("S", bound=Service)
+
+
 @dataclass
 class InfluxService(Service):
     def wait_ready(self) -> None:
-        _wait_port(self.port, self.proc, self.workdir, self.name)
+        super().wait_ready()
         _wait_influx_ready(self.port, self.proc, self.workdir)
+
+
+def _started(svc: S) -> S:
+    """`svc` once it serves; killed if it never does (or a Ctrl-C comes first: nobody else knows of it yet)."""
+    try:
+        svc.wait_ready()
+    except BaseException:
+        svc.proc.kill()
+        svc.proc.wait()
+        raise
+    return svc
 
 
 def free_port() -> int:
@@ -194,9 +208,7 @@ def start_mosquitto(workdir: Path, port: int | None = None, extra_conf: str = ""
     conf = workdir / "mosquitto.conf"
     conf.write_text(MOSQUITTO_CONF.format(port=port, workdir=workdir, user=getpass.getuser()) + extra_conf)
     argv = [MOSQUITTO, "-c", str(conf)]
-    proc = _spawn(argv, workdir, "mosquitto")
-    _wait_port(port, proc, workdir, "mosquitto")
-    return Service("mosquitto", port, workdir, proc, argv)
+    return _started(Service("mosquitto", port, workdir, _spawn(argv, workdir, "mosquitto"), argv))
 
 
 INFLUX_CONF = """\
@@ -232,10 +244,7 @@ def start_influxd(workdir: Path, port: int | None = None) -> Service:
     conf = workdir / "influxdb.conf"
     conf.write_text(INFLUX_CONF.format(port=port, rpc_port=free_port(), workdir=workdir))
     argv = [INFLUXD, "-config", str(conf)]
-    proc = _spawn(argv, workdir, "influxd")
-    _wait_port(port, proc, workdir, "influxd")
-    _wait_influx_ready(port, proc, workdir)
-    return InfluxService("influxd", port, workdir, proc, argv)
+    return _started(InfluxService("influxd", port, workdir, _spawn(argv, workdir, "influxd"), argv))
 
 
 NGINX_CONF = """\
@@ -276,9 +285,7 @@ def start_nginx_v2_proxy(workdir: Path, influx_port: int, port: int | None = Non
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(port=port, influx_port=influx_port, workdir=workdir))
     argv = [NGINX, "-c", str(conf), "-e", str(workdir / "nginx-error.log")]
-    proc = _spawn(argv, workdir, "nginx")
-    _wait_port(port, proc, workdir, "nginx")
-    return Service("nginx", port, workdir, proc, argv)
+    return _started(Service("nginx", port, workdir, _spawn(argv, workdir, "nginx"), argv))
 
 
 def create_database(influx_port: int, name: str) -> None:
