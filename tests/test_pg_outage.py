@@ -13,7 +13,6 @@ import json
 import signal
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,11 @@ from tests.helpers import (
     mosquitto_pub,
 )
 from tests.pg import Postgres
+from tests.test_booking_integration import body as reservation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FLEET = load_fleet(REPO / "config" / "fleet.yaml")
-
-
-def _booking(start_h: float) -> dict[str, Any]:
-    start = datetime.now(UTC) + timedelta(hours=start_h)
-    return {"vehicle_id": "ZOE-001", "user_id": "U-1", "kind": "public", "starts_at": start.isoformat(),
-            "ends_at": (start + timedelta(hours=1)).isoformat()}  # fmt: skip
 
 
 async def test_postgresql_down_and_back_under_a_running_gateway(
@@ -60,12 +54,12 @@ async def test_postgresql_down_and_back_under_a_running_gateway(
             tmp_path / "state", store__url=url,
         )  # fmt: skip
         client = await aiohttp_client(init_app(settings, FLEET))
-        r = await client.put("/v1/reservations/R-before", json=_booking(1), headers=AUTH)
+        r = await client.put("/v1/reservations/R-before", json=reservation(start=60, end=120), headers=AUTH)
         assert r.status == 201, await r.text()
 
         services.Service.stop(pg, signal.SIGINT)  # down, its data kept
         t0 = time.monotonic()
-        r = await client.put("/v1/reservations/R-during", json=_booking(3), headers=AUTH)
+        r = await client.put("/v1/reservations/R-during", json=reservation(start=180, end=240), headers=AUTH)
         body = await r.json()
         assert r.status == 503 and body["error"]["code"] == "store_unavailable", body
         assert time.monotonic() - t0 < 5
@@ -81,7 +75,7 @@ async def test_postgresql_down_and_back_under_a_running_gateway(
         pg.restart()
 
         async def booked() -> bool:
-            r = await client.put("/v1/reservations/R-after", json=_booking(5), headers=AUTH)
+            r = await client.put("/v1/reservations/R-after", json=reservation(start=300, end=360), headers=AUTH)
             return bool(r.status == 201)
 
         await async_wait_for(booked, 15, "a reservation taken once PostgreSQL is back")
@@ -118,8 +112,8 @@ async def test_postgresql_killed_during_a_burst_of_unlocks_loses_no_audited_comm
             # Else an early unlock's 503 could be the broker's, and pass for the store's below.
             await async_wait_for(lambda: both_links_up(Parts(client.app)), 10, "both MQTT links up")
             for car in cars:
-                r = await client.put(f"/v1/reservations/R-{car}", json={**_booking(-0.1), "vehicle_id": car,
-                                     "kind": "staff", "user_id": f"U-{car}"}, headers=AUTH)  # fmt: skip
+                r = await client.put(f"/v1/reservations/R-{car}", json=reservation(car, start=-6, end=54, kind="staff",
+                                     user_id=f"U-{car}"), headers=AUTH)  # fmt: skip
                 assert r.status == 201, await r.text()
             done: dict[str, set[str]] = {car: set() for car in cars}
             statuses: list[int] = []
