@@ -57,7 +57,7 @@ from scripts import services
 from scripts.postgresql import PostgresService
 from scripts.services import service_errors_exit_2
 
-T0_MS = 1795683600000
+T0_MS = (int(time.time()) - 86_400) * 1000  # a day ago: the gateway refuses readings older than a week
 
 
 def count_rows(influx_port: int, db: str) -> int:

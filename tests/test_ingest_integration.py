@@ -8,7 +8,9 @@ maps onto /write (Debian's InfluxDB 1.6 has no v2 API).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,13 @@ pytestmark = pytest.mark.integration
 
 FLEET = load_fleet(REPO / "config" / "fleet.yaml")
 
-BATTERY = '{"ts": "2026-11-26T09:00:00.123Z", "soc_pct": 81.5, "range_km": 212, "charging": false, "plugged": true}'
-LOCATION = (
-    '{"ts": 1795683600123, "lat": 48.4306, "lon": 0.0931, "speed_kmh": 0, "heading_deg": 0, "odometer_km": 18231.4}'
-)
-DOORS = '{"ts": "2026-11-26T09:00:01Z", "locked": true, "closed": true}'
-T0 = 1795683600123  # 2026-11-26T09:00:00.123Z
+# Yesterday at 09:00:00.123Z, whatever the date of the run: the gateway refuses readings older than a week.
+T0 = (int(time.time()) // 86_400 - 1) * 86_400_000 + 9 * 3_600_000 + 123
+DAY = datetime.fromtimestamp(T0 / 1000, UTC).date().isoformat()
+# The contract's three forms of ts: RFC 3339 with milliseconds, epoch milliseconds, RFC 3339 in whole seconds.
+BATTERY = f'{{"ts": "{DAY}T09:00:00.123Z", "soc_pct": 81.5, "range_km": 212, "charging": false, "plugged": true}}'
+LOCATION = f'{{"ts": {T0}, "lat": 48.4306, "lon": 0.0931, "speed_kmh": 0, "heading_deg": 0, "odometer_km": 18231.4}}'
+DOORS = f'{{"ts": "{DAY}T09:00:01Z", "locked": true, "closed": true}}'
 
 
 class Gw:
@@ -155,10 +158,10 @@ async def test_each_kind_of_invalid_message_is_rejected_with_its_reason(gw: Gw) 
 
 
 async def test_vehicles_api_serves_latest_state_and_needs_a_key(gw: Gw) -> None:
-    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 40, "ts": 1795683600000}')
-    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 55, "ts": 1795683700000}')
+    await gw.pub("KANGOO-001", "battery", f'{{"soc_pct": 40, "ts": {T0}}}')
+    await gw.pub("KANGOO-001", "battery", f'{{"soc_pct": 55, "ts": {T0 + 100_000}}}')
     # An older reading replayed later must not move the state backwards.
-    await gw.pub("KANGOO-001", "battery", '{"soc_pct": 10, "ts": 1795683500000}')
+    await gw.pub("KANGOO-001", "battery", f'{{"soc_pct": 10, "ts": {T0 - 100_000}}}')
     await gw.pub("KANGOO-001", "status", '{"online": true}')
     await gw.rows("SELECT * FROM battery", 3)
 
@@ -193,7 +196,7 @@ async def test_health_metrics_and_self_report(gw: Gw) -> None:
 
     from gateway.metrics import self_report_line
 
-    gw.rt.journal.append(self_report_line(gw.rt.monitor.snapshot(), "test", 1795683600000))
+    gw.rt.journal.append(self_report_line(gw.rt.monitor.snapshot(), "test", T0))
     (row,) = await gw.rows("SELECT * FROM gateway", 1)
     assert row["instance"] == "test" and row["received"] == 2 and row["rejected"] == 1
 
