@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,8 @@ async def test_every_delivery_is_signed_and_a_500_is_retried_with_growing_delays
         assert [x.status for x in tries] == [500, 500, 200]
         assert rx.refused == []
         first, second = tries[1].received_s - tries[0].received_s, tries[2].received_s - tries[1].received_s
-        assert 0.1 < first < second  # about 0.2 s, then about 0.4 s
+        # About 0.2 s, then about 0.4 s, each ±20%: bounds apart, so that a stalled loop does not read as no growth.
+        assert first > 0.1 and second > 0.3, (first, second)
         assert d.event["id"].startswith("evt_") and d.event["type"] == "alert.opened"
         text = await metrics(env)
         assert 'gateway_webhook_deliveries_total{result="retry"} 2.0' in text
@@ -219,9 +221,12 @@ async def test_an_event_too_old_is_given_up(
                 break
             await asyncio.sleep(0.05)
         assert await backlog() == 0
-        # At once, about 0.2 s later, about 0.4 s after that, and a last one when the event is 1 s old.
-        assert len(rx.deliveries) == 4
-        assert rx.deliveries[-1].received_s - rx.deliveries[0].received_s >= 0.8  # the first one went at about 0.06 s
+        # At once, about 0.2 s later, about 0.4 s after that (unless a slow start left no room for it), and a
+        # last one when the event is 1 s old; none after.
+        made_ms = int(datetime.fromisoformat(rx.deliveries[0].event["timestamp"]).timestamp() * 1000)
+        ages = [d.received_s - made_ms / 1000 for d in rx.deliveries]
+        assert 3 <= len(ages) <= 4, ages
+        assert 0.99 <= ages[-1] < 2.0, ages
     finally:
         await rx.stop()
 
@@ -268,7 +273,8 @@ async def test_events_recorded_before_a_sigkill_are_delivered_after_it_with_the_
         assert {d.id for d in rx.accepted()} == owed
         assert all(d.event["id"] == d.id for d in rx.deliveries)
         assert rx.refused == []
-        wait_for(lambda: _get(gw.http_port, "/healthz")["webhooks"]["backlog"] == 0, timeout=15, what="no backlog")
+        # Through health(), which reads a 503 too: a link still reconnecting after the restart is not the point here.
+        wait_for(lambda: (gw.health() or {}).get("webhooks", {}).get("backlog") == 0, timeout=15, what="no backlog")
     finally:
         gw.stop()
         await rx.stop()
