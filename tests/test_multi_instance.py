@@ -341,7 +341,7 @@ def test_an_unlock_through_any_instance_gets_its_ack(cluster: Cluster) -> None:
         # The third instance sees the command in the shared audit (written behind: within AUDIT_FLUSH_S),
         # and the car's new state.
         third = gws[(i + 2) % 3]
-        listed = wait_for(partial(audited, third, car), 2, "the command in the shared audit")
+        listed = wait_for(partial(audited, third, car), 5, "the command in the shared audit")
         assert [c["command_id"] for c in listed] == [answer["command_id"]], listed
     for g in gws:
         wait_for(partial(all_unlocked, g, cars), 5, "the cars unlocked on every instance")
@@ -418,12 +418,13 @@ def test_the_lease_holder_killed_its_work_moves_and_nothing_is_lost(cluster: Clu
         assert status == 200 and hook["status"] == "done", hook
         owed: str = wait_for(partial(_event_of, first, hook["command_id"]), 5, "the unlock's event")
         wait_for(lambda: cluster.receiver.attempted(owed), 5, "a first attempt, refused, by the holder")
-        car, start_s = "KANGOO-004", 1.0
-        status, answer = first.call("PUT", "/v1/reservations/R-kill", reservation(car, start_s, unlock_at_start=True))
-        assert status == 201, answer
         dead.kill()
         killed = time.time()
         cluster.receiver.refusing = False
+        # Booked after the kill, so that the dead holder surely could not have sent it, however slow this was.
+        car, start_s = "KANGOO-004", 1.0
+        status, answer = first.call("PUT", "/v1/reservations/R-kill", reservation(car, start_s, unlock_at_start=True))
+        assert status == 201, answer
         publish_battery(pub, cluster.prefix, start_ms + n_burst // 2, n_burst - n_burst // 2)
 
         # The start-time unlock due after the kill: sent once, by a survivor, within the takeover time.

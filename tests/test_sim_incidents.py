@@ -419,7 +419,7 @@ async def test_moved_without_trip_reaches_the_webhook_and_resolves(
         await sim.cause(vid, "moved_without_trip")
         assert orjson.loads(sim.cars[vid].last_sent["location"])["speed_kmh"] > 10
         (opened,) = await receiver.wait(alert_of("moved_without_trip", vid, "alert.opened"), 5, what="alert.opened")
-        assert opened.received_s - t0 < 1.0, opened.received_s - t0
+        assert opened.received_s - t0 < 3.0, opened.received_s - t0  # a bound, not a measurement
         alert = opened.event["data"]
         assert alert["severity"] == "critical" and alert["resolved_at"] is None and alert["reservation_id"] is None
         assert alert["details"]["speed_kmh"] > 10
