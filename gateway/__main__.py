@@ -99,6 +99,21 @@ async def serve(settings: Settings, fleet: Fleet) -> None:
     except BaseException:
         await runner.cleanup()  # closes whatever was opened, in reverse order
         raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            # An operator's second signal must work even if shutdown is stuck: nothing acknowledged is lost
+            # by leaving now (the journal is on disk, unacknowledged messages are still the broker's).
+            log.warning("second stop signal: exiting at once; the journal is replayed at the next start")
+            logging.shutdown()
+            os._exit(1)
+        stop.set()
+
+    # Before saying "up": a supervisor may send SIGTERM the moment it reads that line.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     log.info("API keys: %s", ", ".join(k.name for k in settings.api.keys) or "none")
     log.info(
         "gateway %s up: HTTP on %s:%d, MQTT %s:%d prefix %r, InfluxDB v%d at %s, %d vehicles",
@@ -112,20 +127,6 @@ async def serve(settings: Settings, fleet: Fleet) -> None:
         settings.influx.url,
         len(fleet.vehicles),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            # An operator's second signal must work even if shutdown is stuck: nothing acknowledged is lost
-            # by leaving now (the journal is on disk, unacknowledged messages are still the broker's).
-            log.warning("second stop signal: exiting at once; the journal is replayed at the next start")
-            logging.shutdown()
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     log.info("shutting down: no new messages, sealing the journal, draining to InfluxDB")
     await runner.cleanup()
