@@ -415,11 +415,11 @@ async def test_moved_without_trip_reaches_the_webhook_and_resolves(
         await sim.wait_ready(timeout=15)
         await start_env(stack, unique, tmp_path, aiohttp_client, sim, alerts__check_every_s=0.2,
                         webhooks__endpoints=[{"url": receiver.url, "secret": SECRET}])  # fmt: skip
-        t0 = time.time()
         await sim.cause(vid, "moved_without_trip")
+        t0 = time.time()  # the reading published: from here the alert is due within a second (docs/operations.md)
         assert orjson.loads(sim.cars[vid].last_sent["location"])["speed_kmh"] > 10
         (opened,) = await receiver.wait(alert_of("moved_without_trip", vid, "alert.opened"), 5, what="alert.opened")
-        assert opened.received_s - t0 < 3.0, opened.received_s - t0  # a bound, not a measurement
+        assert opened.received_s - t0 < 1.0, opened.received_s - t0
         alert = opened.event["data"]
         assert alert["severity"] == "critical" and alert["resolved_at"] is None and alert["reservation_id"] is None
         assert alert["details"]["speed_kmh"] > 10

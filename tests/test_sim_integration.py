@@ -207,7 +207,7 @@ async def test_a_signed_unlock_is_obeyed_acked_done_and_the_doors_change(sim: Si
     ack = await send(observer, "ZOE-001", command("ZOE-001", "unlock"))
     latency = time.monotonic() - t0
     assert ack["status"] == "done" and ack["locked"] is False and TS_RE.match(ack["ts"])
-    assert latency < 2.0, f"ack after {latency * 1000:.0f} ms"  # a bound, not a measurement
+    assert latency < 0.9, f"ack after {latency * 1000:.0f} ms"  # sooner than the slow car's 1 s (below)
     assert sim.doors("ZOE-001") == (False, True)
     await async_wait_for(lambda: observer.docs("ZOE-001", "doors")[-1]["locked"] is False, 5, "doors unlocked")
     ack = await send(observer, "ZOE-001", command("ZOE-001", "lock"))
