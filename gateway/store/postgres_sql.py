@@ -17,6 +17,7 @@ from gateway.store.rows import listing
 __all__ = ["Conn", "PostgresBase", "redact"]
 
 Conn = AsyncConnection[tuple[Any, ...]]
+LOST_WAIT_S = 0.5  # the wait for a connection while the server seems gone (the pool's own timeout otherwise)
 
 
 def _listing(select: str, filters: list[tuple[str, object | None]], order: str, limit: int) -> tuple[str, list[object]]:
@@ -52,14 +53,24 @@ class PostgresBase:
     def __init__(self, pool: AsyncConnectionPool[Conn], url: str) -> None:
         self.pool = pool
         self._url = url  # only to keep its password out of error messages
+        self._lost = False  # the last connection used broke, or none could be had: the server may be down
 
     @asynccontextmanager
     async def _conn(self, what: str) -> AsyncIterator[Conn]:
-        """A connection of the pool in autocommit: each statement its own transaction."""
+        """A connection of the pool in autocommit: each statement its own transaction.
+
+        The pool waits up to its timeout for a connection, as it should when all are busy. With the server
+        gone, none is coming: after a lost connection a request waits only LOST_WAIT_S, so that it is
+        answered 503 at once, not after the timeout, until a connection works again.
+        """
+        conn: Conn | None = None
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(LOST_WAIT_S if self._lost else None) as conn:
                 yield conn
+            self._lost = False
         except psycopg.Error as e:
+            if conn is None or conn.broken or conn.closed:
+                self._lost = True
             raise StoreError(f"the store could not {what}: {_one_line(e, self._url)}") from e
 
     @asynccontextmanager
