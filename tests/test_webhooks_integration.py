@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import urllib.request
@@ -317,6 +318,54 @@ async def test_an_outcome_the_store_refuses_is_held_not_sent_again(tmp_path: Pat
                 break
             await asyncio.sleep(0.05)
         assert await store.webhook_backlog() == 0 and len(rx.deliveries) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rx.stop()
+        await store.close()
+
+
+class StaleReads:
+    """The real store, whose reads of due deliveries come back only once an outcome has been stored, with
+    the rows read before it: as on PostgreSQL, where the read runs on one connection while the outcome
+    commits on another."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.stored = asyncio.Event()
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def record_attempts(self, attempts: Any) -> None:
+        await self.store.record_attempts(attempts)
+        self.stored.set()
+
+    async def due_deliveries(self, endpoint: str, now_ms: int, limit: int) -> Any:
+        rows = await self.store.due_deliveries(endpoint, now_ms, limit)
+        self.reads += 1
+        if self.reads > 1 and rows and not self.stored.is_set():  # the first read finds the event, at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stored.wait(), 2)
+        return rows
+
+
+async def test_a_read_overlapping_an_outcome_being_stored_sends_nothing_twice(tmp_path: Path) -> None:
+    rx = await Receiver(SECRET).start()
+    store = open_sqlite(tmp_path / "s.sqlite3")
+    stale = StaleReads(store)
+    d = Deliverer(stale, [Endpoint(rx.url, decode_secret(SECRET), ("*",))], 0.05, 3600, 2, 4)
+    e = EventLog({rx.url: ("*",)}).new("alert.opened", {"n": 1})
+    await store.add_event(e)
+    task = asyncio.create_task(d.run())
+    try:
+        await rx.wait(lambda r: r.accepted(), what="the delivery")
+        await async_wait_for(lambda: stale.stored.is_set(), what="its outcome stored")
+        await asyncio.sleep(0.5)  # the read from before the outcome has come back meanwhile
+        assert stale.reads >= 2  # there was such a read
+        assert [x.id for x in rx.deliveries] == [e.id]  # and it did not send the event again
+        assert await store.webhook_backlog() == 0
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

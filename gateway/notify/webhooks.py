@@ -11,11 +11,12 @@ means (retry when, give up, 410) is decided by ``gateway/rules/webhooks.py``.
 
 Two things keep the store's work off the hot paths. Outcomes are written
 behind, many in one transaction (:data:`OUTCOME_FLUSH_S`); until its outcome
-is stored a delivery stays "in flight" in memory, so it is never sent twice
-meanwhile, and a store that refuses writes holds it there instead of letting
-it be sent again in a loop. And a command's event wakes its endpoints a
-moment later (:data:`WAKE_DELAY_S`), so a burst of commands is looked up
-once, after the store has written their events in one batch.
+is stored, and the endpoint's loop has started a read since, a delivery stays
+"in flight" in memory, so it is never sent twice meanwhile, and a store that
+refuses writes holds it there instead of letting it be sent again in a loop.
+And a command's event wakes its endpoints a moment later
+(:data:`WAKE_DELAY_S`), so a burst of commands is looked up once, after the
+store has written their events in one batch.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Deliverer:
         self._wakes = {e.url: asyncio.Event() for e in self.endpoints}
         self._wake_soon: set[tuple[str, bool]] = set()  # (url, delayed) wakes already on their way
         self._in_flight: dict[str, set[str]] = {e.url: set() for e in self.endpoints}  # until the outcome is stored
+        self._stored: dict[str, list[str]] = {e.url: [] for e in self.endpoints}  # stored, still in flight
         self._outcomes: list[Attempt] = []
         self._outcomes_ready = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -109,6 +111,7 @@ class Deliverer:
     async def run(self) -> None:
         # Run again after a lease regained: what was in flight when it stopped is pending again in the store.
         self._in_flight = {e.url: set() for e in self.endpoints}
+        self._stored = {e.url: [] for e in self.endpoints}
         self._outcomes = []
         urls = [e.url for e in self.endpoints]
         while True:
@@ -151,11 +154,15 @@ class Deliverer:
     async def _serve(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
         wake = self._wakes[ep.url]
         slots = asyncio.Semaphore(self.per_endpoint)
-        in_flight = self._in_flight[ep.url]
+        in_flight, stored = self._in_flight[ep.url], self._stored[ep.url]
         expired_at = 0  # when the outbox was last cleared of what is too old for this endpoint
         while ep.url not in self.disabled:
             await asyncio.sleep(0)  # the store's calls do not yield: a long backlog must not hold the loop
             wake.clear()
+            # Out of flight only here, before a read: a read already under way when an outcome was stored
+            # (on PostgreSQL, another connection) may still return its row as due, and must find it in flight.
+            in_flight.difference_update(stored)
+            stored.clear()
             now = self.clock()
             try:
                 if now - expired_at >= EXPIRE_EVERY_S * 1000:
@@ -271,7 +278,7 @@ class Deliverer:
                     await asyncio.sleep(STORE_RETRY_S)
             del self._outcomes[: len(batch)]
             for a in batch:
-                self._in_flight[a.endpoint].discard(a.event_id)
+                self._stored[a.endpoint].append(a.event_id)
                 self._wakes[a.endpoint].set()
 
     async def _post(
