@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from gateway.app import init_app
-from gateway.errors import StartupError
+from gateway.errors import StartupError, StoreError
 from gateway.fleet import load_fleet
 from gateway.rules.commands import Outcome
 from gateway.store.base import Store
@@ -60,6 +60,35 @@ async def test_postgres_migrates_an_empty_database_once(postgres: Postgres) -> N
         versions = [v for (v,) in c.execute("SELECT version FROM schema_version ORDER BY version").fetchall()]
     assert versions == list(range(1, len(PG_MIGRATIONS) + 1))
     postgres.drop_all()
+
+
+async def test_a_busy_pool_is_no_outage_and_a_broken_connection_is(postgres: Postgres) -> None:
+    # While the store seems gone a request waits only LOST_WAIT_S for a connection (503 at once). Every
+    # connection busy must not count as gone: the lease's renewal, for one, may rightly wait longer.
+    store = await open_postgres(await postgres.fresh(), pool_size=1, connect_timeout_s=0.5)
+    try:
+
+        async def busy() -> None:
+            async with store._conn("hold the only connection") as c:
+                await c.execute("SELECT pg_sleep(1.5)")
+
+        holder = asyncio.create_task(busy())
+        await asyncio.sleep(0.2)
+        with pytest.raises(StoreError):
+            await store.get_reservation("R-1")  # no connection free within 0.5 s
+        assert not store._lost
+        await holder
+        async with store._conn("be cut off") as c:
+            pid = c.info.backend_pid
+        with psycopg.connect(postgres.service.url_for("postgres"), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(StoreError):
+            await store.get_reservation("R-1")  # on the connection the server cut
+        assert store._lost
+        assert await store.get_reservation("R-1") is None  # the pool makes a new one; the server answers
+        assert not store._lost
+    finally:
+        await store.close()
 
 
 async def test_postgres_refuses_a_newer_schema(postgres: Postgres) -> None:

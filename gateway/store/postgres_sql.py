@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.errors import StoreError
 from gateway.store.rows import listing
@@ -53,15 +53,16 @@ class PostgresBase:
     def __init__(self, pool: AsyncConnectionPool[Conn], url: str) -> None:
         self.pool = pool
         self._url = url  # only to keep its password out of error messages
-        self._lost = False  # the last connection used broke, or none could be had: the server may be down
+        self._lost = False  # a connection broke, or none could be made: the server may be down
+        self._connect_errors = 0  # the pool's failed connection attempts, when a request last timed out
 
     @asynccontextmanager
     async def _conn(self, what: str) -> AsyncIterator[Conn]:
         """A connection of the pool in autocommit: each statement its own transaction.
 
         The pool waits up to its timeout for a connection, as it should when all are busy. With the server
-        gone, none is coming: after a lost connection a request waits only LOST_WAIT_S, so that it is
-        answered 503 at once, not after the timeout, until a connection works again.
+        gone, none is coming: once one is lost, a request waits only LOST_WAIT_S, so that it is answered
+        503 at once, not after the timeout, until the server answers again.
         """
         conn: Conn | None = None
         try:
@@ -69,8 +70,13 @@ class PostgresBase:
                 yield conn
             self._lost = False
         except psycopg.Error as e:
-            if conn is None or conn.broken or conn.closed:
-                self._lost = True
+            if conn is not None:
+                self._lost = conn.broken  # a statement refused by a server that answered is no outage
+            elif isinstance(e, PoolTimeout):
+                # Every connection busy is no outage either; the pool failing to make new ones is.
+                errors = self.pool.get_stats().get("connections_errors", 0)
+                self._lost = self._lost or errors != self._connect_errors
+                self._connect_errors = errors
             raise StoreError(f"the store could not {what}: {_one_line(e, self._url)}") from e
 
     @asynccontextmanager
