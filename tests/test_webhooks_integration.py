@@ -334,6 +334,7 @@ class StaleReads:
         self.store = store
         self.stored = asyncio.Event()
         self.reads = 0
+        self.straddled = 0  # reads that began before an outcome was stored and returned after it
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -347,7 +348,8 @@ class StaleReads:
         self.reads += 1
         if self.reads > 1 and rows and not self.stored.is_set():  # the first read finds the event, at once
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stored.wait(), 2)
+                await asyncio.wait_for(self.stored.wait(), 5)
+            self.straddled += self.stored.is_set()
         return rows
 
 
@@ -363,7 +365,7 @@ async def test_a_read_overlapping_an_outcome_being_stored_sends_nothing_twice(tm
         await rx.wait(lambda r: r.accepted(), what="the delivery")
         await async_wait_for(lambda: stale.stored.is_set(), what="its outcome stored")
         await asyncio.sleep(0.5)  # the read from before the outcome has come back meanwhile
-        assert stale.reads >= 2  # there was such a read
+        assert stale.straddled >= 1  # there was such a read
         assert [x.id for x in rx.deliveries] == [e.id]  # and it did not send the event again
         assert await store.webhook_backlog() == 0
     finally:

@@ -86,7 +86,7 @@ class Deliverer:
         self.backlog = 0
         self._wakes = {e.url: asyncio.Event() for e in self.endpoints}
         self._wake_soon: set[tuple[str, bool]] = set()  # (url, delayed) wakes already on their way
-        self._in_flight: dict[str, set[str]] = {e.url: set() for e in self.endpoints}  # until the outcome is stored
+        self._in_flight: dict[str, set[str]] = {e.url: set() for e in self.endpoints}  # see _serve
         self._stored: dict[str, list[str]] = {e.url: [] for e in self.endpoints}  # stored, still in flight
         self._outcomes: list[Attempt] = []
         self._outcomes_ready = asyncio.Event()
